@@ -1,0 +1,392 @@
+"""The knob registry: every setting forge may tune, per layer, with its type, range or
+choices, default per hardware class and a one-line note. It drives recipe validation,
+the builtin strategy, the simulator, the playbook check and the agent's prompt.
+
+Based on vLLM's V1 engine: chunked prefill is always on and prefix caching is on by
+default, so neither is offered as a win (prefix caching can only be turned off)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aevyra_forge.errors import KnobError, RecipeError
+from aevyra_forge.models import LAYER_NAMES, Device, Hardware, Layer, Scalar
+from aevyra_forge.modelinfo import ModelProfile
+from aevyra_forge.recipe import KernelSettings, QuantSettings, Recipe
+
+KnobKind = Literal["int", "float", "bool", "choice"]
+Target = Literal["config", "quant", "kernel", "compilation", "env"]
+HwClass = Literal["cpu", "gpu", "gpu_large"]
+ALL_DEVICES: frozenset[Device] = frozenset({"cuda", "rocm", "cpu"})
+GPU_DEVICES: frozenset[Device] = frozenset({"cuda", "rocm"})
+ANY = "*"
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    layer: Layer
+    kind: KnobKind
+    target: Target
+    note: str
+    default: Mapping[str, Scalar]  # hardware class (or "*") -> default
+    devices: frozenset[Device] = ALL_DEVICES
+    low: float | None = None
+    high: float | None = None
+    choices: Mapping[str, tuple[Scalar, ...]] = field(default_factory=dict)  # device|"*"
+    grid: tuple[Scalar, ...] = ()  # values worth trying, inside the safe range
+    fp8_hardware: bool = False  # needs compute capability >= 8.9 or an MI300-class GPU
+    dry_run_only_choices: tuple[Scalar, ...] = ()  # need a checkpoint a real run lacks
+
+    def default_for(self, hw: Hardware) -> Scalar:
+        return self.default.get(hw_class(hw), self.default.get(ANY))
+
+    def choices_for(self, hw: Hardware, simulated: bool = False) -> tuple[Scalar, ...]:
+        base = self.choices.get(hw.device, self.choices.get(ANY, ()))
+        if not simulated:
+            base = tuple(c for c in base if c not in self.dry_run_only_choices)
+        if self.fp8_hardware and not has_fp8(hw):
+            base = tuple(c for c in base if not str(c).startswith("fp8"))
+        return base
+
+    def allowed_on(self, hw: Hardware) -> bool:
+        return hw.device in self.devices
+
+    def describe_range(self, hw: Hardware, simulated: bool = False) -> str:
+        if self.kind == "choice":
+            return "one of " + ", ".join(map(str, self.choices_for(hw, simulated)))
+        if self.kind == "bool":
+            return "true or false"
+        return f"{self.kind} in [{_num(self.low)}, {_num(self.high)}]"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else (str(int(x)) if float(x).is_integer() else str(x))
+
+
+def hw_class(hw: Hardware) -> HwClass:
+    """vLLM's own split (EngineArgs.get_batch_defaults): GPUs with >= 70 GiB that are not
+    A100s get larger batch defaults."""
+    if hw.device == "cpu":
+        return "cpu"
+    gpu = hw.gpu
+    if gpu is not None and hw.gpu_memory_gib >= 70 and "a100" not in gpu.name.lower():
+        return "gpu_large"
+    return "gpu"
+
+
+def has_fp8(hw: Hardware) -> bool:
+    gpu = hw.gpu
+    if gpu is None:
+        return False
+    if hw.device == "rocm":
+        return "mi300" in gpu.name.lower() or (gpu.compute_capability or "") == "gfx942"
+    try:
+        return float(gpu.compute_capability or 0) >= 8.9
+    except ValueError:
+        return False
+
+
+REGISTRY: tuple[Knob, ...] = (
+    # -- layer 1: serving config -------------------------------------------------------
+    Knob("max_num_seqs", 1, "int", "config",
+         "Most sequences batched per step; raise for throughput under high concurrency, "
+         "lower to cut TTFT contention. Bounded by KV-cache capacity.",
+         {"gpu_large": 1024, "gpu": 256, "cpu": 256}, low=1, high=4096,
+         grid=(8, 16, 32, 64, 128, 256, 512, 1024, 2048)),
+    Knob("max_num_batched_tokens", 1, "int", "config",
+         "Token budget per scheduler step (chunked prefill is always on in V1); small "
+         "favours inter-token latency, above 8192 favours throughput and TTFT.",
+         {"gpu_large": 8192, "gpu": 2048, "cpu": 4096}, low=64, high=131072,
+         grid=(512, 1024, 2048, 4096, 8192, 16384, 32768)),
+    Knob("gpu_memory_utilization", 1, "float", "config",
+         "Fraction of GPU memory vLLM may use (weights + activations + KV cache); higher "
+         "means more KV blocks. 0.95+ risks OOM in sampler warm-up.",
+         {ANY: 0.9}, devices=GPU_DEVICES, low=0.5, high=0.98,
+         grid=(0.8, 0.85, 0.9, 0.92, 0.95)),
+    Knob("max_model_len", 1, "int", "config",
+         "Context limit; defaults to the model's. Cut it to what the workload needs when "
+         "the KV cache cannot hold the full context (vLLM names the largest that fits).",
+         {ANY: None}, low=128, high=1048576,
+         grid=(2048, 4096, 8192, 16384, 32768)),
+    Knob("block_size", 1, "choice", "config",
+         "Tokens per KV-cache block. GPU default 16; the CPU backend needs a multiple of "
+         "32 and defaults to 128.",
+         {"cpu": 128, ANY: 16},
+         choices={"cpu": (32, 64, 128), ANY: (16, 32)}),
+    Knob("enable_prefix_caching", 1, "bool", "config",
+         "On by default in V1 with negligible overhead; turning it off only helps "
+         "workloads with no shared prefixes.",
+         {ANY: True}),
+    Knob("tensor_parallel_size", 1, "choice", "config",
+         "Shard the model over GPUs; for a model that fits one GPU, replicas usually beat "
+         "TP (vllm#1873).",
+         {ANY: 1}, devices=GPU_DEVICES, choices={ANY: (1, 2, 4, 8)}),
+    Knob("dtype", 1, "choice", "config",
+         "Activation/weight dtype. On CPUs without AVX-512 BF16, float32 is about twice "
+         "as fast as bfloat16; on GPUs keep auto (bf16, or fp16 on T4).",
+         {ANY: "auto"}, choices={"cpu": ("auto", "bfloat16", "float32"),
+                                 ANY: ("auto", "bfloat16", "float16")}),
+    Knob("VLLM_CPU_KVCACHE_SPACE", 1, "int", "env",
+         "KV-cache size in GiB on the CPU backend (GPU memory utilization does not apply "
+         "there).",
+         {ANY: 4}, devices=frozenset({"cpu"}), low=1, high=512, grid=(1, 2, 4, 8, 16)),
+    # -- layer 2: quantization ---------------------------------------------------------
+    Knob("quant_method", 2, "choice", "quant",
+         "Weight quantization. A pre-quantized checkpoint is preferred; fp8 can also be "
+         "applied on the fly. vLLM picks the fast kernel from the checkpoint itself.",
+         {ANY: "none"},
+         choices={"cpu": ("none", "w8a8_int8"),
+                  ANY: ("none", "awq", "gptq", "fp8", "w8a8_int8")},
+         fp8_hardware=True, dry_run_only_choices=("awq", "gptq", "w8a8_int8")),
+    Knob("kv_cache_dtype", 2, "choice", "quant",
+         "fp8 KV cache doubles KV capacity; it needs FP8 hardware to be fast (it hurt "
+         "throughput on Ampere) and costs a little accuracy.",
+         {ANY: "auto"}, devices=GPU_DEVICES,
+         choices={ANY: ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")}, fp8_hardware=True),
+    # -- layer 3: kernels --------------------------------------------------------------
+    Knob("attention_backend", 3, "choice", "kernel",
+         "Attention kernel via --attention-backend (the VLLM_ATTENTION_BACKEND variable "
+         "is ignored by recent vLLM). Unset lets vLLM choose.",
+         {ANY: None}, devices=GPU_DEVICES,
+         choices={"cuda": ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "FLEX_ATTENTION"),
+                  "rocm": ("ROCM_ATTN", "ROCM_AITER_FA", "TRITON_ATTN")}),
+    Knob("cudagraph_mode", 3, "choice", "compilation",
+         "CUDA-graph capture mode in compilation_config; FULL_AND_PIECEWISE is the "
+         "default. Capturing less speeds start-up and usually slows decode.",
+         {ANY: "FULL_AND_PIECEWISE"}, devices=GPU_DEVICES,
+         choices={ANY: ("FULL_AND_PIECEWISE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY",
+                        "NONE")}),
+    Knob("enforce_eager", 3, "bool", "config",
+         "Skip CUDA graphs / compilation: faster boot, slower steady state (10-17% on the "
+         "CPU build).",
+         {ANY: False}),
+    Knob("VLLM_CPU_OMP_THREADS_BIND", 3, "choice", "env",
+         "OpenMP thread binding for the CPU backend: 'auto' binds to the NUMA node's "
+         "cores; 'all' uses every core.",
+         {ANY: "auto"}, devices=frozenset({"cpu"}), choices={ANY: ("auto", "all")}),
+)
+
+KNOBS: dict[str, Knob] = {k.name: k for k in REGISTRY}
+
+NOT_TUNABLE: dict[str, str] = {
+    "enable_chunked_prefill": "always on in the V1 engine",
+    "async_scheduling": "on by default in recent vLLM",
+    "VLLM_ATTENTION_BACKEND": "ignored by recent vLLM; use attention_backend",
+}
+
+
+def get(name: str) -> Knob:
+    knob = KNOBS.get(name)
+    if knob is None:
+        raise KnobError(f"unknown knob '{name}'; known knobs: {', '.join(KNOBS)}")
+    return knob
+
+
+class KnobSpace:
+    """The registry narrowed to one run: this hardware, this model, this vLLM (the set of
+    engine arguments it accepts, when known), dry-run or real."""
+
+    def __init__(self, hw: Hardware, model: ModelProfile, simulated: bool = False,
+                 accepted_args: Iterable[str] | None = None) -> None:
+        self.hw = hw
+        self.model = model
+        self.simulated = simulated
+        self.accepted = set(accepted_args) if accepted_args is not None else None
+
+    # -- what may be touched -----------------------------------------------------------
+    def available(self, knob: Knob) -> bool:
+        if not knob.allowed_on(self.hw):
+            return False
+        if knob.kind == "choice" and len(self.choices(knob)) < 2:
+            return False
+        if knob.name == "tensor_parallel_size" and self.hw.gpu_count < 2:
+            return False
+        if self.accepted is not None and knob.target == "config":
+            return knob.name in self.accepted
+        return True
+
+    def knobs(self, layer: Layer | None = None) -> list[Knob]:
+        return [k for k in REGISTRY if (layer is None or k.layer == layer)
+                and self.available(k)]
+
+    def choices(self, knob: Knob) -> tuple[Scalar, ...]:
+        values = knob.choices_for(self.hw, self.simulated)
+        if knob.name == "tensor_parallel_size":
+            values = tuple(v for v in values if isinstance(v, int)
+                           and v <= max(1, self.hw.gpu_count))
+        return values
+
+    def bounds(self, knob: Knob) -> tuple[float | None, float | None]:
+        high = knob.high
+        if knob.name == "max_model_len":
+            high = float(self.model.max_context)
+        if knob.name == "VLLM_CPU_KVCACHE_SPACE" and self.hw.memory_gib:
+            high = max(1.0, float(int(self.hw.memory_gib * 0.75)))
+        return knob.low, high
+
+    def default(self, knob: Knob) -> Scalar:
+        value = knob.default_for(self.hw)
+        if knob.name == "max_model_len" and value is None:
+            return self.model.max_context
+        if knob.name == "max_num_seqs" and self.hw.device == "cpu":
+            return 256
+        return value
+
+    def grid(self, knob: Knob) -> list[Scalar]:
+        """Values worth trying for `knob` here, inside its safe range."""
+        if knob.kind == "choice":
+            return list(self.choices(knob))
+        if knob.kind == "bool":
+            return [True, False]
+        low, high = self.bounds(knob)
+        return [v for v in knob.grid if isinstance(v, int | float)
+                and (low is None or v >= low) and (high is None or v <= high)]
+
+    # -- validation ---------------------------------------------------------------------
+    def check(self, name: str, value: Any) -> Scalar:
+        """The value, checked for type, range and hardware; KnobError says why not."""
+        knob = get(name)
+        if not knob.allowed_on(self.hw):
+            raise KnobError(f"knob '{name}' is not available on {self.hw.device}")
+        if not self.available(knob):
+            raise KnobError(f"knob '{name}' is not available on this hardware or vLLM")
+        if knob.kind == "bool":
+            if not isinstance(value, bool):
+                raise KnobError(f"{name} takes true or false, got {value!r}")
+            return value
+        if knob.kind == "choice":
+            options = self.choices(knob)
+            if value not in options or isinstance(value, bool):
+                raise KnobError(f"{name} must be one of {', '.join(map(str, options))}; "
+                                f"got {value!r}")
+            return value  # type: ignore[no-any-return]
+        if knob.kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise KnobError(f"{name} takes an integer, got {value!r}")
+        if knob.kind == "float" and (isinstance(value, bool)
+                                     or not isinstance(value, int | float)):
+            raise KnobError(f"{name} takes a number, got {value!r}")
+        low, high = self.bounds(knob)
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise KnobError(f"{name}={value} is out of range [{_num(low)}, {_num(high)}]")
+        return float(value) if knob.kind == "float" else int(value)
+
+    def validate(self, changes: Mapping[str, Any], layer: Layer | None = None
+                 ) -> dict[str, Scalar]:
+        if not changes:
+            raise KnobError("the proposal changes nothing; name at least one knob")
+        out: dict[str, Scalar] = {}
+        for name, value in changes.items():
+            out[name] = self.check(name, value)
+            knob = KNOBS[name]
+            if layer is not None and knob.layer != layer:
+                raise KnobError(f"knob '{name}' belongs to layer {knob.layer} "
+                                f"({LAYER_NAMES[knob.layer]}), not the active layer {layer} "
+                                f"({LAYER_NAMES[layer]})")
+        return out
+
+    # -- recipes -----------------------------------------------------------------------
+    def baseline(self, model: str) -> Recipe:
+        """Experiment 0: the model with vLLM's own defaults for this hardware."""
+        return Recipe(model=model)
+
+    def value(self, recipe: Recipe, knob: Knob) -> Scalar:
+        """The effective value of `knob` in `recipe` (its default when unset)."""
+        raw: Scalar
+        if knob.target == "config":
+            raw = recipe.config.get(knob.name)
+        elif knob.target == "quant":
+            raw = recipe.quant.method if knob.name == "quant_method" else getattr(
+                recipe.quant, knob.name)
+            return raw
+        elif knob.target == "kernel":
+            raw = getattr(recipe.kernel, knob.name)
+        elif knob.target == "compilation":
+            raw = recipe.kernel.compilation_config.get(knob.name)
+        else:
+            env_raw = recipe.kernel.env.get(knob.name)
+            raw = _parse_env(knob, env_raw) if env_raw is not None else None
+        return self.default(knob) if raw is None else raw
+
+    def effective(self, recipe: Recipe, layer: Layer | None = None) -> dict[str, Scalar]:
+        return {k.name: self.value(recipe, k) for k in self.knobs(layer)}
+
+    def apply(self, recipe: Recipe, changes: Mapping[str, Scalar]) -> Recipe:
+        """A child recipe with `changes` applied; values equal to the default are dropped
+        so the id reflects the effective settings."""
+        config = dict(recipe.config)
+        quant = recipe.quant.model_dump()
+        kernel = recipe.kernel.model_dump()
+        for name, value in changes.items():
+            knob = get(name)
+            is_default = value == self.default(knob)
+            if knob.target == "config":
+                config.pop(name, None)
+                if not is_default:
+                    config[name] = value
+            elif knob.target == "quant":
+                quant["method" if name == "quant_method" else name] = value
+            elif knob.target == "kernel":
+                kernel[name] = None if is_default else value
+            elif knob.target == "compilation":
+                kernel["compilation_config"].pop(name, None)
+                if not is_default:
+                    kernel["compilation_config"][name] = value
+            else:
+                kernel["env"].pop(name, None)
+                if not is_default:
+                    kernel["env"][name] = str(value).lower() if isinstance(
+                        value, bool) else str(value)
+        return recipe.child(config=config, quant=QuantSettings(**quant),
+                            kernel=KernelSettings(**kernel))
+
+    def check_recipe(self, recipe: Recipe, source: str = "recipe") -> Recipe:
+        """Reject unknown or invalid settings in a user-supplied recipe; return it
+        normalised (defaults dropped)."""
+        changes: dict[str, Scalar] = {}
+        for name, value in recipe.config.items():
+            knob = KNOBS.get(name)
+            if knob is None or knob.target != "config":
+                valid = ", ".join(k.name for k in REGISTRY if k.target == "config")
+                raise RecipeError(f"{source}: unknown key 'config.{name}'; valid keys: "
+                                  f"{valid}")
+            changes[name] = value
+        for name, raw in recipe.kernel.env.items():
+            env_knob = KNOBS.get(name)
+            if env_knob is None or env_knob.target != "env":
+                valid = ", ".join(k.name for k in REGISTRY if k.target == "env")
+                raise RecipeError(f"{source}: environment variable '{name}' is not "
+                                  f"allow-listed; allowed: {valid}")
+            changes[name] = _parse_env(env_knob, raw)
+        for name, value in recipe.kernel.compilation_config.items():
+            if name not in KNOBS or KNOBS[name].target != "compilation":
+                valid = ", ".join(k.name for k in REGISTRY if k.target == "compilation")
+                raise RecipeError(f"{source}: unknown key 'kernel.compilation_config."
+                                  f"{name}'; valid keys: {valid}")
+            changes[name] = value
+        if recipe.quant.method != "none" and recipe.quant.checkpoint is None:
+            changes["quant_method"] = recipe.quant.method
+        if recipe.quant.kv_cache_dtype != "auto":
+            changes["kv_cache_dtype"] = recipe.quant.kv_cache_dtype
+        if recipe.kernel.attention_backend is not None:
+            changes["attention_backend"] = recipe.kernel.attention_backend
+        try:
+            checked = {n: self.check(n, v) for n, v in changes.items()}
+        except KnobError as exc:
+            raise RecipeError(f"{source}: {exc}") from None
+        base = Recipe(model=recipe.model, quant=QuantSettings(
+            checkpoint=recipe.quant.checkpoint,
+            method=recipe.quant.method if recipe.quant.checkpoint else "none"))
+        out = self.apply(base, checked) if checked else base
+        return out.model_copy(update={"parent_id": None, "generation": 0})
+
+
+def _parse_env(knob: Knob, raw: str) -> Scalar:
+    if knob.kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise KnobError(f"{knob.name} must be an integer, got {raw!r}") from None
+    return raw
