@@ -89,7 +89,7 @@ def try_detect_gpu(env: Mapping[str, str] | None = None) -> Hardware | None:
     """The first GPU device found, or None (used by --dry-run without --gpu)."""
     for device in ("cuda", "rocm"):
         try:
-            return detect(device, env)  # type: ignore[arg-type]
+            return detect(device, env)
         except HardwareError:
             continue
     return None

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aevyra_forge.errors import KnobError, RecipeError
-from aevyra_forge.models import LAYER_NAMES, Device, Hardware, Layer, Scalar
 from aevyra_forge.modelinfo import ModelProfile
+from aevyra_forge.models import LAYER_NAMES, Device, Hardware, Layer, Scalar
 from aevyra_forge.recipe import KernelSettings, QuantSettings, Recipe
 
 KnobKind = Literal["int", "float", "bool", "choice"]

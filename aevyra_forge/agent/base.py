@@ -1,0 +1,57 @@
+"""The agent interface: what a proposer is shown (AgentContext) and what it returns
+(ProposalReply). A new strategy or LLM provider is one class implementing Proposer plus
+a registration in agent/__init__.py; the loop never asks which one it has."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aevyra_forge.knobs import KnobSpace
+from aevyra_forge.models import ExperimentRecord, Hardware, Layer, LLMUsage, Proposal
+from aevyra_forge.playbook import Playbook
+from aevyra_forge.recipe import Recipe
+from aevyra_forge.workload import WorkloadStats
+
+
+@dataclass(frozen=True)
+class Budget:
+    experiments_left: int
+    hours_left: float
+    dollars_left: float | None
+
+
+@dataclass(frozen=True)
+class AgentContext:
+    """Everything a proposer may use to choose the next mutation."""
+
+    hardware: Hardware
+    workload: WorkloadStats
+    layer: Layer
+    space: KnobSpace
+    best: Recipe
+    best_score: float | None
+    history: Sequence[ExperimentRecord]
+    playbook: Playbook
+    budget: Budget
+    tried_ids: frozenset[str]
+    feedback: str | None = None  # why the previous proposal was refused, for a re-ask
+    attempt: int = 0  # 0 on the first ask for this experiment, then 1, 2... on re-asks
+
+
+@dataclass(frozen=True)
+class ProposalReply:
+    """A proposal, or None when the proposer has nothing left to try in this layer.
+    `raw` is the LLM's reply text, kept for the audit trail."""
+
+    proposal: Proposal | None
+    raw: str | None = None
+    usage: LLMUsage = field(default_factory=LLMUsage)
+    error: str | None = None  # the reply could not be used (invalid after re-asks)
+
+
+class Proposer(Protocol):
+    name: str
+
+    def propose(self, ctx: AgentContext) -> ProposalReply: ...

@@ -1,0 +1,61 @@
+"""Every `tune` setting, persisted in config.json so that `tune resume` runs with exactly
+the settings the run started with (never an API key)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from aevyra_forge.errors import UsageError
+from aevyra_forge.models import Device, Layer
+
+DEFAULT_LLM = "anthropic/claude-sonnet-4-6"
+
+
+class TuneSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    workload: str
+    device: Device = "cuda"
+    concurrency: int = Field(8, ge=1, le=4096)
+    llm: str = DEFAULT_LLM
+    max_experiments: int = Field(50, ge=1)
+    max_hours: float = Field(12.0, gt=0)
+    max_dollars: float | None = Field(None, ge=0)
+    accuracy_floor: float = Field(0.99, ge=0, le=1)
+    min_improvement_pct: float = Field(1.0, ge=0)
+    max_config_experiments: int | None = Field(None, ge=0)
+    max_quant_experiments: int | None = Field(None, ge=0)
+    skip_config: bool = False
+    skip_quant: bool = False
+    skip_kernel: bool = False
+    start_layer: Layer = 1
+    playbook: str | None = None
+    run_dir: str = ".forge"
+    vllm_bin: str | None = None
+    dry_run: bool = False
+    gpu: str | None = None  # dry run: the GPU to simulate
+    recipe: str | None = None  # start from this recipe instead of vLLM's defaults
+    seed: int = 0
+    patience: int = Field(4, ge=1)  # non-improving experiments before a layer converges
+    passes: int = Field(3, ge=1, le=20)  # bench passes per experiment (median kept)
+    objective: Literal["throughput"] = "throughput"
+
+    @model_validator(mode="after")
+    def _layers(self) -> TuneSettings:
+        if not self.layers():
+            raise UsageError("every layer is skipped or before --start-layer; nothing to "
+                             "tune: drop a --skip-* option or lower --start-layer")
+        return self
+
+    def layers(self) -> list[Layer]:
+        """The layers to tune, in escalation order."""
+        skipped = {1: self.skip_config, 2: self.skip_quant, 3: self.skip_kernel}
+        order: tuple[Layer, ...] = (1, 2, 3)
+        return [layer for layer in order
+                if layer >= self.start_layer and not skipped[layer]]
+
+    def layer_cap(self, layer: int) -> int | None:
+        return {1: self.max_config_experiments, 2: self.max_quant_experiments}.get(layer)

@@ -1,0 +1,30 @@
+"""Shared fixtures: small workloads written to tmp_path and the repository paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_WORKLOAD = ROOT / "examples" / "sample_workload.jsonl"
+MODEL_8B = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@pytest.fixture
+def small_workload(tmp_path: Path) -> Path:
+    """Twelve requests, a third sharing a long system prompt."""
+    system = "You answer questions about the Orbit data platform. " * 40
+    lines = []
+    for i in range(12):
+        if i % 3 == 0:
+            lines.append({"messages": [{"role": "system", "content": system},
+                                       {"role": "user", "content": f"Question {i}?"}],
+                          "expected_output_tokens": 64})
+        else:
+            lines.append({"prompt": f"Write a haiku about the number {i}.",
+                          "expected_output_tokens": 32 + 8 * i})
+    path = tmp_path / "workload.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path

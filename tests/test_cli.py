@@ -1,0 +1,121 @@
+"""The command line end to end, in process: exit codes, one-line errors, and the dry-run
+quick start."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aevyra_forge.cli import main
+from tests.conftest import MODEL_8B, SAMPLE_WORKLOAD
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    captured = capsys.readouterr()
+    code = exc.value.code
+    return (code if isinstance(code, int) else 0), captured.out, captured.err
+
+
+def _tune(tmp_path: Path, workload: Path, *extra: str) -> list[str]:
+    return ["tune", "--dry-run", "--model", MODEL_8B, "--workload", str(workload),
+            "--llm", "builtin", "--run-dir", str(tmp_path / ".forge"), *extra]
+
+
+def _one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 1
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_malformed_workload_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": 3}\n')
+    code, _, err = _run(_tune(tmp_path, bad), capsys)
+    _one_line_error(code, err, f"{bad}:2:", "prompt")
+    assert not (tmp_path / ".forge").exists()
+
+
+def test_missing_workload(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(_tune(tmp_path, tmp_path / "nope.jsonl"), capsys)
+    _one_line_error(code, err, "nope.jsonl", "not found")
+
+
+def test_unknown_recipe_key(tmp_path: Path, small_workload: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {MODEL_8B}\nconfig:\n  max_num_seq: 64\n")
+    code, _, err = _run(_tune(tmp_path, small_workload, "--recipe", str(recipe)), capsys)
+    _one_line_error(code, err, "max_num_seq", "max_num_seqs")
+
+
+def test_unknown_knob_in_playbook(tmp_path: Path, small_workload: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from aevyra_forge.playbook import bundled_path
+
+    playbook = tmp_path / "pb.md"
+    playbook.write_text(bundled_path().read_text().replace(
+        "## What to avoid", "- `max_num_seq=64` — a typo\n\n## What to avoid", 1))
+    code, _, err = _run(_tune(tmp_path, small_workload, "--playbook", str(playbook)),
+                        capsys)
+    _one_line_error(code, err, "max_num_seq")
+    code, _, err = _run(["playbook", "validate", str(playbook)], capsys)
+    assert code == 1 and "max_num_seq" in err
+
+
+def test_nonsense_option(tmp_path: Path, small_workload: Path,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(_tune(tmp_path, small_workload, "--frobnicate", "7"), capsys)
+    _one_line_error(code, err, "--frobnicate")
+    code, _, err = _run(_tune(tmp_path, small_workload, "--concurrency", "many"), capsys)
+    _one_line_error(code, err, "--concurrency", "integer")
+    code, _, err = _run(_tune(tmp_path, small_workload, "--concurrency", "0"), capsys)
+    _one_line_error(code, err, "--concurrency")
+
+
+def test_features_of_open_issues_say_so(tmp_path: Path, small_workload: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    argv = _tune(tmp_path, small_workload)
+    argv[argv.index("builtin")] = "anthropic/claude-sonnet-4-6"
+    code, _, err = _run(argv, capsys)
+    _one_line_error(code, err, "--llm builtin")
+
+
+def test_quick_start_beats_baseline_and_escalates(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(_tune(tmp_path, SAMPLE_WORKLOAD, "--max-experiments", "20"),
+                          capsys)
+    assert code == 0, err
+    assert "best recipe" in out and "vllm serve" in out
+    code, out, _ = _run(["report", str(tmp_path / ".forge"), "--format", "json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    summary = data["summary"]
+    assert 10 <= summary["experiments"] <= 20
+    assert summary["best_score"] > 1.0
+    assert max(summary["layers_reached"]) >= 2
+    code, out, _ = _run(["report", str(tmp_path / ".forge"), "--format", "tsv"], capsys)
+    assert out.splitlines()[0].split("\t")[:4] == ["exp", "id", "gen", "layer"]
+    assert len(out.strip().splitlines()) == summary["experiments"] + 1
+    code, out, _ = _run(["report", str(tmp_path / ".forge")], capsys)
+    assert code == 0 and "baseline" in out.lower()
+
+
+def test_playbook_show_and_doctor(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(["playbook", "show"], capsys)
+    assert code == 0 and "## What to try first" in out
+    code, out, _ = _run(["playbook", "validate"], capsys)
+    assert code == 0 and "ok" in out
+    code, out, _ = _run(["doctor"], capsys)
+    assert code == 0 and "bundled playbook" in out
+
+
+def test_resume_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(["tune", "resume", "--run-dir", str(tmp_path / "none")], capsys)
+    _one_line_error(code, err)

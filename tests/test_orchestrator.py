@@ -1,0 +1,225 @@
+"""The loop on the simulator with a real store: baseline first, refusals without spending
+an experiment, escalation, budgets, crash rows, and interrupts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aevyra_forge.agent import AgentContext, BuiltinStrategy, ProposalReply
+from aevyra_forge.hardware import gpu_spec
+from aevyra_forge.knobs import KnobSpace
+from aevyra_forge.modelinfo import profile
+from aevyra_forge.models import LaunchFailure, Proposal
+from aevyra_forge.orchestrator import MAX_ASKS, Engine, Tuner
+from aevyra_forge.playbook import load_playbook
+from aevyra_forge.recipe import Recipe
+from aevyra_forge.settings import TuneSettings
+from aevyra_forge.simulate import SimulatedEngine
+from aevyra_forge.store import RunStore
+from aevyra_forge.workload import load_workload
+from tests.conftest import MODEL_8B
+
+
+class Scripted:
+    """A proposer that replays fixed replies and remembers what it was shown."""
+
+    name = "scripted"
+
+    def __init__(self, replies: list[ProposalReply]) -> None:
+        self.replies: Iterator[ProposalReply] = iter(replies)
+        self.contexts: list[AgentContext] = []
+
+    def propose(self, ctx: AgentContext) -> ProposalReply:
+        self.contexts.append(ctx)
+        return next(self.replies, ProposalReply(proposal=None))
+
+
+class Events:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def event(self, kind: str, **data: Any) -> None:
+        self.seen.append((kind, data))
+
+    def kinds(self, kind: str) -> list[dict[str, Any]]:
+        return [d for k, d in self.seen if k == kind]
+
+
+def _reply(layer: int, **changes: Any) -> ProposalReply:
+    return ProposalReply(proposal=Proposal(rationale="test", layer=layer,  # type: ignore[arg-type]
+                                           changes=changes))
+
+
+def _tuner(tmp_path: Path, workload: Path, proposer: Any, engine: Any = None,
+           gpu: str = "H100", **overrides: Any) -> tuple[Tuner, Events]:
+    settings = TuneSettings(model=MODEL_8B, workload=str(workload), llm="builtin",
+                            dry_run=True, run_dir=str(tmp_path / ".forge"),
+                            passes=1, **overrides)
+    hw = gpu_spec(gpu).hardware()
+    space = KnobSpace(hw, profile(MODEL_8B), simulated=True)
+    sim = SimulatedEngine(hw, gpu_spec(gpu), space.model, space, seed=1)
+    run = RunStore(tmp_path / ".forge").create_run({"model": MODEL_8B, "hardware": gpu})
+    events = Events()
+    tuner = Tuner(settings, hw, load_workload(workload), space, load_playbook(),
+                  proposer, engine or Engine(sim, sim, sim), run,
+                  space.baseline(MODEL_8B), events)
+    return tuner, events
+
+
+def test_baseline_first_then_one_change_per_experiment(tmp_path: Path,
+                                                       small_workload: Path) -> None:
+    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(1, max_num_batched_tokens=4096)])
+    tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=3)
+    assert tuner.run().startswith("experiment budget")
+    recs = tuner.run_log.records()
+    assert [r.exp for r in recs] == [0, 1, 2]
+    assert recs[0].proposal is None and recs[0].status == "ok" and recs[0].kept
+    assert recs[0].score == 1.0
+    assert recs[1].recipe["config"] == {"max_num_seqs": 64}
+    assert recs[1].parent_id == recs[0].recipe_id
+    assert proposer.contexts[0].best_score == 1.0 and len(proposer.contexts[0].history) == 1
+    assert (tuner.run_log.path / "completed.json").exists()
+    assert (tuner.run_log.path / "best_recipe.yaml").exists()
+
+
+def test_refused_proposals_cost_no_experiment(tmp_path: Path, small_workload: Path) -> None:
+    proposer = Scripted([
+        _reply(1, max_num_seqs=1024),  # H100 default: a no-op
+        _reply(1, max_num_seq=64),  # unknown knob
+        _reply(1, max_num_seqs=64),
+        _reply(2, quant_method="fp8"),  # not the active layer
+        _reply(1, max_num_seqs=64),  # now a no-op: it was kept, or a repeat
+        _reply(1, max_num_seqs=32),
+    ])
+    tuner, events = _tuner(tmp_path, small_workload, proposer, max_experiments=3)
+    tuner.run()
+    recs = tuner.run_log.records()
+    assert [r.status for r in recs] == ["ok", "ok", "ok"]
+    assert recs[1].recipe["config"] == {"max_num_seqs": 64}
+    assert recs[2].recipe["config"]["max_num_seqs"] == 32
+    reasons = [e["reason"] for e in events.kinds("refused")]
+    assert len(reasons) == 4
+    assert "no-op" in reasons[0] and "unknown knob" in reasons[1]
+    assert "active layer is 1" in reasons[2]
+    assert "no-op" in reasons[3] or "repeat of experiment 1" in reasons[3]
+    assert proposer.contexts[1].feedback == reasons[0]
+    assert [c.attempt for c in proposer.contexts] == [0, 1, 2, 0, 1, 2]
+
+
+def test_exhausted_reasks_record_one_row_without_booting(tmp_path: Path,
+                                                          small_workload: Path) -> None:
+    proposer = Scripted([_reply(1, max_num_seqs=1024)] * MAX_ASKS)
+    tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=2)
+    tuner.run()
+    recs = tuner.run_log.records()
+    assert recs[1].status == "duplicate" and not recs[1].kept
+    assert not tuner.run_log.log_path(1).exists()
+
+
+def test_repeat_of_a_tried_recipe_is_refused(tmp_path: Path, small_workload: Path) -> None:
+    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(1, max_num_seqs=64),
+                         _reply(1, max_num_seqs=32)])
+    tuner, events = _tuner(tmp_path, small_workload, proposer, max_experiments=3)
+    tuner.run()
+    recs = tuner.run_log.records()
+    if recs[1].kept:  # from the new incumbent, max_num_seqs=64 is a no-op
+        assert "no-op" in events.kinds("refused")[0]["reason"]
+    else:
+        assert "repeat of experiment 1" in events.kinds("refused")[0]["reason"]
+    assert recs[2].recipe["config"]["max_num_seqs"] == 32
+
+
+@pytest.mark.parametrize(("overrides", "expected_layers"), [
+    ({"max_config_experiments": 2}, [1, 1, 1, 2]),
+    ({"skip_config": True}, [1, 2, 2, 2]),
+    ({"start_layer": 3}, [1, 3, 3, 3]),
+    ({"skip_config": True, "skip_quant": True}, [1, 3, 3, 3]),
+])
+def test_escalation_honours_the_layer_options(tmp_path: Path, small_workload: Path,
+                                              overrides: dict[str, Any],
+                                              expected_layers: list[int]) -> None:
+    tuner, _ = _tuner(tmp_path, small_workload, BuiltinStrategy(seed=3), max_experiments=4,
+                      **overrides)
+    tuner.run()
+    assert [r.layer for r in tuner.run_log.records()] == expected_layers
+
+
+def test_layers_converge_and_the_run_ends(tmp_path: Path, small_workload: Path) -> None:
+    tuner, events = _tuner(tmp_path, small_workload, Scripted([]), max_experiments=50)
+    why = tuner.run()
+    assert why == "every layer converged"
+    assert [e["layer"] for e in events.kinds("escalate")] == [1, 2, 3]
+    assert len(tuner.run_log.records()) == 1
+
+
+class FailingLauncher:
+    """A launcher whose server never comes up, like a vLLM that rejects its flags."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def launch(self, recipe: Recipe, log_path: Path) -> LaunchFailure:
+        self.calls += 1
+        log_path.write_text("error: unrecognized arguments\n")
+        return LaunchFailure(status="boot_failed", reason="invalid argument", boot_s=3.0)
+
+    def stop(self, server: Any) -> None:
+        raise AssertionError("nothing to stop")
+
+
+def test_failures_become_rows_and_reach_the_strategy(tmp_path: Path,
+                                                     small_workload: Path) -> None:
+    launcher = FailingLauncher()
+    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(1, max_num_seqs=32)])
+    tuner, _ = _tuner(tmp_path, small_workload, proposer,
+                      engine=Engine(launcher, None, None),  # type: ignore[arg-type]
+                      max_experiments=3)
+    tuner.run()
+    recs = tuner.run_log.records()
+    assert [r.status for r in recs] == ["boot_failed"] * 3
+    assert recs[1].log == "logs/exp_001.log"
+    assert [r.status for r in proposer.contexts[1].history] == ["boot_failed"] * 2
+    assert proposer.contexts[1].best_score is None
+
+
+class InterruptingBench:
+    def __init__(self, sim: SimulatedEngine) -> None:
+        self.sim = sim
+        self.stopped: list[str] = []
+
+    def launch(self, recipe: Recipe, log_path: Path) -> Any:
+        return self.sim.launch(recipe, log_path)
+
+    def stop(self, server: Any) -> None:
+        self.stopped.append(server.url)
+
+    def bench(self, server: Any, workload: Any, concurrency: int, passes: int = 1) -> Any:
+        raise KeyboardInterrupt
+
+
+def test_interrupt_tears_down_the_server_and_leaves_the_run_resumable(
+        tmp_path: Path, small_workload: Path) -> None:
+    hw = gpu_spec("H100").hardware()
+    space = KnobSpace(hw, profile(MODEL_8B), simulated=True)
+    fake = InterruptingBench(SimulatedEngine(hw, gpu_spec("H100"), space.model, space))
+    tuner, _ = _tuner(tmp_path, small_workload, Scripted([]),
+                      engine=Engine(fake, fake, fake.sim))  # type: ignore[arg-type]
+    with pytest.raises(KeyboardInterrupt):
+        tuner.run()
+    assert len(fake.stopped) == 1
+    assert tuner.run_log.records() == []
+    assert not (tuner.run_log.path / "completed.json").exists()
+
+
+def test_time_budget_counts_boot_and_bench(tmp_path: Path, small_workload: Path) -> None:
+    tuner, _ = _tuner(tmp_path, small_workload, BuiltinStrategy(), max_hours=0.01,
+                      max_experiments=50)
+    why = tuner.run()
+    assert why.startswith("time budget")
+    recs = tuner.run_log.records()
+    assert sum((r.boot_s or 0) + (r.bench_s or 0) for r in recs) >= 36
+    assert len(recs) < 50
