@@ -217,7 +217,25 @@ class KnobSpace:
         if knob.name == "tensor_parallel_size":
             values = tuple(v for v in values if isinstance(v, int)
                            and v <= max(1, self.hw.gpu_count))
+        if knob.name == "dtype":  # "auto" already is this dtype: not a separate choice
+            auto = self.auto_dtype()
+            # GPUs without bf16 (auto is float16 there) reject bfloat16 at boot
+            values = tuple(v for v in values if v != auto
+                           and not (auto == "float16" and v == "bfloat16"))
         return values
+
+    def auto_dtype(self) -> str:
+        """What dtype=auto resolves to here for a bf16 checkpoint: float16 on GPUs without
+        bf16 support (compute capability < 8.0, e.g. T4), bfloat16 elsewhere (the CPU build
+        included)."""
+        gpu = self.hw.gpu
+        if self.hw.device == "cuda" and gpu is not None:
+            try:
+                if float(gpu.compute_capability or 8.0) < 8.0:
+                    return "float16"
+            except ValueError:
+                pass
+        return "bfloat16"
 
     def bounds(self, knob: Knob) -> tuple[float | None, float | None]:
         high = knob.high

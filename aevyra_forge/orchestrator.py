@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from aevyra_forge.agent import AgentContext, Budget, Proposer
+from aevyra_forge.agent import AgentContext, Budget, BudgetExceeded, Proposer
 from aevyra_forge.errors import KnobError
 from aevyra_forge.knobs import KnobSpace
 from aevyra_forge.models import (
@@ -182,7 +182,11 @@ class Tuner:
             if layer is None:
                 why = "every layer converged"
                 break
-            self._step(layer)
+            try:
+                self._step(layer)
+            except BudgetExceeded as exc:
+                why = str(exc)
+                break
         self.run_log.complete({"reason": why, "experiments": len(st.records),
                                "best_recipe_id": st.best.id, "best_score": st.best_score,
                                "finished_at": _now()})

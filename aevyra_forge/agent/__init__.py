@@ -1,33 +1,40 @@
-"""Proposers: the builtin offline strategy and (later) LLM-backed agents, chosen by the
-`--llm` spec. Registering a strategy is one entry in PROPOSERS."""
+"""Proposers: the builtin offline strategy and LLM-backed agents, chosen by the `--llm`
+spec. Registering a strategy is one entry in PROPOSERS; an LLM provider is one entry in
+agent.providers.PROVIDERS."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from aevyra_forge.agent.base import AgentContext, Budget, ProposalReply, Proposer
+from aevyra_forge.agent.base import (
+    AgentContext,
+    Budget,
+    BudgetExceeded,
+    ProposalReply,
+    Proposer,
+)
 from aevyra_forge.agent.builtin import BuiltinStrategy
-from aevyra_forge.errors import AgentError, UsageError
+from aevyra_forge.agent.llm import make_llm_proposer
+from aevyra_forge.agent.providers import PROVIDERS
 
-__all__ = ["AgentContext", "Budget", "BuiltinStrategy", "ProposalReply", "Proposer",
-           "make_proposer"]
+__all__ = ["AgentContext", "Budget", "BudgetExceeded", "BuiltinStrategy", "ProposalReply",
+           "Proposer", "make_proposer"]
 
 PROPOSERS: dict[str, Callable[[int], Proposer]] = {
     "builtin": lambda seed: BuiltinStrategy(seed=seed),
 }
 
-LLM_PROVIDERS = ("anthropic", "openai", "openrouter", "together", "groq", "fireworks",
-                 "deepinfra", "mistral", "ollama", "lmstudio")
+LLM_PROVIDERS = tuple(PROVIDERS)
 
 
-def make_proposer(spec: str, seed: int = 0) -> Proposer:
-    """The proposer for an `--llm` value: `builtin` or `provider/model`."""
+def make_proposer(spec: str, seed: int = 0, *, api_key: str | None = None,
+                  base_url: str | None = None, prices: str | None = None,
+                  max_dollars: float | None = None) -> Proposer:
+    """The proposer for an `--llm` value: `builtin` or `provider/model`. The LLM options
+    (an explicit key, a base URL, a price file, the dollar cap) only apply to the latter;
+    a missing key or SDK fails here with one line."""
     factory = PROPOSERS.get(spec)
     if factory is not None:
         return factory(seed)
-    provider, _, model = spec.partition("/")
-    if provider in LLM_PROVIDERS and model:
-        raise AgentError(f"--llm {spec}: LLM-backed agents are not yet available in this "
-                         "release (tracked in issue #4); use --llm builtin")
-    raise UsageError(f"--llm {spec}: expected 'builtin' or PROVIDER/MODEL with PROVIDER "
-                     f"one of {', '.join(LLM_PROVIDERS)}")
+    return make_llm_proposer(spec, api_key=api_key, base_url=base_url, prices=prices,
+                             max_dollars=max_dollars)

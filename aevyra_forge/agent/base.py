@@ -51,6 +51,11 @@ class ProposalReply:
     error: str | None = None  # the reply could not be used (invalid after re-asks)
 
 
+class BudgetExceeded(Exception):
+    """Raised by a proposer when its next call would cross --max-dollars; the loop stops
+    cleanly with this message as the reason."""
+
+
 class Proposer(Protocol):
     name: str
 
