@@ -6,17 +6,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aevyra_forge.errors import RecipeError
 from aevyra_forge.models import SCHEMA_VERSION, Scalar
 
 ConfigValue = int | float | bool | str | None
+_KEY = re.compile(r"^[a-z][a-z0-9_]*$")  # vLLM engine argument names, snake_case
+_ENV_KEY = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+
+def _safe_text(value: object, what: str) -> None:
+    """Text that becomes one argv element: no control characters, no leading dash."""
+    if isinstance(value, str) and (any(ord(c) < 32 or ord(c) == 127 for c in value)
+                                   or value.startswith("-")):
+        raise ValueError(f"{what} must be plain text without control characters or a "
+                         f"leading '-': {value[:40]!r}")
 
 
 class QuantSettings(BaseModel):
@@ -29,6 +40,12 @@ class QuantSettings(BaseModel):
     checkpoint: str | None = None
     kv_cache_dtype: str = "auto"
 
+    @field_validator("method", "checkpoint", "kv_cache_dtype")
+    @classmethod
+    def _plain(cls, v: str | None) -> str | None:
+        _safe_text(v, "quant setting")
+        return v
+
 
 class KernelSettings(BaseModel):
     """Layer 3. `env` holds allow-listed environment variables only (checked by knobs)."""
@@ -38,6 +55,31 @@ class KernelSettings(BaseModel):
     attention_backend: str | None = None
     compilation_config: dict[str, Scalar] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _backend(cls, v: str | None) -> str | None:
+        _safe_text(v, "attention_backend")
+        return v
+
+    @field_validator("compilation_config")
+    @classmethod
+    def _compilation(cls, v: dict[str, Scalar]) -> dict[str, Scalar]:
+        for key, value in v.items():
+            if not _KEY.match(key):
+                raise ValueError(f"compilation_config key {key!r} is not snake_case")
+            _safe_text(value, f"compilation_config.{key}")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not _ENV_KEY.match(key):
+                raise ValueError(f"environment variable name {key!r} is not UPPER_CASE")
+            if any(ord(c) < 32 for c in value):
+                raise ValueError(f"{key} contains control characters")
+        return v
 
 
 class Recipe(BaseModel):
@@ -55,6 +97,24 @@ class Recipe(BaseModel):
     config: dict[str, ConfigValue] = Field(default_factory=dict)
     quant: QuantSettings = QuantSettings()
     kernel: KernelSettings = KernelSettings()
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("model must not be empty")
+        _safe_text(v, "model")
+        return v
+
+    @field_validator("config")
+    @classmethod
+    def _config(cls, v: dict[str, ConfigValue]) -> dict[str, ConfigValue]:
+        for key, value in v.items():
+            if not _KEY.match(key):
+                raise ValueError(f"config key {key!r} is not a vLLM argument name "
+                                 "(snake_case)")
+            _safe_text(value, f"config.{key}")
+        return v
 
     def model_post_init(self, context: Any, /) -> None:
         object.__setattr__(self, "id", content_id(self))
