@@ -1,16 +1,25 @@
-"""Measuring a server the way `vllm bench serve` does. This part holds the per-request
-record and the aggregation into BenchMetrics (kept apart from sending, so the simulator
-and the real client share one definition of every metric)."""
+"""Measuring a server the way `vllm bench serve` does: an async streaming client that
+replays a workload (closed or open loop), the per-request record, the aggregation into
+BenchMetrics (kept apart from sending, so the simulator and the real client share one
+definition of every metric), and the server's own /metrics counters."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import random
+import re
+import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import httpx
 import numpy as np
 
 from aevyra_forge.models import BenchMetrics, LatencyStats
+from aevyra_forge.workload import Request, Workload
 
 
 @dataclass
@@ -68,3 +77,254 @@ def aggregate(results: Sequence[RequestResult], duration_s: float,
         failure_reasons=dict(reasons),
         server=dict(server or {}),
     )
+
+
+# -- sending -------------------------------------------------------------------------------
+
+Clock = Callable[[], float]
+WARMUP_OUTPUT_TOKENS = 8
+_WARMUP_WORDS = ("amber", "basalt", "cobalt", "delta", "ember", "fjord", "granite", "harbor",
+                 "indigo", "juniper", "kelp", "lumen", "meadow", "nickel", "onyx", "prairie")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How to replay a workload. `cache_salt` isolates each pass's prefix cache so a second
+    pass is not flattered by the first one's cached prompts."""
+
+    concurrency: int = 8
+    request_timeout_s: float = 600.0
+    bench_timeout_s: float = 3600.0
+    warmup_requests: int = 2
+    passes: int = 1
+
+
+def request_payload(req: Request, model: str, salt: str | None) -> tuple[str, dict[str, Any]]:
+    """The endpoint path and JSON body for one request: greedy, fixed length, streamed."""
+    body: dict[str, Any] = {
+        "model": model, "max_tokens": req.expected_output_tokens, "temperature": 0.0,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }
+    if salt:
+        body["cache_salt"] = salt
+    if req.messages is not None:
+        body["messages"] = [m.model_dump() for m in req.messages]
+        return "/v1/chat/completions", body
+    body["prompt"] = req.prompt
+    return "/v1/completions", body
+
+
+def _token_bearing(chunk: Mapping[str, Any]) -> bool:
+    """A chunk that carries generated tokens: vllm bench serve's rule (any chunk with a
+    choice), except that in a chat stream the opening role-only chunk carries none. The
+    finishing chunk always does: vLLM sends it with an empty delta when the last tokens'
+    text is held back (an incomplete UTF-8 sequence), and it marks the last token."""
+    choices = chunk.get("choices") or []
+    if not choices:
+        return False
+    choice = choices[0]
+    delta = choice.get("delta")
+    if delta is None:  # completions
+        return True
+    return bool(delta.get("content") or delta.get("reasoning_content")
+                or delta.get("reasoning") or delta.get("tool_calls")
+                or choice.get("finish_reason"))
+
+
+async def send_request(client: httpx.AsyncClient, base_url: str, path: str,
+                       body: Mapping[str, Any], timeout_s: float, clock: Clock,
+                       start_offset_s: float = 0.0) -> RequestResult:
+    """Stream one request and time it. Never raises for a server-side failure.
+    `timeout_s` bounds the whole request (httpx's own timeout only bounds each read, which
+    a slow but steady stream never trips)."""
+    result = RequestResult(start_s=start_offset_s)
+    sent = clock()
+    last = sent
+    chunks = 0
+    try:
+        async with asyncio.timeout(timeout_s), \
+                client.stream("POST", base_url + path, json=body, timeout=timeout_s) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                result.error = f"HTTP {resp.status_code}: {_error_message(text)}"
+                return result
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if not isinstance(chunk, dict):
+                    raise json.JSONDecodeError("not an object", data, 0)
+                if "error" in chunk:
+                    result.error = f"stream error: {_error_message(data)}"
+                    return result
+                if _token_bearing(chunk):
+                    now = clock()
+                    if chunks == 0:
+                        result.ttft_s = now - sent
+                    else:
+                        result.itl_s.append(now - last)
+                    last = now
+                    chunks += 1
+                usage = chunk.get("usage")
+                if usage:
+                    result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                    result.output_tokens = int(usage.get("completion_tokens") or 0)
+    except (TimeoutError, httpx.TimeoutException):
+        result.error = f"timeout after {timeout_s:g} s"
+        return result
+    except httpx.HTTPError as exc:
+        result.error = f"connection error: {type(exc).__name__}"
+        return result
+    except json.JSONDecodeError:
+        result.error = "malformed stream chunk"
+        return result
+    if chunks == 0:
+        result.error = "no tokens received"
+        return result
+    result.latency_s = last - sent
+    wanted = body.get("max_tokens")
+    if result.output_tokens and isinstance(wanted, int) and result.output_tokens < wanted:
+        # vLLM (0.32) silently cuts max_tokens to fit max_model_len; a config that
+        # generates fewer tokens must not look faster for it.
+        result.error = (f"short output: {result.output_tokens} of {wanted} tokens "
+                        "(prompt + max_tokens over max_model_len?)")
+        return result
+    result.output_tokens = result.output_tokens or chunks  # no usage chunk: count chunks
+    result.success = True
+    return result
+
+
+def _error_message(text: str) -> str:
+    try:
+        data = json.loads(text)
+        msg = data.get("error", data) if isinstance(data, dict) else data
+        if isinstance(msg, dict):
+            msg = msg.get("message", msg)
+        text = str(msg)
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    return " ".join(text.split())[:200]
+
+
+async def run_pass(client: httpx.AsyncClient, base_url: str, model: str,
+                   requests: Sequence[Request], concurrency: int, timeout_s: float,
+                   clock: Clock, salt: str | None) -> tuple[list[RequestResult], float]:
+    """One replay: closed loop at `concurrency`, or open loop at the arrival offsets
+    (capped by `concurrency` in flight) when the trace has them. Returns the results in
+    trace order and the pass duration."""
+    gate = asyncio.Semaphore(concurrency)
+    open_loop = any(r.arrival_offset_s is not None for r in requests)
+    start = clock()
+
+    async def one(req: Request) -> RequestResult:
+        if open_loop:
+            delay = (req.arrival_offset_s or 0.0) - (clock() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+        async with gate:
+            path, body = request_payload(req, model, salt)
+            return await send_request(client, base_url, path, body, timeout_s, clock,
+                                      clock() - start)
+
+    results = await asyncio.gather(*(one(r) for r in requests))
+    return list(results), clock() - start
+
+
+def warmup_requests(count: int, seed: int) -> list[Request]:
+    """Short prompts made of words that do not open any workload prompt, so warm-up does
+    not seed the prefix cache for the timed requests (a distinct cache salt also keeps
+    them apart)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        words = " ".join(rng.choice(_WARMUP_WORDS) for _ in range(24))
+        out.append(Request(line=0, prompt=f"{i} {words}",
+                           expected_output_tokens=WARMUP_OUTPUT_TOKENS))
+    return out
+
+
+async def bench_passes(base_url: str, model: str, workload: Workload, config: BenchConfig,
+                       clock: Clock = time.perf_counter,
+                       transport: httpx.AsyncBaseTransport | None = None,
+                       scrape: Callable[[], Awaitable[dict[str, float]]] | None = None,
+                       ) -> list[BenchMetrics]:
+    """Warm up, then replay the workload `config.passes` times, each under its own cache
+    salt. The whole bench is bounded by `config.bench_timeout_s` (asyncio.TimeoutError)."""
+    limits = httpx.Limits(max_connections=config.concurrency + 4,
+                          max_keepalive_connections=config.concurrency + 4)
+    run_id = f"{random.getrandbits(32):08x}"
+    async with httpx.AsyncClient(limits=limits, transport=transport) as client:
+        async def body() -> list[BenchMetrics]:
+            if config.warmup_requests:
+                await run_pass(client, base_url, model,
+                               warmup_requests(config.warmup_requests, 0),
+                               min(config.concurrency, config.warmup_requests),
+                               config.request_timeout_s, clock, f"forge-warmup-{run_id}")
+            out = []
+            for k in range(config.passes):
+                before = await scrape() if scrape else {}
+                results, duration = await run_pass(
+                    client, base_url, model, workload.requests, config.concurrency,
+                    config.request_timeout_s, clock, f"forge-{run_id}-pass{k}")
+                after = await scrape() if scrape else {}
+                out.append(aggregate(results, duration, counter_deltas(before, after)))
+            return out
+
+        return await asyncio.wait_for(body(), timeout=config.bench_timeout_s)
+
+
+def median_pass(passes: Sequence[BenchMetrics]) -> BenchMetrics:
+    """The pass with the median output throughput (the lower middle for an even count)."""
+    ordered = sorted(passes, key=lambda m: m.output_throughput)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+# -- server counters ------------------------------------------------------------------------
+
+COUNTERS = {  # /metrics name -> our key; counters are reported as deltas over a pass
+    "vllm:num_preemptions_total": "num_preemptions",
+    "vllm:prefix_cache_queries_total": "prefix_cache_queries",
+    "vllm:prefix_cache_hits_total": "prefix_cache_hits",
+    "vllm:prompt_tokens_total": "prompt_tokens",
+    "vllm:generation_tokens_total": "generation_tokens",
+    "vllm:request_success_total": "requests_succeeded",
+}
+GAUGES = {"vllm:kv_cache_usage_perc": "kv_cache_usage", "vllm:num_requests_waiting":
+          "requests_waiting"}
+# vllm:request_success_total also counts aborted and failed requests under these labels
+_NOT_SUCCESS = re.compile(r'finished_reason="(abort|error)"')
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Sum every sample of the counters and gauges we track over their label sets."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, rest = line.partition("{") if "{" in line.split(" ", 1)[0] else (
+            line.split(" ", 1)[0], "", line.split(" ", 1)[1] if " " in line else "")
+        key = COUNTERS.get(name) or GAUGES.get(name)
+        if key is None or _NOT_SUCCESS.search(rest):
+            continue
+        value = rest.rsplit("}", 1)[-1].split()
+        try:
+            out[key] = out.get(key, 0.0) + float(value[0])
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def counter_deltas(before: Mapping[str, float], after: Mapping[str, float]
+                   ) -> dict[str, float]:
+    """Counter increases over a pass, gauges as read after it, and the prefix-cache hit
+    rate of the pass."""
+    out = {key: after[key] - before.get(key, 0.0) for key in COUNTERS.values()
+           if key in after}
+    out.update({key: after[key] for key in GAUGES.values() if key in after})
+    queries = out.get("prefix_cache_queries", 0.0)
+    if queries > 0:
+        out["prefix_cache_hit_rate"] = out.get("prefix_cache_hits", 0.0) / queries
+    return out

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from aevyra_forge import __version__
@@ -79,7 +80,7 @@ def _experiment_line(rec: ExperimentRecord, budget: int) -> str:
 
 
 def _install_sigterm() -> None:
-    """SIGTERM (e.g. a closed SSH session under nohup, or `kill`) stops like Ctrl-C:
+    """SIGTERM (`kill`) and SIGHUP (a dropped SSH session) stop like Ctrl-C:
     the server in flight is torn down and the run stays resumable."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -87,6 +88,7 @@ def _install_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
 
 
 def _run_tuner(starter: Any, verbose: bool, run_hint: str) -> None:
@@ -94,6 +96,9 @@ def _run_tuner(starter: Any, verbose: bool, run_hint: str) -> None:
     _install_sigterm()
     try:
         tuner = starter(printer)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    try:
         printer.budget = tuner.s.max_experiments
         err.print(f"[bold]run[/] {tuner.run_log.path}  model {tuner.s.model}  on "
                   f"{tuner.hw.describe()}  agent {tuner.s.llm}")
@@ -102,6 +107,8 @@ def _run_tuner(starter: Any, verbose: bool, run_hint: str) -> None:
         err.print(f"interrupted: the run is resumable with `aevyra-forge tune resume "
                   f"--run-dir {run_hint}`")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        tuner.run_log.close()  # release the run's lock even when the loop failed
     _print_finish(tuner, why)
 
 
@@ -131,6 +138,15 @@ def tune(
     concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 8,
     llm: Annotated[str, typer.Option(help="PROVIDER/MODEL, or builtin (offline).")]
     = DEFAULT_LLM,
+    llm_base_url: Annotated[str | None, typer.Option(
+        help="OpenAI- (or Anthropic-) compatible server for --llm, e.g. a local vLLM's "
+             "http://host:8000/v1.")] = None,
+    llm_api_key: Annotated[str | None, typer.Option(
+        help="API key for --llm (default: the provider's variable, e.g. "
+             "ANTHROPIC_API_KEY); never written to disk.")] = None,
+    llm_prices: Annotated[Path | None, typer.Option(
+        help="YAML/JSON prices, model: {input: USD, output: USD} per million tokens.")]
+    = None,
     max_experiments: Annotated[int, typer.Option(help="Experiment budget.")] = 50,
     max_hours: Annotated[float, typer.Option(help="Time budget in hours.")] = 12.0,
     max_dollars: Annotated[float | None, typer.Option(help="LLM spend cap, USD.")] = None,
@@ -170,7 +186,9 @@ def tune(
         raise UsageError(f"--device {device}: expected cuda, rocm or cpu")
     settings = _settings(
         model=model, workload=str(workload), device=device, concurrency=concurrency,
-        llm=llm, max_experiments=max_experiments, max_hours=max_hours,
+        llm=llm, llm_base_url=llm_base_url,
+        llm_prices=str(llm_prices) if llm_prices else None,
+        max_experiments=max_experiments, max_hours=max_hours,
         max_dollars=max_dollars, accuracy_floor=accuracy_floor,
         min_improvement_pct=min_improvement_pct,
         max_config_experiments=max_config_experiments,
@@ -182,7 +200,8 @@ def tune(
         passes=passes)
     from aevyra_forge import session
 
-    _run_tuner(lambda obs: session.start(settings, obs), verbose, str(run_dir))
+    _run_tuner(lambda obs: session.start(settings, obs, api_key=llm_api_key), verbose,
+               str(run_dir))
 
 
 def _settings(**values: Any) -> TuneSettings:
@@ -200,13 +219,17 @@ def _settings(**values: Any) -> TuneSettings:
 def tune_resume(
     run_dir: Annotated[Path, typer.Option(help="Store root or a run folder.")]
     = Path(".forge"),
+    llm_api_key: Annotated[str | None, typer.Option(
+        help="API key for the run's --llm (default: the provider's variable); never "
+             "written to disk.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose")] = False,
 ) -> None:
-    """Resume the latest interrupted run; every setting comes from its config.json."""
+    """Resume the latest interrupted run; every setting comes from its config.json (the
+    API key, never stored, comes from --llm-api-key or the environment again)."""
     from aevyra_forge import session
 
     def starter(obs: Any) -> Any:
-        return session.resume(run_dir, obs)
+        return session.resume(run_dir, obs, api_key=llm_api_key)
 
     _run_tuner(starter, verbose, str(run_dir))
 
@@ -267,7 +290,8 @@ def doctor() -> None:
                                    ("vllm", "vllm", "real engine runs")):
         found = importlib.util.find_spec(module) is not None
         version = _version(module) if found else ""
-        fix = f"pip install 'aevyra-forge[{extra}]'" if extra else "pip install anthropic"
+        fix = escape(f"pip install 'aevyra-forge[{extra}]'" if extra else
+                     "pip install anthropic")
         table.add_row(module, "ok" if found else "missing",
                       f"{version} ({purpose})" if found else f"{purpose}: {fix}")
     vllm = os.environ.get("FORGE_VLLM_BIN") or shutil.which("vllm")
@@ -275,9 +299,14 @@ def doctor() -> None:
                   vllm or "needed for real runs: put `vllm` on PATH or set FORGE_VLLM_BIN")
     for device in ("cuda", "rocm"):
         table.add_row(f"{device} GPUs", *_gpu_status(device))
-    for var in ("ANTHROPIC_API_KEY", "OPENAI_API_KEY"):
+    from aevyra_forge.agent.providers import PROVIDERS
+
+    for provider in PROVIDERS.values():
+        var = provider.key_env
+        if var is None:
+            continue
         table.add_row(var, "set" if os.environ.get(var) else "unset",
-                      "" if os.environ.get(var) else "needed only for that --llm provider")
+                      "" if os.environ.get(var) else f"needed only for --llm {provider.name}/...")
     problems = validate(load_playbook(None))
     table.add_row("bundled playbook", "ok" if not problems else "invalid",
                   str(bundled_path()) if not problems else problems[0])

@@ -160,6 +160,29 @@ def _run(tool: str, args: tuple[str, ...], env: Mapping[str, str]) -> _Answer | 
     return _Answer(proc.returncode, proc.stdout, proc.stderr)
 
 
+def memory_used_mib(device: Device, env: Mapping[str, str] | None = None) -> int | None:
+    """Accelerator memory in use over all GPUs (MiB), for waiting until a torn-down
+    server has released it; None when it cannot be read (or on the CPU)."""
+    env = os.environ if env is None else env
+    try:
+        if device == "cuda":
+            ans = _run("nvidia-smi", ("--query-gpu=memory.used",
+                                      "--format=csv,noheader,nounits"), env)
+            if ans is None or ans.rc != 0:
+                return None
+            return sum(int(float(v)) for v in ans.out.split() if v.strip())
+        if device == "rocm":
+            ans = _run("rocm-smi", ("--showmeminfo", "vram", "--json"), env)
+            data = _json_object(ans.out) if ans is not None else None
+            if not data:
+                return None
+            return sum(int(card.get("VRAM Total Used Memory (B)", 0)) // (1024 * 1024)
+                       for key, card in data.items() if key.startswith("card"))
+    except (HardwareError, ValueError, AttributeError):
+        return None
+    return None
+
+
 def _nvidia_gpus(env: Mapping[str, str]) -> list[GpuInfo] | None:
     fields: tuple[str, ...] = NVIDIA_FIELDS
     answer = _run("nvidia-smi", _nvidia_args(fields), env)

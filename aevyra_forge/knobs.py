@@ -7,7 +7,7 @@ default, so neither is offered as a win (prefix caching can only be turned off).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,10 +15,11 @@ from aevyra_forge.errors import KnobError, RecipeError
 from aevyra_forge.modelinfo import ModelProfile
 from aevyra_forge.models import LAYER_NAMES, Device, Hardware, Layer, Scalar
 from aevyra_forge.recipe import KernelSettings, QuantSettings, Recipe
+from aevyra_forge.vllmargs import VllmArgs
 
 KnobKind = Literal["int", "float", "bool", "choice"]
 Target = Literal["config", "quant", "kernel", "compilation", "env"]
-HwClass = Literal["cpu", "gpu", "gpu_large"]
+HwClass = Literal["cpu", "gpu", "gpu_large", "gpu_huge"]
 ALL_DEVICES: frozenset[Device] = frozenset({"cuda", "rocm", "cpu"})
 GPU_DEVICES: frozenset[Device] = frozenset({"cuda", "rocm"})
 ANY = "*"
@@ -67,11 +68,14 @@ def _num(x: float | None) -> str:
 
 
 def hw_class(hw: Hardware) -> HwClass:
-    """vLLM's own split (EngineArgs.get_batch_defaults): GPUs with >= 70 GiB that are not
-    A100s get larger batch defaults."""
+    """vLLM's own split (EngineArgs.get_batch_defaults): GPUs with >= 160 GiB (MI300X,
+    B200) get the largest batch defaults, other GPUs with >= 70 GiB that are not A100s
+    (H100, H200) larger ones."""
     if hw.device == "cpu":
         return "cpu"
     gpu = hw.gpu
+    if gpu is not None and hw.gpu_memory_gib >= 160:
+        return "gpu_huge"
     if gpu is not None and hw.gpu_memory_gib >= 70 and "a100" not in gpu.name.lower():
         return "gpu_large"
     return "gpu"
@@ -94,12 +98,13 @@ REGISTRY: tuple[Knob, ...] = (
     Knob("max_num_seqs", 1, "int", "config",
          "Most sequences batched per step; raise for throughput under high concurrency, "
          "lower to cut TTFT contention. Bounded by KV-cache capacity.",
-         {"gpu_large": 1024, "gpu": 256, "cpu": 256}, low=1, high=4096,
+         {"gpu_huge": 1024, "gpu_large": 1024, "gpu": 256, "cpu": 128}, low=1, high=4096,
          grid=(8, 16, 32, 64, 128, 256, 512, 1024, 2048)),
     Knob("max_num_batched_tokens", 1, "int", "config",
          "Token budget per scheduler step (chunked prefill is always on in V1); small "
          "favours inter-token latency, above 8192 favours throughput and TTFT.",
-         {"gpu_large": 8192, "gpu": 2048, "cpu": 4096}, low=64, high=131072,
+         {"gpu_huge": 16384, "gpu_large": 8192, "gpu": 2048, "cpu": 2048}, low=64,
+         high=131072,
          grid=(512, 1024, 2048, 4096, 8192, 16384, 32768)),
     Knob("gpu_memory_utilization", 1, "float", "config",
          "Fraction of GPU memory vLLM may use (weights + activations + KV cache); higher "
@@ -164,12 +169,23 @@ REGISTRY: tuple[Knob, ...] = (
          "CPU build).",
          {ANY: False}),
     Knob("VLLM_CPU_OMP_THREADS_BIND", 3, "choice", "env",
-         "OpenMP thread binding for the CPU backend: 'auto' binds to the NUMA node's "
-         "cores; 'all' uses every core.",
-         {ANY: "auto"}, devices=frozenset({"cpu"}), choices={ANY: ("auto", "all")}),
+         "OpenMP thread binding for the CPU backend: 'auto' binds one thread per "
+         "physical core of a NUMA node; 'nobind' leaves placement to the OS.",
+         {ANY: "auto"}, devices=frozenset({"cpu"}), choices={ANY: ("auto", "nobind")}),
 )
 
 KNOBS: dict[str, Knob] = {k.name: k for k in REGISTRY}
+
+# Knobs whose vLLM flag differs from the knob name (config knobs are named as vLLM names
+# them); None means vLLM has no flag for it (environment variables).
+VLLM_FLAG: dict[str, str | None] = {
+    "quant_method": "quantization",
+    "kv_cache_dtype": "kv_cache_dtype",
+    "attention_backend": "attention_backend",
+    "cudagraph_mode": "compilation_config",
+    "VLLM_CPU_KVCACHE_SPACE": None,
+    "VLLM_CPU_OMP_THREADS_BIND": None,
+}
 
 NOT_TUNABLE: dict[str, str] = {
     "enable_chunked_prefill": "always on in the V1 engine",
@@ -190,11 +206,11 @@ class KnobSpace:
     engine arguments it accepts, when known), dry-run or real."""
 
     def __init__(self, hw: Hardware, model: ModelProfile, simulated: bool = False,
-                 accepted_args: Iterable[str] | None = None) -> None:
+                 vllm: VllmArgs | None = None) -> None:
         self.hw = hw
         self.model = model
         self.simulated = simulated
-        self.accepted = set(accepted_args) if accepted_args is not None else None
+        self.vllm = vllm
 
     # -- what may be touched -----------------------------------------------------------
     def available(self, knob: Knob) -> bool:
@@ -204,8 +220,9 @@ class KnobSpace:
             return False
         if knob.name == "tensor_parallel_size" and self.hw.gpu_count < 2:
             return False
-        if self.accepted is not None and knob.target == "config":
-            return knob.name in self.accepted
+        flag = VLLM_FLAG.get(knob.name, knob.name if knob.target == "config" else None)
+        if self.vllm is not None and flag is not None:
+            return self.vllm.accepts(flag)
         return True
 
     def knobs(self, layer: Layer | None = None) -> list[Knob]:
@@ -217,6 +234,10 @@ class KnobSpace:
         if knob.name == "tensor_parallel_size":
             values = tuple(v for v in values if isinstance(v, int)
                            and v <= max(1, self.hw.gpu_count))
+        flag = VLLM_FLAG.get(knob.name, knob.name)
+        listed = self.vllm.choices(flag) if self.vllm is not None and flag else None
+        if listed is not None:  # this vLLM's parser names its choices: stay inside them
+            values = tuple(v for v in values if str(v) in listed)
         if knob.name == "dtype":  # "auto" already is this dtype: not a separate choice
             auto = self.auto_dtype()
             # GPUs without bf16 (auto is float16 there) reject bfloat16 at boot
@@ -247,10 +268,13 @@ class KnobSpace:
 
     def default(self, knob: Knob) -> Scalar:
         value = knob.default_for(self.hw)
+        if self.vllm is not None and knob.target == "config" and knob.kind != "choice":
+            info = self.vllm.args.get(knob.name)
+            parsed = _parse_default(knob, info.default) if info else None
+            if parsed is not None:  # this vLLM's own default beats the registry's
+                value = parsed
         if knob.name == "max_model_len" and value is None:
             return self.model.max_context
-        if knob.name == "max_num_seqs" and self.hw.device == "cpu":
-            return 256
         return value
 
     def grid(self, knob: Knob) -> list[Scalar]:
@@ -399,6 +423,22 @@ class KnobSpace:
             method=recipe.quant.method if recipe.quant.checkpoint else "none"))
         out = self.apply(base, checked) if checked else base
         return out.model_copy(update={"parent_id": None, "generation": 0})
+
+
+def _parse_default(knob: Knob, raw: str | None) -> Scalar:
+    """A default as `--help` prints it, or None when it is unset or hardware-dependent."""
+    if raw is None or raw in ("None", "", "[]", "{}"):
+        return None
+    try:
+        if knob.kind == "bool":
+            return {"True": True, "False": False}.get(raw)
+        if knob.kind == "int":
+            return int(raw)
+        if knob.kind == "float":
+            return float(raw)
+    except ValueError:
+        return None
+    return raw
 
 
 def _parse_env(knob: Knob, raw: str) -> Scalar:

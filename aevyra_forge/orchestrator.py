@@ -65,6 +65,7 @@ class RunLog(Protocol):
     def write_best(self, recipe_yaml: str) -> None: ...
     def complete(self, summary: dict[str, Any]) -> None: ...
     def log_path(self, exp: int) -> Path: ...
+    def close(self) -> None: ...
 
 
 class Observer(Protocol):
@@ -165,6 +166,7 @@ class Tuner:
         self.clock = clock
         self.state = LoopState(records=run.records(), baseline=baseline)
         self.exhausted: set[int] = set()
+        self.unbilled = LLMUsage()  # LLM usage not yet attached to a recorded row
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> str:
@@ -189,9 +191,13 @@ class Tuner:
                 break
         self.run_log.complete({"reason": why, "experiments": len(st.records),
                                "best_recipe_id": st.best.id, "best_score": st.best_score,
+                               "llm_cost_usd": self._spent_usd(),
                                "finished_at": _now()})
         self.observer.event("finish", reason=why, best=st.best, best_score=st.best_score)
         return why
+
+    def _spent_usd(self) -> float:
+        return self.state.spent_usd() + self.unbilled.cost_usd
 
     def _budget_spent(self) -> str | None:
         st = self.state
@@ -199,7 +205,7 @@ class Tuner:
             return f"experiment budget spent ({self.s.max_experiments})"
         if st.spent_s() >= self.s.max_hours * 3600:
             return f"time budget spent ({self.s.max_hours} h)"
-        if self.s.max_dollars is not None and st.spent_usd() >= self.s.max_dollars:
+        if self.s.max_dollars is not None and self._spent_usd() >= self.s.max_dollars:
             return f"LLM budget spent (${self.s.max_dollars:.2f})"
         return None
 
@@ -213,7 +219,7 @@ class Tuner:
                 experiments_left=self.s.max_experiments - len(st.records),
                 hours_left=self.s.max_hours - st.spent_s() / 3600,
                 dollars_left=(None if self.s.max_dollars is None
-                              else self.s.max_dollars - st.spent_usd())),
+                              else self.s.max_dollars - self._spent_usd())),
             tried_ids=st.tried_ids, feedback=feedback, attempt=attempt)
 
     def _step(self, layer: Layer) -> None:
@@ -231,6 +237,8 @@ class Tuner:
                 self._refuse(exp, layer, reply.proposal, raw, "invalid", reply.error, usage)
                 return
             if reply.proposal is None:
+                # the call that said "nothing left" still cost tokens: bill the next row
+                self.unbilled = _add_usage(self.unbilled, usage)
                 self.exhausted.add(layer)
                 self.observer.event("escalate", layer=layer,
                                     why="the strategy has nothing left to try")
@@ -319,6 +327,9 @@ class Tuner:
 
     def _record(self, rec: ExperimentRecord) -> None:
         """Persist first (fsync'd append), then update state and the derived files."""
+        if self.unbilled != LLMUsage():
+            rec = rec.model_copy(update={"llm": _add_usage(rec.llm, self.unbilled)})
+            self.unbilled = LLMUsage()
         self.run_log.append(rec)
         self.state.add(rec)
         self.run_log.write_tables(self.state.records)

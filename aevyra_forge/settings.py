@@ -21,6 +21,8 @@ class TuneSettings(BaseModel):
     device: Device = "cuda"
     concurrency: int = Field(8, ge=1, le=4096)
     llm: str = DEFAULT_LLM
+    llm_base_url: str | None = None  # an OpenAI- or Anthropic-compatible server
+    llm_prices: str | None = None  # YAML/JSON price file (USD per million tokens)
     max_experiments: int = Field(50, ge=1)
     max_hours: float = Field(12.0, gt=0)
     max_dollars: float | None = Field(None, ge=0)
@@ -42,6 +44,8 @@ class TuneSettings(BaseModel):
     patience: int = Field(4, ge=1)  # non-improving experiments before a layer converges
     passes: int = Field(3, ge=1, le=20)  # bench passes per experiment (median kept)
     objective: Literal["throughput"] = "throughput"
+    boot_timeout_s: float = Field(900.0, gt=0)  # vLLM must answer /health within this
+    request_timeout_s: float = Field(600.0, gt=0)
 
     @model_validator(mode="after")
     def _layers(self) -> TuneSettings:

@@ -79,12 +79,15 @@ def test_nonsense_option(tmp_path: Path, small_workload: Path,
     _one_line_error(code, err, "--concurrency")
 
 
-def test_features_of_open_issues_say_so(tmp_path: Path, small_workload: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_llm_key_names_the_variable(tmp_path: Path, small_workload: Path,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     argv = _tune(tmp_path, small_workload)
     argv[argv.index("builtin")] = "anthropic/claude-sonnet-4-6"
     code, _, err = _run(argv, capsys)
-    _one_line_error(code, err, "--llm builtin")
+    _one_line_error(code, err, "ANTHROPIC_API_KEY", "--llm builtin")
+    assert not (tmp_path / ".forge").exists()  # refused before the run folder exists
 
 
 def test_quick_start_beats_baseline_and_escalates(

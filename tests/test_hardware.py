@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aevyra_forge import hardware
 from aevyra_forge.errors import HardwareError, UsageError
 from aevyra_forge.hardware import (
     GPU_CATALOG,
@@ -296,3 +297,12 @@ def test_every_catalogue_name_resolves_to_itself() -> None:
 def test_find_gpu_spec_never_raises(text: str) -> None:
     spec = find_gpu_spec(text)
     assert spec is None or spec in GPU_CATALOG
+
+
+def test_memory_used_sums_every_gpu(tmp_path: Path) -> None:
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text("#!/bin/sh\nprintf '1200\\n81000\\n'\n")
+    tool.chmod(0o755)
+    assert hardware.memory_used_mib("cuda", {"PATH": str(tmp_path)}) == 82200
+    assert hardware.memory_used_mib("cuda", {"PATH": str(tmp_path / "none")}) is None
+    assert hardware.memory_used_mib("cpu") is None

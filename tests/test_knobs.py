@@ -78,15 +78,15 @@ def test_get_unknown_knob_lists_known_ones() -> None:
 
 def test_hw_class_and_fp8() -> None:
     assert [knobs.hw_class(h) for h in (A100, H100, T4, MI300X, CPU)] == [
-        "gpu", "gpu_large", "gpu", "gpu_large", "cpu"]
+        "gpu", "gpu_large", "gpu", "gpu_huge", "cpu"]
     assert {n for n, h in ALL_HW.items() if knobs.has_fp8(h)} == {"H100", "L4", "MI300X"}
 
 
 # -- what each hardware may touch ------------------------------------------------------------
 
 @pytest.mark.parametrize(("hw", "seqs", "tokens"), [
-    (H100, 1024, 8192), (A100, 256, 2048), (T4, 256, 2048), (MI300X, 1024, 8192),
-    (CPU, 256, 4096),
+    (H100, 1024, 8192), (A100, 256, 2048), (T4, 256, 2048), (MI300X, 1024, 16384),
+    (CPU, 128, 2048),
 ])
 def test_batch_defaults_per_hardware_class(hw: Hardware, seqs: int, tokens: int) -> None:
     sp = space(hw)
@@ -174,8 +174,12 @@ def test_tensor_parallel_needs_several_gpus() -> None:
     assert space(hardware.gpu_spec("H100").hardware(count=8)).choices(tp) == (1, 2, 4, 8)
 
 
-def test_accepted_args_hide_config_knobs_this_vllm_lacks() -> None:
-    sp = KnobSpace(CPU, PROFILE, accepted_args=["max_num_seqs", "block_size"])
+def test_a_vllm_without_a_flag_hides_its_knob() -> None:
+    from aevyra_forge.vllmargs import ArgInfo, VllmArgs
+
+    args = {name: ArgInfo(name, (f"--{name}",), None, None, False)
+            for name in ("max_num_seqs", "block_size")}
+    sp = KnobSpace(CPU, PROFILE, vllm=VllmArgs(version="0.0.1+cpu", args=args))
     names = {k.name for k in sp.knobs(1)}
     assert "max_num_seqs" in names and "block_size" in names
     assert "max_num_batched_tokens" not in names
@@ -286,7 +290,7 @@ def test_effective_lists_every_available_knob() -> None:
     sp = space(CPU)
     eff = sp.effective(sp.apply(sp.baseline(MODEL), {"block_size": 64}), layer=1)
     assert eff["block_size"] == 64
-    assert eff["max_num_seqs"] == 256
+    assert eff["max_num_seqs"] == 128  # the API server's CPU default
     assert set(eff) == {k.name for k in sp.knobs(1)}
 
 

@@ -223,3 +223,26 @@ def test_time_budget_counts_boot_and_bench(tmp_path: Path, small_workload: Path)
     recs = tuner.run_log.records()
     assert sum((r.boot_s or 0) + (r.bench_s or 0) for r in recs) >= 36
     assert len(recs) < 50
+
+
+class GivesUp:
+    """A proposer whose "nothing left to try" answers cost tokens, like an LLM's."""
+
+    name = "gives-up"
+
+    def propose(self, ctx: AgentContext) -> ProposalReply:
+        from aevyra_forge.models import LLMUsage
+
+        return ProposalReply(proposal=None, usage=LLMUsage(input_tokens=1000,
+                                                           output_tokens=50,
+                                                           cost_usd=0.01))
+
+
+def test_usage_of_a_nothing_left_reply_is_billed(tmp_path: Path,
+                                                 small_workload: Path) -> None:
+    import json
+
+    tuner, _ = _tuner(tmp_path, small_workload, GivesUp(), max_experiments=5)
+    tuner.run()
+    done = json.loads((tuner.run_log.path / "completed.json").read_text())
+    assert done["llm_cost_usd"] == pytest.approx(0.03)  # one call per layer
