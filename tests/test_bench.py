@@ -5,6 +5,7 @@ tests/fake_vllm.py, plus /metrics parsing on text recorded from vLLM 0.32."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 
@@ -170,8 +171,8 @@ async def send(fake: FakeVllm, req: Request, clock: ScriptedClock | None = None,
                timeout_s: float = 10.0, **extra: object) -> RequestResult:
     path, body = request_payload(req, MODEL, None)
     body.update(extra)
-    async with httpx.AsyncClient() as client:
-        return await send_request(client, fake.url, path, body, timeout_s,
+    async with httpx.AsyncHTTPTransport() as transport:
+        return await send_request(transport, fake.url, path, body, timeout_s,
                                   clock or time.perf_counter)
 
 
@@ -314,6 +315,44 @@ def test_connection_refused_is_a_failed_request() -> None:
     assert m.failure_reasons == {"connection error: ConnectError": 1}
 
 
+@pytest.mark.parametrize(("stream", "reason"), [
+    (b"data: {not json\n\ndata: [DONE]\n\n", "malformed stream chunk"),
+    (b"data: [1, 2]\n\n", "malformed stream chunk"),
+    (b'data: {"error": {"message": "engine dead", "code": 500}}\n\n',
+     "stream error: engine dead"),
+    (b'data: {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}\n\n'
+     b"data: [DONE]\n\n", "no tokens received"),
+])
+def test_broken_streams_are_failed_requests(stream: bytes, reason: str) -> None:
+    # A server that is not the fake: httpx's MockTransport answers every request.
+    transport = httpx.MockTransport(lambda request: httpx.Response(
+        200, content=stream, headers={"content-type": "text/event-stream"}))
+    [m] = asyncio.run(bench_passes("http://mock", MODEL, workload(chat(1, "hi", 4)),
+                                   BenchConfig(concurrency=1, warmup_requests=0),
+                                   transport=transport))
+    assert m.failure_reasons == {reason: 1}
+
+
+def test_held_back_text_still_marks_the_last_token(fake: FakeVllm) -> None:
+    # vLLM sends the finishing chat chunk with an empty delta when the last token's text
+    # is an incomplete UTF-8 sequence; that chunk is still the last token's arrival.
+    events = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]},
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+    ]
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+    clock = ScriptedClock([0.0, 0.5, 0.9])
+
+    path, payload = request_payload(chat(1, "hi", 2), MODEL, None)
+    result = asyncio.run(send_request(transport, "http://mock", path, payload, 5.0, clock))
+    assert result.success, result.error
+    assert (result.ttft_s, result.latency_s, result.itl_s) == (0.5, 0.9, [0.4])
+    assert result.output_tokens == 2 and result.prompt_tokens == 3
+
+
 def test_closed_loop_never_exceeds_concurrency(fake: FakeVllm) -> None:
     fake.config.token_delay_s = 0.002
     reqs = workload(*(completion(i, 4, 6) for i in range(24)))
@@ -347,9 +386,13 @@ def test_open_loop_is_capped_by_concurrency(fake: FakeVllm) -> None:
 
 async def _one_pass(fake: FakeVllm, reqs: list[Request], concurrency: int
                     ) -> tuple[list[RequestResult], float]:
-    async with httpx.AsyncClient() as client:
-        return await run_pass(client, fake.url, MODEL, reqs, concurrency, 10.0,
-                              time.perf_counter, None)
+    transports = [httpx.AsyncHTTPTransport() for _ in range(concurrency)]
+    try:
+        return await run_pass(transports, fake.url, MODEL, reqs, 10.0, time.perf_counter,
+                              None)
+    finally:
+        for transport in transports:
+            await transport.aclose()
 
 
 def test_warmup_is_not_timed_and_is_salted_apart(fake: FakeVllm) -> None:

@@ -1,0 +1,524 @@
+"""A fake vLLM OpenAI-compatible server on 127.0.0.1 for the bench and runner tests and the
+client-overhead benchmark: raw asyncio HTTP/1.1 (keep-alive, chunked SSE), /health,
+/v1/models, /metrics and streaming /v1/completions and /v1/chat/completions shaped like
+vLLM 0.32's. It records what it was sent so tests can check the client's behaviour.
+
+Token accounting: a prompt's token count is its number of whitespace-separated words (for
+chat, the words of every message plus 4 per message for the template); the fake never
+emits EOS, so it always generates exactly `max_tokens` tokens, one word each.
+
+Use it in-process (`with FakeVllm(FakeConfig(...)) as fake: fake.url`, served from a
+background thread with its own event loop) or as a script
+(`python tests/fake_vllm.py --port N --model M`), which tests/data/fake_vllm/vllm runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+CHAT_TOKENS_PER_MESSAGE = 4  # role markers a chat template adds around each message
+BLOCK_TOKENS = 16  # prefix-cache granularity, like vLLM's default block size
+KV_CAPACITY_TOKENS = 65536  # tokens the fake "KV cache" holds, for kv_cache_usage_perc
+MAX_HEADER_BYTES = 64 * 1024
+
+
+@dataclass
+class FakeConfig:
+    """How the fake behaves. `length_policy="reject"` answers HTTP 400 when prompt tokens +
+    max_tokens exceed `max_model_len` (older vLLM); `"clamp"` is vLLM 0.32's behaviour: 400
+    only when the prompt alone or max_tokens alone is too long, otherwise max_tokens is
+    silently cut to fit."""
+
+    model: str = "fake-model"
+    max_model_len: int = 4096  # tokens
+    token_delay_s: float = 0.0  # between token chunks; 0 answers instantly
+    first_token_delay_s: float = 0.0  # "prefill", after the chat role chunk
+    tokens_per_chunk: int = 1  # like --stream-interval
+    poison: str | None = "POISON-PILL"  # a prompt containing it gets HTTP 400
+    length_policy: Literal["reject", "clamp"] = "reject"
+    healthy: bool = True  # False: /health answers 503 forever
+    preempt_above: int | None = None  # requests admitted above this many in flight count
+    #                                   as a preemption (a stand-in for --max-num-seqs)
+    die_after_requests: int | None = None  # script only: os._exit on the request after N
+    on_die: Callable[[], None] | None = None  # runs instead of os._exit (script hooks)
+
+
+@dataclass
+class Recorded:
+    """One request as the fake saw it; `arrived_s` is time.perf_counter() at arrival."""
+
+    method: str
+    path: str
+    body: dict[str, Any] | None
+    arrived_s: float
+
+
+@dataclass
+class _Counters:
+    preemptions: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    succeeded: int = 0
+    live_tokens: int = 0
+    created_s: float = field(default_factory=time.time)
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            503: "Service Unavailable"}
+
+
+def count_words(text: str) -> int:
+    return len(text.split())
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """The fake's token count for a request body (see the module docstring)."""
+    if "messages" in body:
+        msgs = body["messages"]
+        return sum(count_words(str(m.get("content") or "")) + CHAT_TOKENS_PER_MESSAGE
+                   for m in msgs)
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list):  # a batch of strings or one prompt as token ids
+        if prompt and all(isinstance(t, int) for t in prompt):
+            return len(prompt)
+        return sum(count_words(str(p)) for p in prompt)
+    return count_words(str(prompt))
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    if "messages" in body:
+        return "\n".join(str(m.get("content") or "") for m in body["messages"])
+    prompt = body.get("prompt", "")
+    return " ".join(map(str, prompt)) if isinstance(prompt, list) else str(prompt)
+
+
+class FakeVllm:
+    """The server. Thread-safe enough for tests: its state is only mutated on its own loop,
+    and tests read it after the client has finished."""
+
+    def __init__(self, config: FakeConfig | None = None, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.config = config or FakeConfig()
+        self.host, self.port = host, port
+        self.requests: list[Recorded] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.generation_requests = 0
+        self.counters = _Counters()
+        self._seen_blocks: set[bytes] = set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> str:
+        """Listen on the running loop; returns the base URL."""
+        self._server = await asyncio.start_server(self._handle, self.host, self.port,
+                                                  limit=MAX_HEADER_BYTES)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.url
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def start_in_thread(self) -> str:
+        """Serve from a daemon thread with its own event loop; returns the base URL."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as exc:  # surface bind errors to the caller
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self.close())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="fake-vllm", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
+        return self.url
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> FakeVllm:
+        self.start_in_thread()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            while await self._one_request(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            try:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+            finally:
+                self._tasks.discard(task)  # only now: close() must await the closing too
+
+    async def _one_request(self, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> bool:
+        """Serve one request; False when the connection should close."""
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, _ = lines[0].split(" ", 2)
+        headers = {}
+        for ln in lines[1:]:
+            if ":" in ln:
+                k, v = ln.split(":", 1)
+                headers[k.strip().lower()] = v.strip()
+        raw = await reader.readexactly(int(headers.get("content-length", "0")))
+        keep_alive = headers.get("connection", "").lower() != "close"
+        path = target.split("?", 1)[0]
+        body: dict[str, Any] | None = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except json.JSONDecodeError:
+                await _send(writer, 400, _error_json("malformed JSON body", 400), keep_alive)
+                return keep_alive
+        self.requests.append(Recorded(method, path, body, time.perf_counter()))
+        try:
+            await self._route(method, path, body, writer, keep_alive)
+        except HttpError as exc:
+            await _send(writer, exc.status, _error_json(exc.message, exc.status, exc.param),
+                        keep_alive)
+        return keep_alive
+
+    async def _route(self, method: str, path: str, body: dict[str, Any] | None,
+                     writer: asyncio.StreamWriter, keep_alive: bool) -> None:
+        if path == "/health":
+            code = 200 if self.config.healthy else 503
+            await _send(writer, code, b"", keep_alive, "application/json")
+        elif path == "/v1/models":
+            data = {"object": "list", "data": [{
+                "id": self.config.model, "object": "model", "created": int(time.time()),
+                "owned_by": "vllm", "root": self.config.model, "parent": None,
+                "max_model_len": self.config.max_model_len}]}
+            await _send(writer, 200, json.dumps(data).encode(), keep_alive)
+        elif path == "/metrics":
+            await _send(writer, 200, self.metrics_text().encode(), keep_alive,
+                        "text/plain; version=0.0.4; charset=utf-8")
+        elif path in ("/v1/completions", "/v1/chat/completions"):
+            if method != "POST":
+                raise HttpError(405, "Method Not Allowed")
+            await self._generate(path, body or {}, writer, keep_alive)
+        else:
+            raise HttpError(404, "Not Found")
+
+    # -- generation -------------------------------------------------------------------------
+
+    def _validate(self, body: dict[str, Any], chat: bool) -> tuple[int, int]:
+        """(prompt tokens, tokens to generate) or HttpError like vLLM's."""
+        cfg = self.config
+        if body.get("model") not in (None, cfg.model):
+            raise HttpError(404, f"The model `{body.get('model')}` does not exist.")
+        if chat and not body.get("messages"):
+            raise HttpError(400, "messages must not be empty", "messages")
+        if cfg.poison and cfg.poison in prompt_text(body):
+            raise HttpError(400, "The prompt is poisoned (fake server).", "prompt")
+        n_prompt = prompt_tokens(body)
+        limit = cfg.max_model_len
+        requested = body.get("max_tokens", body.get("max_completion_tokens"))
+        max_tokens = limit - n_prompt if requested is None else int(requested)
+        if cfg.length_policy == "reject":
+            if n_prompt + max_tokens > limit:
+                raise HttpError(
+                    400, f"This model's maximum context length is {limit} tokens. However, "
+                    f"you requested {n_prompt + max_tokens} tokens ({n_prompt} in the "
+                    f"messages, {max_tokens} in the completion). Please reduce the length "
+                    "of the messages or completion.", "input_tokens")
+            return n_prompt, max_tokens
+        if n_prompt > limit:
+            raise HttpError(
+                400, f"This model's maximum context length is {limit} tokens. However, "
+                f"your prompt contains {n_prompt} input tokens, which exceeds this limit "
+                "even without any output tokens. Please reduce the length of the input "
+                "prompt.", "input_tokens")
+        if max_tokens > limit:
+            raise HttpError(400, f"max_tokens={max_tokens} cannot be greater than "
+                                 f"max_model_len={limit}. Please request fewer output "
+                                 "tokens.", "max_tokens")
+        return n_prompt, min(max_tokens, limit - n_prompt)
+
+    def _prefix_hits(self, body: dict[str, Any], n_prompt: int) -> int:
+        """Full leading blocks already seen under the same cache_salt, like vLLM's
+        chained block hashes."""
+        words = prompt_text(body).split()
+        digest = hashlib.sha256(str(body.get("cache_salt", "")).encode()).digest()
+        hits, hitting = 0, True
+        for start in range(0, len(words) - BLOCK_TOKENS + 1, BLOCK_TOKENS):
+            block = " ".join(words[start:start + BLOCK_TOKENS]).encode()
+            digest = hashlib.sha256(digest + block).digest()
+            if hitting and digest in self._seen_blocks:
+                hits += BLOCK_TOKENS
+            else:
+                hitting = False
+                self._seen_blocks.add(digest)
+        return min(hits, n_prompt)
+
+    async def _generate(self, path: str, body: dict[str, Any],
+                        writer: asyncio.StreamWriter, keep_alive: bool) -> None:
+        cfg = self.config
+        self.generation_requests += 1
+        if cfg.die_after_requests is not None and \
+                self.generation_requests > cfg.die_after_requests:
+            (cfg.on_die or _die)()
+        chat = path.endswith("chat/completions")
+        n_prompt, n_out = self._validate(body, chat)
+        if not body.get("stream"):
+            raise HttpError(400, "the fake server only streams; set stream=true", "stream")
+        c = self.counters
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        if cfg.preempt_above is not None and self.in_flight > cfg.preempt_above:
+            c.preemptions += 1
+        c.prompt_tokens += n_prompt
+        c.prefix_queries += n_prompt
+        c.prefix_hits += self._prefix_hits(body, n_prompt)
+        c.live_tokens += n_prompt
+        generated = 0
+        released = False
+        try:
+            await _start_stream(writer, keep_alive)
+            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:16]
+            head = {"id": rid, "object": "chat.completion.chunk" if chat
+                    else "text_completion", "created": int(time.time()),
+                    "model": cfg.model}
+            per_chunk = max(cfg.tokens_per_chunk, int(body.get("stream_interval") or 1))
+            instant = cfg.token_delay_s <= 0 and cfg.first_token_delay_s <= 0
+            out: list[bytes] = []  # instant answers go out in one write
+            if chat:  # vLLM opens chat streams with a role-only chunk
+                out.append(_event({**head, "choices": [{
+                    "index": 0, "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None, "finish_reason": None}]}))
+            if not instant:
+                await _flush(writer, out)
+                await asyncio.sleep(cfg.first_token_delay_s)
+            while generated < n_out:
+                if generated and not instant:
+                    await asyncio.sleep(cfg.token_delay_s)
+                k = min(per_chunk, n_out - generated)
+                text = "".join(f" w{(generated + i) % 97}" for i in range(k))
+                generated += k
+                c.generation_tokens += k
+                c.live_tokens += k
+                finish = "length" if generated == n_out else None
+                choice: dict[str, Any] = {"index": 0, "logprobs": None,
+                                          "finish_reason": finish, "stop_reason": None}
+                if chat:
+                    choice["delta"] = {"content": text}
+                else:
+                    choice["text"] = text
+                out.append(_event({**head, "choices": [choice]}))
+                if not instant:
+                    await _flush(writer, out)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                out.append(_event({**head, "choices": [], "usage": {
+                    "prompt_tokens": n_prompt, "total_tokens": n_prompt + n_out,
+                    "completion_tokens": n_out}}))
+            out.append(b"data: [DONE]\n\n")
+            # Account before the last bytes leave: the client may act on [DONE] (send its
+            # next request, scrape /metrics) before this task runs again.
+            c.succeeded += 1
+            self._release(n_prompt + generated)
+            released = True
+            await _flush(writer, out, last=True)
+        finally:
+            if not released:
+                self._release(n_prompt + generated)
+
+    def _release(self, tokens: int) -> None:
+        self.in_flight -= 1
+        self.counters.live_tokens -= tokens
+
+    # -- /metrics ---------------------------------------------------------------------------
+
+    def metrics_text(self) -> str:
+        """Prometheus text in prometheus_client's layout, as vLLM exposes it."""
+        c = self.counters
+        labels = f'engine="0",model_name="{self.config.model}"'
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, value: float,
+                   extra: str = "") -> None:
+            lab = labels + (f",{extra}" if extra else "")
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.append(f"{name}{{{lab}}} {float(value)}")
+            if kind == "counter":
+                created = name.removesuffix("_total") + "_created"
+                lines.append(f"# HELP {created} {help_}")
+                lines.append(f"# TYPE {created} gauge")
+                lines.append(f"{created}{{{lab}}} {c.created_s}")
+
+        metric("vllm:num_requests_running", "gauge",
+               "Number of requests in model execution batches.", self.in_flight)
+        metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be "
+               "processed.", 0)
+        metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent "
+               "usage.", min(1.0, c.live_tokens / KV_CAPACITY_TOKENS))
+        metric("vllm:num_preemptions_total", "counter",
+               "Cumulative number of preemption from the engine.", c.preemptions)
+        metric("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in "
+               "terms of number of queried tokens.", c.prefix_queries)
+        metric("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of "
+               "number of cached tokens.", c.prefix_hits)
+        metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
+               c.prompt_tokens)
+        metric("vllm:generation_tokens_total", "counter", "Number of generation tokens "
+               "processed.", c.generation_tokens)
+        metric("vllm:request_success_total", "counter", "Count of successfully processed "
+               "requests.", c.succeeded, 'finished_reason="length"')
+        return "\n".join(lines) + "\n"
+
+
+# -- wire helpers -----------------------------------------------------------------------------
+
+def _error_json(message: str, status: int, param: str | None = None) -> bytes:
+    kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "Error")
+    return json.dumps({"error": {"message": message, "type": kind, "param": param,
+                                 "code": status}}).encode()
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _send(writer: asyncio.StreamWriter, status: int, body: bytes, keep_alive: bool,
+                content_type: str = "application/json") -> None:
+    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
+            f"connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
+    writer.write(head.encode() + body)
+    await writer.drain()
+
+
+async def _start_stream(writer: asyncio.StreamWriter, keep_alive: bool) -> None:
+    writer.write(("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+                  "transfer-encoding: chunked\r\n"
+                  f"connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+                  ).encode())
+
+
+async def _flush(writer: asyncio.StreamWriter, events: list[bytes], last: bool = False
+                 ) -> None:
+    """Write the pending SSE events as one HTTP chunk (and the terminating chunk)."""
+    data = b"".join(events)
+    events.clear()
+    payload = b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+    writer.write(payload + (b"0\r\n\r\n" if last else b""))
+    await writer.drain()
+
+
+def _die() -> None:
+    # What a dying engine leaves in the log before the API server goes down with it.
+    sys.stderr.write("ERROR 01-01 00:00:00 [core.py:1510] EngineCore encountered a fatal "
+                     "error.\nRuntimeError: CUDA error: an illegal memory access was "
+                     "encountered\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+# -- script ---------------------------------------------------------------------------------
+
+def config_from_args(argv: list[str] | None = None) -> tuple[FakeConfig, str, int]:
+    p = argparse.ArgumentParser(description="A fake vLLM OpenAI-compatible server.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default="fake-model")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--token-delay-s", type=float, default=0.0)
+    p.add_argument("--first-token-delay-s", type=float, default=0.0)
+    p.add_argument("--tokens-per-chunk", type=int, default=1)
+    p.add_argument("--length-policy", choices=["reject", "clamp"], default="reject")
+    p.add_argument("--die-after-requests", type=int, default=None)
+    p.add_argument("--never-healthy", action="store_true")
+    a = p.parse_args(argv)
+    cfg = FakeConfig(model=a.model, max_model_len=a.max_model_len,
+                     token_delay_s=a.token_delay_s, first_token_delay_s=a.first_token_delay_s,
+                     tokens_per_chunk=a.tokens_per_chunk, length_policy=a.length_policy,
+                     die_after_requests=a.die_after_requests, healthy=not a.never_healthy)
+    return cfg, a.host, a.port
+
+
+async def serve(config: FakeConfig, host: str, port: int,
+                ready: Callable[[str], None] | None = None) -> None:
+    """Serve until cancelled (script mode)."""
+    fake = FakeVllm(config, host, port)
+    url = await fake.start()
+    if ready:
+        ready(url)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await fake.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, host, port = config_from_args(argv)
+
+    def ready(url: str) -> None:
+        print(f"INFO:     Uvicorn running on {url} (Press CTRL+C to quit)", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config, host, port, ready))
+
+
+if __name__ == "__main__":
+    main()
