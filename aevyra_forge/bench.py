@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 
 from aevyra_forge.models import BenchMetrics, LatencyStats
+from aevyra_forge.slo import Slo
 from aevyra_forge.workload import Request, Workload
 
 
@@ -55,8 +56,10 @@ def latency_stats(values_s: Sequence[float]) -> LatencyStats:
 
 
 def aggregate(results: Sequence[RequestResult], duration_s: float,
-              server: Mapping[str, float] | None = None) -> BenchMetrics:
-    """BenchMetrics over one pass. Failed requests are counted, never dropped."""
+              server: Mapping[str, float] | None = None, slo: Slo | None = None
+              ) -> BenchMetrics:
+    """BenchMetrics over one pass. Failed requests are counted, never dropped. With an
+    `slo`, goodput is the rate of successful requests that met its per-request bounds."""
     ok = [r for r in results if r.success]
     duration_s = max(duration_s, 1e-9)
     input_tokens = sum(r.prompt_tokens for r in ok)
@@ -78,6 +81,9 @@ def aggregate(results: Sequence[RequestResult], duration_s: float,
         e2e_ms=latency_stats([r.latency_s for r in ok]),
         failure_reasons=dict(reasons),
         server=dict(server or {}),
+        goodput=None if slo is None else sum(
+            slo.meets(r.ttft_s * 1000, None if (t := r.tpot_s) is None else t * 1000,
+                      r.latency_s * 1000) for r in ok) / duration_s,
     )
 
 

@@ -329,6 +329,15 @@ class KnobSpace:
                                 f"({LAYER_NAMES[layer]})")
         return out
 
+    def check_combination(self, recipe: Recipe) -> None:
+        """Cross-knob rules vLLM enforces when it builds its config (so a proposal that
+        breaks one is refused before booting)."""
+        eff = self.effective(recipe, 1)
+        seqs, tokens = eff.get("max_num_seqs"), eff.get("max_num_batched_tokens")
+        if isinstance(seqs, int) and isinstance(tokens, int) and tokens < seqs:
+            raise KnobError(f"max_num_batched_tokens ({tokens}) must be >= max_num_seqs "
+                            f"({seqs}), as vLLM's scheduler requires; change both together")
+
     # -- recipes -----------------------------------------------------------------------
     def baseline(self, model: str) -> Recipe:
         """Experiment 0: the model with vLLM's own defaults for this hardware."""

@@ -99,6 +99,7 @@ class BenchMetrics(Frozen):
     e2e_ms: LatencyStats = LatencyStats()
     failure_reasons: dict[str, int] = Field(default_factory=dict)
     server: dict[str, float] = Field(default_factory=dict)  # /metrics deltas and gauges
+    goodput: float | None = None  # requests/s meeting every per-request SLO bound; None: no SLO
 
 
 class Proposal(Frozen):

@@ -5,8 +5,7 @@ through small Protocols."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -152,8 +151,7 @@ class Tuner:
 
     def __init__(self, settings: TuneSettings, hardware: Hardware, workload: Workload,
                  space: KnobSpace, playbook: Playbook, proposer: Proposer, engine: Engine,
-                 run: RunLog, baseline: Recipe, observer: Observer | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 run: RunLog, baseline: Recipe, observer: Observer | None = None) -> None:
         self.s = settings
         self.hw = hardware
         self.workload = workload
@@ -163,7 +161,6 @@ class Tuner:
         self.engine = engine
         self.run_log = run
         self.observer = observer or _Silent()
-        self.clock = clock
         self.state = LoopState(records=run.records(), baseline=baseline)
         self.exhausted: set[int] = set()
         self.unbilled = LLMUsage()  # LLM usage not yet attached to a recorded row
@@ -265,6 +262,10 @@ class Tuner:
         except KnobError as exc:
             return str(exc), "invalid"
         recipe = self.space.apply(self.state.best, changes)
+        try:
+            self.space.check_combination(recipe)
+        except KnobError as exc:
+            return str(exc), "invalid"
         if recipe.id == self.state.best.id:
             return "no-op: these values are already the incumbent's", "duplicate"
         for rec in self.state.records:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from aevyra_forge.cli import main
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_WORKLOAD = ROOT / "examples" / "sample_workload.jsonl"
 MODEL_8B = "meta-llama/Llama-3.1-8B-Instruct"
@@ -28,3 +30,12 @@ def small_workload(tmp_path: Path) -> Path:
     path = tmp_path / "workload.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the command line in process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    captured = capsys.readouterr()
+    code = exc.value.code
+    return (code if isinstance(code, int) else 0), captured.out, captured.err

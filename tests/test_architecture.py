@@ -13,7 +13,7 @@ MAX_MODULE_LINES = 450
 
 LAYERS: list[list[str]] = [
     ["errors"],
-    ["models", "modelinfo", "recipe", "workload", "settings"],
+    ["models", "modelinfo", "recipe", "workload", "settings", "slo"],
     ["hardware", "vllmargs", "knobs", "playbook"],
     ["bench", "runner", "simulate", "tinymodel"],
     ["scoring", "quality"],

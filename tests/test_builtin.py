@@ -165,3 +165,16 @@ def test_cpu_first_moves_use_cpu_knobs(tmp_path: Path) -> None:
     assert proposal is not None
     for knob in proposal.changes:
         assert KNOBS[knob].allowed_on(cpu.hw)
+
+
+def test_never_proposes_a_combination_vllm_rejects() -> None:
+    base = H100.baseline(MODEL_8B)
+    history = [_rec(0, base, kept=True)]
+    strategy = BuiltinStrategy()
+    for _ in range(25):
+        proposal = strategy.propose(_ctx(H100, base, history)).proposal
+        if proposal is None:
+            break
+        child = H100.apply(base, proposal.changes)
+        H100.check_combination(child)  # raises if the strategy proposed an invalid pair
+        history.append(_rec(len(history), child, score=0.98, changes=dict(proposal.changes)))

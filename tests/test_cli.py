@@ -8,16 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from aevyra_forge.cli import main
 from tests.conftest import MODEL_8B, SAMPLE_WORKLOAD
-
-
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    captured = capsys.readouterr()
-    code = exc.value.code
-    return (code if isinstance(code, int) else 0), captured.out, captured.err
+from tests.conftest import run_cli as _run
 
 
 def _tune(tmp_path: Path, workload: Path, *extra: str) -> list[str]:

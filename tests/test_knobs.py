@@ -359,3 +359,12 @@ def test_apply_then_value_returns_the_value(data: st.DataObject) -> None:
         assert sp.value(applied, KNOBS["max_num_batched_tokens"]) == 1024
     restored = sp.apply(applied, {knob.name: sp.value(start, knob)})
     assert restored.id == start.id
+
+
+def test_batched_tokens_below_max_seqs_is_refused_before_booting() -> None:
+    sp = space(H100)
+    base = sp.baseline(MODEL)
+    sp.check_combination(sp.apply(base, {"max_num_batched_tokens": 1024,
+                                         "max_num_seqs": 512}))
+    with pytest.raises(KnobError, match="must be >= max_num_seqs"):
+        sp.check_combination(sp.apply(base, {"max_num_batched_tokens": 512}))  # seqs 1024

@@ -19,7 +19,6 @@ from aevyra_forge.agent.llm import LLMProposer, make_llm_proposer
 from aevyra_forge.agent.pricing import DEFAULT_PRICES, FREE, Price
 from aevyra_forge.agent.prompt import build_prompt
 from aevyra_forge.agent.providers import PROVIDERS, ChatTurn, connect
-from aevyra_forge.cli import main
 from aevyra_forge.errors import AgentError
 from aevyra_forge.hardware import gpu_spec
 from aevyra_forge.knobs import KnobSpace
@@ -29,6 +28,7 @@ from aevyra_forge.playbook import load_playbook
 from aevyra_forge.settings import TuneSettings
 from aevyra_forge.workload import load_workload
 from tests.conftest import MODEL_8B, SAMPLE_WORKLOAD
+from tests.conftest import run_cli as _cli
 from tests.fake_provider import Fail, FakeProvider, Hang, Reply, proposal, rotating_agent
 
 SONNET = DEFAULT_PRICES["claude-sonnet-4-6"]
@@ -241,14 +241,6 @@ MOVES: dict[int, list[dict[str, Any]]] = {
         {"gpu_memory_utilization": 0.93}],
     2: [{"quant_method": "w8a8_int8"}],
     3: [{"attention_backend": "FLASHINFER"}, {"cudagraph_mode": "PIECEWISE"}]}
-
-
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out = capsys.readouterr()
-    code = exc.value.code
-    return (code if isinstance(code, int) else 0), out.out, out.err
 
 
 def _tune(tmp_path: Path, llm: str, url: str, *extra: str) -> list[str]:

@@ -137,8 +137,15 @@ class BuiltinStrategy:
     # -- helpers --------------------------------------------------------------------------
     @staticmethod
     def _fresh(ctx: AgentContext, changes: dict[str, Scalar]) -> bool:
+        """Untried, not the incumbent, and a combination vLLM would accept."""
         candidate = ctx.space.apply(ctx.best, changes)
-        return candidate.id != ctx.best.id and candidate.id not in ctx.tried_ids
+        if candidate.id == ctx.best.id or candidate.id in ctx.tried_ids:
+            return False
+        try:
+            ctx.space.check_combination(candidate)
+        except KnobError:
+            return False
+        return True
 
     @staticmethod
     def _infeasible(ctx: AgentContext, changes: dict[str, Scalar]) -> bool:

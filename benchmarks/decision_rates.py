@@ -1,0 +1,179 @@
+"""How often does a keep/revert rule keep a change that did nothing (A/A), and how often
+does it find one that did? Simulates noisy bench passes and prints the keep rate of each
+rule over a grid of per-pass noise (CV), passes per config (n), between-boot noise and
+true effect (0, +5, +10, +20 %), with the median width of the interval where there is one,
+then the passes each CV needs for a +10 % change to be kept 90 % of the time.
+
+Noise model: every pass's value is true value x boot factor x pass factor, both
+lognormal with the stated CV; each config is booted once, so its passes share one boot
+factor that no number of passes averages away. The incumbent is re-drawn each trial.
+"history" pools the pass-to-pass spread of 8 earlier configs (n passes each) of the run.
+
+    python benchmarks/decision_rates.py [--trials 2000] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from aevyra_forge.scoring import (
+    DEFAULT_BOOT_CV,
+    DEFAULT_CONFIDENCE,
+    Interval,
+    NoiseEstimate,
+    pooled_noise,
+    relative_interval,
+)
+
+MIN_IMPROVEMENT = 0.01  # --min-improvement-pct 1.0 as a fraction
+EFFECTS = (0.0, 0.05, 0.10, 0.20)
+CVS = (0.03, 0.05, 0.08)
+PASSES = (3, 5)
+BOOT_CVS = (0.01, 0.02)  # true between-boot CV; the rules assume DEFAULT_BOOT_CV
+HISTORY = 8  # earlier configs pooled by the "history" rule
+Rule = Callable[[np.ndarray, np.ndarray, NoiseEstimate], tuple[bool, float | None]]
+
+
+def sigma(cv: float) -> float:
+    """The lognormal sigma whose CV is `cv`."""
+    return math.sqrt(math.log1p(cv * cv))
+
+
+def measure(rng: np.random.Generator, effect: float, n: int, cv: float, boot_cv: float
+            ) -> np.ndarray:
+    boot = math.exp(rng.normal(0.0, sigma(boot_cv)))
+    return (1 + effect) * boot * np.exp(rng.normal(0.0, sigma(cv), n))
+
+
+def _interval_rule(**kw: object) -> Rule:
+    def rule(c: np.ndarray, b: np.ndarray, noise: NoiseEstimate) -> tuple[bool, float | None]:
+        iv: Interval = relative_interval(
+            list(c), list(b), noise=noise if kw.get("history") else None,
+            method="bootstrap" if kw.get("bootstrap") else "welch", resamples=1000)
+        return iv.low > MIN_IMPROVEMENT, iv.high - iv.low
+    return rule
+
+
+def _single_run(c: np.ndarray, b: np.ndarray, noise: NoiseEstimate) -> tuple[bool, None]:
+    return bool(c[0] / b[0] - 1 > MIN_IMPROVEMENT), None  # the reference tool's rule
+
+
+def _medians(c: np.ndarray, b: np.ndarray, noise: NoiseEstimate) -> tuple[bool, None]:
+    return bool(np.median(c) / np.median(b) - 1 > MIN_IMPROVEMENT), None
+
+
+RULES: dict[str, Rule] = {
+    "1 pass, keep > +1% (reference tool)": _single_run,
+    "median of n, keep > +1%": _medians,
+    "percentile bootstrap, low > +1%": _interval_rule(bootstrap=True),
+    "welch t (log), low > +1%": _interval_rule(),
+    "welch t (log) + history, low > +1%": _interval_rule(history=True),
+}
+
+
+def rate(rule: Rule, n: int, cv: float, boot_cv: float, effect: float, trials: int,
+         seed: int) -> tuple[float, float | None]:
+    """Fraction of trials kept, and the median interval width (None for point rules)."""
+    rng = np.random.default_rng([seed, n, round(cv * 1000), round(boot_cv * 1000),
+                                 round(effect * 1000)])
+    kept, widths = 0, []
+    for _ in range(trials):
+        history = pooled_noise(list(measure(rng, 0.0, n, cv, 0.0)) for _ in range(HISTORY))
+        ok, width = rule(measure(rng, effect, n, cv, boot_cv), measure(rng, 0.0, n, cv, boot_cv),
+                         history)
+        kept += ok
+        if width is not None:
+            widths.append(width)
+    return kept / trials, statistics.median(widths) if widths else None
+
+
+def grid(trials: int, seed: int) -> None:
+    print(f"keep rate by true effect; intervals {DEFAULT_CONFIDENCE:.0%} two-sided, assumed "
+          f"between-boot CV {DEFAULT_BOOT_CV:.0%}; {trials} trials per cell")
+    head = "  ".join(f"{e:+.0%}".rjust(5) for e in EFFECTS)
+    print(f"{'rule':<38} {'n':>2} {'CV':>4} {'boot':>4}  {head}  width(A/A)")
+    for name, rule in RULES.items():
+        for n in (1,) if rule is _single_run else PASSES:
+            for cv in CVS:
+                for boot_cv in BOOT_CVS:
+                    cells = [rate(rule, n, cv, boot_cv, e, trials, seed) for e in EFFECTS]
+                    width = cells[0][1]
+                    shown = f"{width * 100:9.1f}pt" if width is not None else ""
+                    rates = "  ".join(f"{r:5.3f}" for r, _ in cells)
+                    print(f"{name:<38} {n:>2} {cv:4.0%} {boot_cv:4.0%}  {rates}  {shown}")
+
+
+def passes_needed(trials: int, seed: int) -> None:
+    print("\npasses per config for +10% kept >= 90% (welch t on logs; true boot CV = "
+          f"assumed {DEFAULT_BOOT_CV:.0%}; A/A rate at that n)")
+    for history in (False, True):
+        rule = _interval_rule(history=history)
+        for cv in CVS:
+            found = "none up to 24"
+            for n in (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24):
+                power, _ = rate(rule, n, cv, DEFAULT_BOOT_CV, 0.10, trials, seed)
+                if power >= 0.90:
+                    aa, _ = rate(rule, n, cv, DEFAULT_BOOT_CV, 0.0, trials, seed)
+                    found = f"n={n}: +10% kept {power:.3f}, A/A kept {aa:.3f}"
+                    break
+            label = "with history" if history else "pair only   "
+            print(f"  {label} CV {cv:.0%}: {found}")
+
+
+def latency_guard_noise(experiments: int = 12) -> None:
+    """A/A spread of p99 E2E and TTFT between boots of one config in the dry-run simulator
+    (noise CV 8 %), against the guard's 1.5x."""
+    from aevyra_forge.hardware import GPU_CATALOG
+    from aevyra_forge.knobs import KnobSpace
+    from aevyra_forge.modelinfo import profile
+    from aevyra_forge.models import LaunchFailure
+    from aevyra_forge.simulate import SimulatedEngine
+    from aevyra_forge.workload import load_workload
+
+    root = Path(__file__).resolve().parent.parent
+    workload = load_workload(root / "examples" / "sample_workload.jsonl")
+    spec = next(s for s in GPU_CATALOG if "H100" in s.name)
+    hw = spec.hardware()
+    space = KnobSpace(hw, profile("meta-llama/Llama-3.1-8B-Instruct"), simulated=True)
+    recipe = space.apply(space.baseline("meta-llama/Llama-3.1-8B-Instruct"),
+                         {"max_model_len": 8192})
+    e2e, ttft = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(experiments):
+            sim = SimulatedEngine(hw, spec, space.model, space, seed=seed, noise_cv=0.08)
+            server = sim.launch(recipe, Path(tmp) / f"{seed}.log")
+            if isinstance(server, LaunchFailure):
+                continue
+            out = sim.bench(server, workload, concurrency=8, passes=3)
+            e2e.append(statistics.median(m.e2e_ms.p99 for m in out.passes))
+            ttft.append(statistics.median(m.ttft_ms.p99 for m in out.passes))
+    for label, values in (("p99 E2E", e2e), ("p99 TTFT", ttft)):
+        worst = max(a / b for a in values for b in values)
+        print(f"  {label}: largest ratio between two boots of the baseline {worst:.2f}x "
+              f"over {len(values)} boots (guard refuses above 1.5x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    grid(args.trials, args.seed)
+    passes_needed(max(500, args.trials // 2), args.seed)
+    print("\nlatency guard in the simulator (A/A):")
+    latency_guard_noise()
+    print(f"\n({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
