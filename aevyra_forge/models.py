@@ -131,9 +131,15 @@ class ExperimentRecord(Frozen):
     raw_reply: str | None = None
     status: Status
     reason: str = ""
-    metrics: BenchMetrics | None = None
-    accuracy: float | None = None
+    metrics: BenchMetrics | None = None  # the median pass
+    passes: tuple[BenchMetrics, ...] = ()  # every bench pass, for noise-aware decisions
+    accuracy: float | None = None  # teacher-forced agreement with the baseline
+    logprob_shift: float | None = None  # mean log-prob change of the baseline's tokens
     score: float | None = None
+    interval: tuple[float, float] | None = None  # CI of the relative gain vs the incumbent
+    slo_violations: tuple[str, ...] = ()
+    remeasure: bool = False  # a drift check of the incumbent, not a proposal
+    quality_reference: dict[str, Any] | None = None  # the baseline's outputs (exp 0)
     kept: bool = False
     decision: str = ""
     started_at: str

@@ -24,7 +24,7 @@ OBJECTIVES: tuple[Objective, ...] = ("throughput", "latency", "goodput")
 Method = Literal["welch", "bootstrap"]
 Gate = Literal["status", "identical", "accuracy", "slo", "latency", "improvement"]
 
-# Defaults chosen with benchmarks/decision_rates.py (see its docstring for the table).
+# Defaults chosen with benchmarks/decision_rates.py (its docstring sums up the table).
 DEFAULT_CONFIDENCE = 0.95  # two-sided; keeping on its lower bound is a 97.5 % one-sided test
 DEFAULT_REPEATS = 5  # bench passes per config
 DEFAULT_BOOT_CV = 0.01  # between-boot CV of a config's mean (fraction): passes cannot see it
@@ -101,10 +101,10 @@ def relative_interval(candidate: Sequence[float], incumbent: Sequence[float], *,
     what we judge; a t-interval because with 2–5 passes the sample spread is itself noisy,
     and the t quantile (4.30 at 2 df, 2.78 at 4) pays for it where a percentile bootstrap
     does not (it only sees n^n resamples and underestimates the spread by (n-1)/n): at n=3
-    the bootstrap keeps an A/A comparison 4–5x as often as the t-interval
+    the bootstrap keeps 3–9 % of A/A comparisons against the t-interval's 1–4 %
     (benchmarks/decision_rates.py). `bootstrap` is that percentile bootstrap, for
-    comparison and for large n; `resamples` and `seed` apply to it only, and both methods
-    are deterministic.
+    comparison and for large n; `resamples` and `seed` apply to it only (`noise` and the
+    single-pass rule below to `welch` only), and both methods are deterministic.
 
     `boot_cv` adds the between-boot variation that passes on one server cannot show (two
     boots of one config differ by about this CV in their means), once per side.
@@ -113,6 +113,8 @@ def relative_interval(candidate: Sequence[float], incumbent: Sequence[float], *,
     With one pass on each side and no `noise`, the interval is unbounded."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if method not in ("welch", "bootstrap"):
+        raise ValueError(f"unknown method {method!r}: welch or bootstrap")
     x, y = _logs(candidate, incumbent)
     diff = sum(x) / len(x) - sum(y) / len(y)
     boot_var = 2 * math.log1p(boot_cv ** 2)  # lognormal sigma^2 of a CV, once per side

@@ -3,6 +3,13 @@ client-overhead benchmark: raw asyncio HTTP/1.1 (keep-alive, chunked SSE), /heal
 /v1/models, /metrics and streaming /v1/completions and /v1/chat/completions shaped like
 vLLM 0.32's. It records what it was sent so tests can check the client's behaviour.
 
+For the accuracy probe it also has a deterministic toy language model (FakeLm): POST
+/tokenize (a prompt, or messages through a Llama-3-like chat template), and non-streamed
+/v1/completions with a token-id prompt, greedy generation, `return_token_ids` and
+`prompt_logprobs` (rank and log-probability of every prompt token, vLLM's shapes).
+`FakeConfig.logit_noise` perturbs that model's logits, standing in for a lossy config;
+`decode_noise` perturbs them in generation only (decode and prefill numerics differ).
+
 Token accounting: a prompt's token count is its number of whitespace-separated words (for
 chat, the words of every message plus 4 per message for the template); the fake never
 emits EOS, so it always generates exactly `max_tokens` tokens, one word each.
@@ -19,14 +26,16 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import os
+import random
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 CHAT_TOKENS_PER_MESSAGE = 4  # role markers a chat template adds around each message
 BLOCK_TOKENS = 16  # prefix-cache granularity, like vLLM's default block size
@@ -53,6 +62,11 @@ class FakeConfig:
     #                                   as a preemption (a stand-in for --max-num-seqs)
     die_after_requests: int | None = None  # script only: os._exit on the request after N
     on_die: Callable[[], None] | None = None  # runs instead of os._exit (script hooks)
+    vocab_size: int = 512  # the toy model's vocabulary (ids 0..15 are special tokens)
+    logit_noise: float = 0.0  # std of a fixed perturbation added to the toy model's
+    #                           logits: 0 is the reference model, >0 a lossy config
+    decode_noise: float = 0.0  # the same, in greedy generation only: decode kernels that
+    #                            differ slightly from the prefill ones
 
 
 @dataclass
@@ -81,6 +95,94 @@ class HttpError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
+
+
+class FakeLm:
+    """A deterministic toy language model: the next-token logits depend on the last two
+    tokens only, drawn once per context from a seeded generator (std LOGIT_STD), plus
+    `noise` times an independent fixed draw (and, when generating, `decode_noise` times
+    another). Ranks follow vLLM's rule (the number of tokens whose log-probability is >=
+    the token's), so 1 means strictly top-1."""
+
+    BOS, EOS, HEADER_START, HEADER_END, EOT = 0, 1, 2, 3, 4
+    ROLES: ClassVar[dict[str, int]] = {"system": 5, "user": 6, "assistant": 7, "tool": 8,
+                                       "developer": 9}
+    FIRST_WORD_ID = 16
+    LOGIT_STD = 2.0
+
+    def __init__(self, vocab_size: int = 512, noise: float = 0.0,
+                 decode_noise: float = 0.0) -> None:
+        self.vocab_size, self.noise, self.decode_noise = vocab_size, noise, decode_noise
+        self._rows: dict[tuple[int, int, bool], list[float]] = {}
+
+    def word_id(self, word: str) -> int:
+        digest = hashlib.sha256(word.encode()).digest()
+        span = self.vocab_size - self.FIRST_WORD_ID
+        return self.FIRST_WORD_ID + int.from_bytes(digest[:4], "big") % span
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [self.word_id(w) for w in text.split()]
+        return [self.BOS, *ids] if add_special_tokens else ids
+
+    def chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool
+             ) -> list[int]:
+        ids = [self.BOS]
+        for m in messages:
+            ids += [self.HEADER_START, self.ROLES.get(str(m.get("role")), 9),
+                    self.HEADER_END, *self.encode(str(m.get("content") or ""), False),
+                    self.EOT]
+        if add_generation_prompt:
+            ids += [self.HEADER_START, self.ROLES["assistant"], self.HEADER_END]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(f" t{t}" for t in ids)
+
+    def logprobs(self, context: Sequence[int], decoding: bool = False) -> list[float]:
+        """Log-probabilities of every token after `context` (at least one token)."""
+        key = (context[-2] if len(context) > 1 else -1, context[-1])
+        row = self._rows.get((*key, decoding))
+        if row is None:
+            clean = random.Random(f"logits:{key}")
+            logits = [clean.gauss(0.0, self.LOGIT_STD) for _ in range(self.vocab_size)]
+            for kind, scale in (("noise", self.noise),
+                                ("decode", self.decode_noise if decoding else 0.0)):
+                if scale:
+                    jitter = random.Random(f"{kind}:{key}")
+                    logits = [x + scale * jitter.gauss(0.0, self.LOGIT_STD)
+                              for x in logits]
+            top = max(logits)
+            norm = top + math.log(sum(math.exp(x - top) for x in logits))
+            row = self._rows[(*key, decoding)] = [x - norm for x in logits]
+        return row
+
+    @staticmethod
+    def rank(row: Sequence[float], token: int) -> int:
+        return sum(1 for x in row if x >= row[token])
+
+    def greedy(self, prompt: Sequence[int], n: int, ignore_eos: bool) -> list[int]:
+        ids, out = list(prompt), []
+        for _ in range(n):
+            row = self.logprobs(ids, decoding=True)
+            token = max(range(self.vocab_size), key=row.__getitem__)
+            ids.append(token)
+            out.append(token)
+            if token == self.EOS and not ignore_eos:
+                break
+        return out
+
+    def prompt_logprobs(self, prompt: Sequence[int], top: int
+                        ) -> list[dict[str, dict[str, Any]] | None]:
+        """vLLM's `prompt_logprobs` list: None for the first token, then for each token a
+        map id -> {logprob, rank, decoded_token} holding it and the `top` best."""
+        out: list[dict[str, dict[str, Any]] | None] = [None]
+        for i in range(1, len(prompt)):
+            row = self.logprobs(prompt[:i])
+            best = sorted(range(self.vocab_size), key=lambda t: -row[t])[:top]
+            out.append({str(t): {"logprob": row[t], "rank": self.rank(row, t),
+                                 "decoded_token": self.decode([t])}
+                        for t in (prompt[i], *best)})
+        return out
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -126,6 +228,7 @@ class FakeVllm:
         self.generation_requests = 0
         self.counters = _Counters()
         self._seen_blocks: set[bytes] = set()
+        self._lm: FakeLm | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -134,6 +237,16 @@ class FakeVllm:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def lm(self) -> FakeLm:
+        """The toy model, built on first use and rebuilt when its settings change."""
+        cfg = self.config
+        if self._lm is None or (self._lm.vocab_size, self._lm.noise,
+                                self._lm.decode_noise) != (
+                cfg.vocab_size, cfg.logit_noise, cfg.decode_noise):
+            self._lm = FakeLm(cfg.vocab_size, cfg.logit_noise, cfg.decode_noise)
+        return self._lm
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -254,6 +367,16 @@ class FakeVllm:
         elif path == "/metrics":
             await _send(writer, 200, self.metrics_text().encode(), keep_alive,
                         "text/plain; version=0.0.4; charset=utf-8")
+        elif path == "/tokenize":
+            if method != "POST":
+                raise HttpError(405, "Method Not Allowed")
+            await _send(writer, 200, json.dumps(self.tokenize(body or {})).encode(),
+                        keep_alive)
+        elif path == "/v1/completions" and not (body or {}).get("stream"):
+            if method != "POST":
+                raise HttpError(405, "Method Not Allowed")
+            await _send(writer, 200, json.dumps(self.complete(body or {})).encode(),
+                        keep_alive)
         elif path in ("/v1/completions", "/v1/chat/completions"):
             if method != "POST":
                 raise HttpError(405, "Method Not Allowed")
@@ -263,7 +386,69 @@ class FakeVllm:
 
     # -- generation -------------------------------------------------------------------------
 
-    def _validate(self, body: dict[str, Any], chat: bool) -> tuple[int, int]:
+    def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /tokenize: a prompt (BOS added unless add_special_tokens is false) or
+        messages through the toy chat template."""
+        cfg = self.config
+        if body.get("model") not in (None, cfg.model):
+            raise HttpError(404, f"The model `{body.get('model')}` does not exist.")
+        if cfg.poison and cfg.poison in prompt_text(body):
+            raise HttpError(400, "The prompt is poisoned (fake server).", "prompt")
+        if "messages" in body:
+            ids = self.lm.chat(body["messages"], bool(body.get("add_generation_prompt",
+                                                                 True)))
+        elif isinstance(body.get("prompt"), str):
+            ids = self.lm.encode(body["prompt"], bool(body.get("add_special_tokens", True)))
+        else:
+            raise HttpError(400, "give 'prompt' (a string) or 'messages'", "prompt")
+        return {"count": len(ids), "max_model_len": cfg.max_model_len, "tokens": ids,
+                "token_strs": None}
+
+    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A non-streamed /v1/completions answered by the toy model: greedy whatever the
+        sampling settings, with vLLM's `return_token_ids` and `prompt_logprobs`."""
+        self.generation_requests += 1
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            ids = self.lm.encode(prompt, bool(body.get("add_special_tokens", True)))
+        elif isinstance(prompt, list) and prompt and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise HttpError(400, "the fake answers one prompt: a string or a list of token "
+                                 "ids", "prompt")
+        for t in ids:
+            if not 0 <= t < self.config.vocab_size:
+                raise HttpError(400, f"Token id {t} is out of vocabulary")
+        n_prompt, n_out = self._validate(body, False, len(ids))
+        if n_out < 1:
+            raise HttpError(400, f"max_tokens must be at least 1, got {n_out}.",
+                            "max_tokens")
+        top = body.get("prompt_logprobs")
+        if top is not None and (not isinstance(top, int) or top < 0):
+            raise HttpError(400, "`prompt_logprobs` must be a positive value or -1.",
+                            "prompt_logprobs")
+        out = self.lm.greedy(ids, n_out, bool(body.get("ignore_eos")))
+        c = self.counters
+        c.prompt_tokens += n_prompt
+        c.generation_tokens += len(out)
+        c.succeeded += 1
+        with_ids = bool(body.get("return_token_ids"))
+        choice = {
+            "index": 0, "text": self.lm.decode(out), "logprobs": None,
+            "finish_reason": "stop" if out[-1] == FakeLm.EOS and len(out) < n_out
+            else "length", "stop_reason": None,
+            "token_ids": out if with_ids else None,
+            "prompt_logprobs": None if top is None else self.lm.prompt_logprobs(ids, top),
+            "prompt_token_ids": ids if with_ids else None}
+        return {"id": "cmpl-" + uuid.uuid4().hex[:16], "object": "text_completion",
+                "created": int(time.time()), "model": self.config.model,
+                "choices": [choice], "usage": {
+                    "prompt_tokens": n_prompt, "total_tokens": n_prompt + len(out),
+                    "completion_tokens": len(out)}}
+
+    def _validate(self, body: dict[str, Any], chat: bool, n_prompt: int | None = None
+                  ) -> tuple[int, int]:
         """(prompt tokens, tokens to generate) or HttpError like vLLM's."""
         cfg = self.config
         if body.get("model") not in (None, cfg.model):
@@ -272,7 +457,7 @@ class FakeVllm:
             raise HttpError(400, "messages must not be empty", "messages")
         if cfg.poison and cfg.poison in prompt_text(body):
             raise HttpError(400, "The prompt is poisoned (fake server).", "prompt")
-        n_prompt = prompt_tokens(body)
+        n_prompt = prompt_tokens(body) if n_prompt is None else n_prompt
         limit = cfg.max_model_len
         requested = body.get("max_tokens", body.get("max_completion_tokens"))
         max_tokens = limit - n_prompt if requested is None else int(requested)

@@ -14,7 +14,7 @@ MAX_MODULE_LINES = 450
 LAYERS: list[list[str]] = [
     ["errors"],
     ["models", "modelinfo", "recipe", "workload", "settings", "slo"],
-    ["hardware", "vllmargs", "knobs", "playbook"],
+    ["hardware", "vllmargs", "registry", "knobs", "playbook"],
     ["bench", "runner", "simulate", "tinymodel"],
     ["scoring", "quality"],
     ["agent.base", "agent.builtin", "agent.pricing", "agent.providers", "agent.reply",
