@@ -105,6 +105,7 @@ class BenchConfig:
     bench_timeout_s: float = 3600.0
     warmup_requests: int = 2
     passes: int = 1
+    slo: Slo | None = None  # per-request bounds for goodput
 
 
 def request_payload(req: Request, model: str, salt: str | None) -> tuple[str, dict[str, Any]]:
@@ -314,7 +315,8 @@ async def bench_passes(base_url: str, model: str, workload: Workload, config: Be
                     transports, base_url, model, workload.requests,
                     config.request_timeout_s, clock, f"forge-{run_id}-pass{k}")
                 after = await scrape() if scrape else {}
-                out.append(aggregate(results, duration, counter_deltas(before, after)))
+                out.append(aggregate(results, duration, counter_deltas(before, after),
+                                     slo=config.slo))
             return out
 
         return await asyncio.wait_for(body(), timeout=config.bench_timeout_s)

@@ -67,13 +67,22 @@ class ProgressPrinter:
 
 def _experiment_line(rec: ExperimentRecord, budget: int) -> str:
     layer = f"L{rec.layer}"
-    what = ("baseline" if rec.proposal is None else
-            ", ".join(f"{k}={v}" for k, v in rec.proposal.changes.items()))
+    if rec.remeasure:
+        what = "incumbent again (drift check)"
+    elif rec.proposal is None:
+        what = "baseline"
+    else:
+        what = ", ".join(f"{k}={v}" for k, v in rec.proposal.changes.items())
     if rec.status == "ok" and rec.metrics is not None:
         mark = "[green]kept[/]" if rec.kept else "[dim]reverted[/]"
         acc = f" acc {rec.accuracy:.3f}" if rec.accuracy is not None else ""
+        gain = (f"  gain [{rec.interval[0] * 100:+.1f}%, {rec.interval[1] * 100:+.1f}%]"
+                if rec.interval and all(abs(x) != float("inf") for x in rec.interval)
+                else "")
+        slo = "  [red]breaks SLO[/]" if rec.slo_violations else ""
         body = (f"{rec.metrics.output_throughput:8.1f} tok/s  p99 "
-                f"{rec.metrics.e2e_ms.p99:7.0f} ms  score {rec.score or 0:.3f}{acc}  {mark}")
+                f"{rec.metrics.e2e_ms.p99:7.0f} ms  score {rec.score or 0:.3f}{gain}{acc}"
+                f"{slo}  {mark}")
     else:
         body = f"[red]{rec.status}[/]: {rec.reason[:100]}"
     return f"[bold]{rec.exp + 1:>3}/{budget}[/] {layer} {what:<40} {body}"
@@ -171,7 +180,21 @@ def tune(
     seed: Annotated[int, typer.Option(help="Seed for the builtin strategy/simulator.")] = 0,
     patience: Annotated[int, typer.Option(help="Non-improving experiments before a "
                                                "layer converges.")] = 4,
-    passes: Annotated[int, typer.Option(help="Bench passes per experiment.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Bench passes per experiment (noise is "
+                                               "judged from their spread).")] = 5,
+    objective: Annotated[str, typer.Option(help="throughput | latency | goodput.")]
+    = "throughput",
+    slo: Annotated[str | None, typer.Option(
+        help="SLOs every kept config must meet, e.g. "
+             "'ttft_p99<500ms,tpot_p99<50ms,e2e_p99<10s'.")] = None,
+    max_latency_regression: Annotated[float, typer.Option(
+        help="Refuse a win whose p99 E2E or TTFT grows by more than this factor.")] = 1.5,
+    no_latency_guard: Annotated[bool, typer.Option("--no-latency-guard")] = False,
+    confidence: Annotated[float, typer.Option(help="Confidence of the interval a keep "
+                                                   "must clear.")] = 0.95,
+    remeasure_every: Annotated[int, typer.Option(
+        help="Re-measure the incumbent on a fresh boot every N experiments (0: never).")]
+    = 6,
     verbose: Annotated[bool, typer.Option("--verbose")] = False,
 ) -> None:
     """Start a new run (all options below), or `tune resume`."""
@@ -197,7 +220,9 @@ def tune(
         playbook=str(playbook) if playbook else None, run_dir=str(run_dir),
         vllm_bin=vllm_bin, dry_run=dry_run, gpu=gpu,
         recipe=str(recipe) if recipe else None, seed=seed, patience=patience,
-        passes=passes)
+        repeats=repeats, objective=objective, slo=slo, confidence=confidence,
+        remeasure_every=remeasure_every,
+        max_latency_regression=None if no_latency_guard else max_latency_regression)
     from aevyra_forge import session
 
     _run_tuner(lambda obs: session.start(settings, obs, api_key=llm_api_key), verbose,

@@ -111,6 +111,15 @@ class Proposal(Frozen):
     expected_effect: str = ""
 
 
+class QualityScore(Frozen):
+    """A config's outputs against the baseline's: teacher-forced top-1 agreement with the
+    baseline's greedy tokens (1.0 = identical) and the mean log-probability shift."""
+
+    agreement: float
+    logprob_shift: float | None = None
+    positions: int = 0
+
+
 class LLMUsage(Frozen):
     input_tokens: int = 0
     output_tokens: int = 0

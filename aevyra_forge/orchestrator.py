@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from aevyra_forge.agent import AgentContext, Budget, BudgetExceeded, Proposer
 from aevyra_forge.errors import KnobError
+from aevyra_forge.judge import judge
 from aevyra_forge.knobs import KnobSpace
 from aevyra_forge.models import (
     BenchMetrics,
@@ -23,12 +24,13 @@ from aevyra_forge.models import (
     Layer,
     LLMUsage,
     Proposal,
+    QualityScore,
     Status,
 )
 from aevyra_forge.playbook import Playbook
 from aevyra_forge.recipe import Recipe, recipe_from_dict
-from aevyra_forge.scoring import decide, score
 from aevyra_forge.settings import TuneSettings
+from aevyra_forge.slo import Slo
 from aevyra_forge.workload import Workload
 
 MAX_ASKS = 3  # proposals refused before spending an experiment, then one row records why
@@ -48,11 +50,16 @@ class Launcher(Protocol):
 
 class Benchmarker(Protocol):
     def bench(self, server: Any, workload: Workload, concurrency: int,
-              passes: int = 1) -> BenchOutcome: ...
+              passes: int = 1, slo: Slo | None = None) -> BenchOutcome: ...
 
 
 class QualityProbe(Protocol):
-    def accuracy(self, server: Any) -> float | None: ...
+    """Accuracy against the baseline: `reference` captures the baseline's outputs (kept in
+    its record, so resume has them), `accuracy` scores another config against them."""
+
+    def reference(self, server: Any) -> dict[str, Any] | None: ...
+    def accuracy(self, server: Any, reference: dict[str, Any] | None
+                 ) -> QualityScore | None: ...
 
 
 class RunLog(Protocol):
@@ -92,6 +99,9 @@ class LoopState:
     best: Recipe = field(init=False)
     best_score: float | None = field(init=False, default=None)
     reference: BenchMetrics | None = field(init=False, default=None)
+    quality_reference: dict[str, Any] | None = field(init=False, default=None)
+    best_passes: tuple[BenchMetrics, ...] = field(init=False, default=())
+    best_measured_exp: int = field(init=False, default=0)  # the incumbent's latest boot
 
     def __post_init__(self) -> None:
         self.best = self.baseline
@@ -99,11 +109,17 @@ class LoopState:
             self._absorb(rec)
 
     def _absorb(self, rec: ExperimentRecord) -> None:
+        if rec.quality_reference is not None and self.quality_reference is None:
+            self.quality_reference = rec.quality_reference
         if rec.kept and rec.metrics is not None:
             if self.reference is None:
                 self.reference = rec.metrics
             self.best = recipe_from_dict(rec.recipe, source=f"experiment {rec.exp}")
             self.best_score = rec.score
+        if rec.recipe_id == self.best.id and (rec.kept or rec.remeasure):
+            self.best_measured_exp = rec.exp
+            if rec.status == "ok" and rec.passes:
+                self.best_passes = rec.passes
 
     def add(self, rec: ExperimentRecord) -> None:
         self.records.append(rec)
@@ -222,6 +238,9 @@ class Tuner:
     def _step(self, layer: Layer) -> None:
         st = self.state
         exp = len(st.records)
+        if self._incumbent_stale(exp):
+            self._measure(exp, st.best, layer, None, None, LLMUsage(), remeasure=True)
+            return
         usage = LLMUsage()
         feedback: str | None = None
         raw: str | None = None
@@ -251,6 +270,15 @@ class Tuner:
             self.observer.event("refused", exp=exp, reason=refusal)
         assert proposal is not None and feedback is not None
         self._refuse(exp, layer, proposal, raw, status, feedback, usage)
+
+    def _incumbent_stale(self, exp: int) -> bool:
+        """Re-measure the incumbent on a fresh boot every --remeasure-every experiments
+        (when two experiments of budget remain): its passes won a comparison, so they are
+        flattered, and servers drift; fresh passes also measure between-boot noise."""
+        every = self.s.remeasure_every
+        st = self.state
+        return bool(every and st.best_passes and exp - st.best_measured_exp >= every
+                    and self.s.max_experiments - exp >= 2)
 
     def _vet(self, proposal: Proposal, layer: Layer) -> tuple[str | None, Status]:
         """Why a proposal must not be run (None when it may), before any GPU time."""
@@ -284,15 +312,16 @@ class Tuner:
             started_at=now, finished_at=now, llm=usage))
 
     def _measure(self, exp: int, recipe: Recipe, layer: Layer, proposal: Proposal | None,
-                 raw: str | None, usage: LLMUsage) -> None:
+                 raw: str | None, usage: LLMUsage, remeasure: bool = False) -> None:
         st = self.state
         self.observer.event("experiment_start", exp=exp, layer=layer, recipe=recipe,
                             proposal=proposal)
         started = _now()
         log_path = self.run_log.log_path(exp)
         launched = self.engine.launcher.launch(recipe, log_path)
-        metrics: BenchMetrics | None = None
-        accuracy: float | None = None
+        passes: tuple[BenchMetrics, ...] = ()
+        quality: QualityScore | None = None
+        captured: dict[str, Any] | None = None
         bench_s: float | None = None
         if isinstance(launched, LaunchFailure):
             status, reason, boot_s = launched.status, launched.reason, launched.boot_s
@@ -300,28 +329,39 @@ class Tuner:
             boot_s = launched.boot_s
             try:
                 outcome = self.engine.benchmarker.bench(
-                    launched, self.workload, self.s.concurrency, self.s.passes)
+                    launched, self.workload, self.s.concurrency, self.s.repeats,
+                    self.s.parsed_slo())
                 status, reason, bench_s = outcome.status, outcome.reason, outcome.bench_s
-                metrics = outcome.metrics
-                if status == "ok":
-                    accuracy = self.engine.quality.accuracy(launched)
+                passes = outcome.passes
+                if status == "ok" and st.reference is None:  # the reference config
+                    captured = self.engine.quality.reference(launched)
+                    quality = QualityScore(agreement=1.0, logprob_shift=0.0) \
+                        if captured is not None else None
+                elif status == "ok":
+                    quality = self.engine.quality.accuracy(launched, st.quality_reference)
             finally:
                 self.engine.launcher.stop(launched)
-        reference = st.reference or metrics
-        value = score(metrics, reference) if metrics and reference and status == "ok" \
-            else None
-        decision = decide(status, value, st.best_score, accuracy,
-                          min_improvement_pct=self.s.min_improvement_pct,
-                          accuracy_floor=self.s.accuracy_floor,
-                          same_settings_as_best=exp > 0 and recipe.id == st.best.id)
+        verdict = judge(self.s, status, passes, quality.agreement if quality else None,
+                        reference=st.reference, incumbent=st.best_passes,
+                        incumbent_id=st.best.id, best_score=st.best_score,
+                        history=st.records, identical=exp > 0 and recipe.id == st.best.id)
+        kept, decision = verdict.decision.kept, verdict.decision.reason
+        if remeasure:
+            kept, decision = False, f"drift check of the incumbent: {decision}"
         if exp == 0 and status == "ok":
             reason = reason or "baseline: vLLM's defaults on this hardware"
+        interval = verdict.interval
         self._record(ExperimentRecord(
             exp=exp, recipe=recipe.to_dict(), recipe_id=recipe.id,
             parent_id=recipe.parent_id, generation=recipe.generation, layer=layer,
             proposal=proposal, raw_reply=raw, status=status, reason=reason,
-            metrics=metrics, accuracy=accuracy, score=value, kept=decision.kept,
-            decision=decision.reason, started_at=started, finished_at=_now(),
+            metrics=_median(passes), passes=passes,
+            accuracy=quality.agreement if quality else None,
+            logprob_shift=quality.logprob_shift if quality else None,
+            score=verdict.score, kept=kept, decision=decision,
+            interval=(interval.low, interval.high) if interval is not None else None,
+            slo_violations=verdict.slo_violations, remeasure=remeasure,
+            quality_reference=captured, started_at=started, finished_at=_now(),
             boot_s=boot_s, bench_s=bench_s,
             log=str(log_path.relative_to(self.run_log.path)) if log_path.exists() else None,
             llm=usage))
@@ -336,6 +376,12 @@ class Tuner:
         self.run_log.write_tables(self.state.records)
         self.run_log.write_best(self.state.best.to_yaml())
         self.observer.event("experiment_end", record=rec)
+
+
+def _median(passes: tuple[BenchMetrics, ...]) -> BenchMetrics | None:
+    """The pass with the median output throughput (the lower middle for an even count)."""
+    ordered = sorted(passes, key=lambda m: m.output_throughput)
+    return ordered[(len(ordered) - 1) // 2] if ordered else None
 
 
 def _add_usage(a: LLMUsage, b: LLMUsage) -> LLMUsage:

@@ -18,6 +18,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from aevyra_forge.errors import ForgeError
+from aevyra_forge.models import QualityScore
 from aevyra_forge.workload import Request, Workload
 
 DEFAULT_SAMPLES = 8
@@ -165,7 +166,7 @@ def capture_reference(url: str, model: str, requests: Sequence[Request],
                 lines.append(req.line)
     except _ServerFailure as exc:
         raise QualityError(f"the baseline server failed the accuracy reference: {exc}; "
-                           "check its log, or run without the accuracy check") from None
+                           "its server log says why") from None
     if not prompts:
         raise QualityError(f"no sampled workload prompt fits the baseline's max_model_len "
                            f"({'; '.join(notes) or 'no requests given'}); raise "
@@ -279,7 +280,8 @@ class _Server:
     def generate(self, prompt: list[int], max_tokens: int) -> list[int]:
         choice = self._completion({"prompt": prompt, "max_tokens": max_tokens,
                                    "return_token_ids": True})
-        out = _ids(choice.get("token_ids"), "token_ids (needs vLLM >= 0.10.2)")
+        out = _ids(choice.get("token_ids"),
+                   "token_ids (does this vLLM accept return_token_ids?)")
         if not out:
             raise _ServerFailure("/v1/completions generated no tokens")
         return out
@@ -346,3 +348,31 @@ def _error_message(text: str) -> str:
         err = data.get("error", data)
         text = str(err.get("message", err) if isinstance(err, dict) else err)
     return " ".join(text.split())[:200] or "no message"
+
+
+class VllmQualityProbe:
+    """The loop's QualityProbe for a real server: the baseline's outputs on a fixed sample
+    of the workload become the reference (kept in the baseline's record), and every later
+    config is scored against them. A reference that cannot be captured leaves accuracy
+    unmeasured for the run; a config that cannot be scored gets agreement 0, so the
+    accuracy floor refuses it (the reason is in the record's decision)."""
+
+    def __init__(self, workload: Workload, samples: int = 8) -> None:
+        self.requests = sample_requests(workload, n=samples)
+
+    def reference(self, server: Any) -> dict[str, Any] | None:
+        try:
+            ref = capture_reference(server.url, server.served_model, self.requests)
+        except QualityError:
+            return None
+        return ref.model_dump(mode="json")
+
+    def accuracy(self, server: Any, reference: dict[str, Any] | None) -> QualityScore | None:
+        if reference is None:
+            return None
+        acc = score_against(server.url, server.served_model,
+                            Reference.model_validate(reference))
+        if not acc.ok:
+            return QualityScore(agreement=0.0, positions=0)
+        return QualityScore(agreement=acc.agreement, logprob_shift=acc.logprob_shift,
+                            positions=acc.positions)

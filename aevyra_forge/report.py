@@ -76,7 +76,11 @@ def render_table(run_dir: Path) -> Group:
     path = resolve_run_dir(run_dir)
     records = read_records(path)
     summary = _summary(path, read_config(path), records)
-    return Group(_panel(summary), _table(experiment_rows(records)))
+    rows = experiment_rows(records)
+    for row, rec in zip(rows, records, strict=True):  # the table also says why it was decided
+        if rec.decision and rec.decision not in row["rationale"]:
+            row["rationale"] = f"{row['rationale']} -> {rec.decision}"
+    return Group(_panel(summary), _table(rows))
 
 
 def _summary(path: Path, config: dict[str, Any],
@@ -152,9 +156,10 @@ def _panel(s: RunSummary) -> Panel:
 def _table(rows: Sequence[dict[str, Any]]) -> Table:
     table = Table(show_lines=False, header_style="bold")
     for col in COLUMNS:
-        numeric = col not in {"id", "kept", "status", "rationale"}
+        numeric = col not in {"id", "kept", "status", "slo", "rationale"}
+        wraps = col in ("rationale", "slo")
         table.add_column(col, justify="right" if numeric else "left",
-                         overflow="fold", no_wrap=col != "rationale",
+                         overflow="fold", no_wrap=not wraps,
                          ratio=1 if col == "rationale" else None)
     for row in rows:
         cells = [Text(format_cell(col, row[col])) for col in COLUMNS]

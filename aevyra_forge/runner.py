@@ -25,6 +25,7 @@ import httpx
 from aevyra_forge.bench import BenchConfig, bench_passes, median_pass, parse_metrics
 from aevyra_forge.models import BenchMetrics, BenchOutcome, LaunchFailure, Status
 from aevyra_forge.recipe import Recipe, render
+from aevyra_forge.slo import Slo
 from aevyra_forge.workload import Workload
 
 BOOT_TIMEOUT_S = 900.0  # first boots compile; CUDA-graph capture alone can take a minute
@@ -265,8 +266,8 @@ class VllmBenchmarker:
         self.clock = clock
 
     def bench(self, server: VllmServer, workload: Workload, concurrency: int,
-              passes: int = 1) -> BenchOutcome:
-        config = BenchConfig(concurrency=concurrency, passes=passes,
+              passes: int = 1, slo: Slo | None = None) -> BenchOutcome:
+        config = BenchConfig(concurrency=concurrency, passes=passes, slo=slo,
                              request_timeout_s=self.request_timeout_s,
                              bench_timeout_s=self.bench_timeout_s,
                              warmup_requests=self.warmup_requests)

@@ -19,6 +19,7 @@ from aevyra_forge.modelinfo import profile
 from aevyra_forge.models import Hardware
 from aevyra_forge.orchestrator import Engine, Observer, Tuner
 from aevyra_forge.playbook import Playbook, ensure_valid, load_playbook
+from aevyra_forge.quality import VllmQualityProbe
 from aevyra_forge.recipe import Recipe, load_recipe
 from aevyra_forge.runner import VllmBenchmarker, VllmLauncher
 from aevyra_forge.settings import TuneSettings
@@ -80,7 +81,8 @@ def knob_space(settings: TuneSettings, hw: Hardware, note: Callable[[str], None]
     return KnobSpace(hw, model, vllm=vllm)
 
 
-def _engine(settings: TuneSettings, hw: Hardware, space: KnobSpace) -> Engine:
+def _engine(settings: TuneSettings, hw: Hardware, space: KnobSpace, workload: Workload
+            ) -> Engine:
     if settings.dry_run:
         assert hw.gpu is not None
         sim = SimulatedEngine(hw, gpu_spec(hw.gpu.name), space.model, space,
@@ -93,16 +95,7 @@ def _engine(settings: TuneSettings, hw: Hardware, space: KnobSpace) -> Engine:
         memory_used_mib=None if device == "cpu" else (lambda: memory_used_mib(device)))
     return Engine(launcher=launcher,
                   benchmarker=VllmBenchmarker(request_timeout_s=settings.request_timeout_s),
-                  quality=AccuracyNotMeasured())
-
-
-class AccuracyNotMeasured:
-    """Real runs report no accuracy until the quality check lands (issue #5): the column
-    stays empty rather than claiming 1.0."""
-
-    def accuracy(self, server: object) -> float | None:
-        del server
-        return None
+                  quality=VllmQualityProbe(workload))
 
 
 def _inputs(settings: TuneSettings) -> tuple[Workload, Playbook]:
@@ -134,7 +127,7 @@ def start(settings: TuneSettings, observer: Observer, api_key: str | None = None
     hw = resolve_hardware(settings, notes.append)
     space = knob_space(settings, hw, lambda text: observer.event("note", text=text))
     baseline = _baseline(settings, space)
-    engine = _engine(settings, hw, space)
+    engine = _engine(settings, hw, space, workload)
     config = {
         "forge_version": __version__,
         "model": settings.model,
@@ -163,7 +156,7 @@ def resume(run_dir: Path, observer: Observer, api_key: str | None = None) -> Tun
     hw = Hardware.model_validate(config["hardware_detail"])
     proposer = _proposer(settings, api_key)
     space = knob_space(settings, hw, lambda text: observer.event("note", text=text))
-    engine = _engine(settings, hw, space)
+    engine = _engine(settings, hw, space, workload)
     run = RunStore(target.parent.parent).open_run(target)
     observer.event("note", text=f"resuming {target} ({len(run.records())} experiments "
                                 "recorded)")

@@ -36,8 +36,10 @@ _RUN_NAME = re.compile(r"^(\d{3,})_\d{8}T\d{6}Z$")
 # Names that would hold a credential; matched case-insensitively as substrings.
 _SECRET_MARKERS = ("api_key", "apikey", "token", "secret", "password")
 
+# SPEC §3's columns, plus the noise interval of the gain over the incumbent (issue #5) and
+# the SLO status, before the free-text rationale.
 COLUMNS = ("exp", "id", "gen", "layer", "score", "throughput", "p99_ms", "accuracy",
-           "kept", "status", "rationale")
+           "kept", "status", "interval", "slo", "rationale")
 # Decimal places per numeric column: score is a ratio to the baseline, throughput in
 # output tokens/s, p99_ms in milliseconds, accuracy a fraction of identical outputs.
 _DECIMALS = {"score": 3, "throughput": 1, "p99_ms": 1, "accuracy": 4}
@@ -265,7 +267,26 @@ def _row(record: ExperimentRecord) -> dict[str, Any]:
     rounded = {k: None if v is None else round(v, _DECIMALS[k]) for k, v in values.items()}
     return {"exp": record.exp, "id": record.recipe_id, "gen": record.generation,
             "layer": record.layer, **rounded, "kept": record.kept, "status": record.status,
+            "interval": _interval(record), "slo": _slo(record),
             "rationale": _rationale(record)}
+
+
+def _interval(record: ExperimentRecord) -> str | None:
+    """The confidence interval of the gain over the incumbent, e.g. `[+4.1%, +20.9%]`."""
+    if record.interval is None:
+        return None
+    return "[" + ", ".join(_signed_pct(x) for x in record.interval) + "]"
+
+
+def _signed_pct(x: float) -> str:
+    return "-inf" if x == float("-inf") else "+inf" if x == float("inf") \
+        else f"{x * 100:+.1f}%"
+
+
+def _slo(record: ExperimentRecord) -> str | None:
+    if record.slo_violations:
+        return "breaks: " + "; ".join(record.slo_violations)
+    return "ok" if record.status == "ok" and record.metrics is not None else None
 
 
 def _rationale(record: ExperimentRecord) -> str:

@@ -13,10 +13,10 @@ MAX_MODULE_LINES = 450
 
 LAYERS: list[list[str]] = [
     ["errors"],
-    ["models", "modelinfo", "recipe", "workload", "settings", "slo"],
+    ["models", "modelinfo", "recipe", "workload", "slo", "settings"],
     ["hardware", "vllmargs", "registry", "knobs", "playbook"],
-    ["bench", "runner", "simulate", "tinymodel"],
-    ["scoring", "quality"],
+    ["bench", "runner", "simpass", "simulate", "tinymodel"],
+    ["scoring", "quality", "judge"],
     ["agent.base", "agent.builtin", "agent.pricing", "agent.providers", "agent.reply",
      "agent.prompt", "agent.llm", "agent"],
     ["store"],

@@ -188,7 +188,7 @@ def test_tune_device_cpu_end_to_end(vllm_bin: str, tiny_model: Path, workload: P
     proc = subprocess.run(
         [sys.executable, "-m", "aevyra_forge", "tune", "--device", "cpu", "--model",
          str(tiny_model), "--workload", str(workload), "--llm", "builtin",
-         "--max-experiments", "3", "--concurrency", "4", "--passes", "2",
+         "--max-experiments", "3", "--concurrency", "4", "--repeats", "3",
          "--run-dir", str(run_dir), "--vllm-bin", vllm_bin],
         capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -205,3 +205,34 @@ def test_tune_device_cpu_end_to_end(vllm_bin: str, tiny_model: Path, workload: P
         "wall_s": round(time.monotonic() - start, 1),
         "rows": [(r["exp"], r["status"], r["score"], r["kept"],
                   (r["proposal"] or {}).get("changes")) for r in records]}
+
+
+def test_the_baseline_measured_twice_is_not_kept(vllm_bin: str, tiny_model: Path,
+                                                 workload: Path, tmp_path: Path) -> None:
+    """An A/A comparison on real vLLM: two boots of one config, five passes each, judged by
+    the loop's keep rule, must not look like an improvement."""
+    from aevyra_forge.judge import judge
+    from aevyra_forge.settings import TuneSettings
+
+    wl = load_workload(workload)
+    launcher = VllmLauncher(vllm_bin, boot_timeout_s=300)
+    boots = []
+    for i in range(2):
+        server = launcher.launch(_recipe(tiny_model, enforce_eager=True),
+                                 tmp_path / f"aa{i}.log")
+        assert not isinstance(server, LaunchFailure), server
+        try:
+            boots.append(VllmBenchmarker().bench(server, wl, concurrency=4, passes=5))
+        finally:
+            launcher.stop(server)
+    first, second = boots
+    assert first.status == second.status == "ok"
+    settings = TuneSettings(model=str(tiny_model), workload=str(workload), device="cpu")
+    verdict = judge(settings, "ok", second.passes, None, reference=first.metrics,
+                    incumbent=first.passes, incumbent_id="baseline", best_score=1.0,
+                    history=[], identical=False)
+    assert verdict.interval is not None
+    assert not verdict.decision.kept, verdict.decision.reason
+    FIGURES["a_a"] = {"decision": verdict.decision.reason,
+                      "pass_tok_s": [[round(m.output_throughput, 1) for m in b.passes]
+                                     for b in boots]}

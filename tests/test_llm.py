@@ -246,7 +246,7 @@ MOVES: dict[int, list[dict[str, Any]]] = {
 def _tune(tmp_path: Path, llm: str, url: str, *extra: str) -> list[str]:
     return ["tune", "--dry-run", "--gpu", "A100-80GB", "--model", MODEL_8B, "--workload",
             str(SAMPLE_WORKLOAD), "--llm", llm, "--llm-base-url", url, "--run-dir",
-            str(tmp_path / ".forge"), "--max-experiments", "10", "--passes", "1", *extra]
+            str(tmp_path / ".forge"), "--max-experiments", "10", "--repeats", "2", *extra]
 
 
 def _run_dir(tmp_path: Path) -> Path:
@@ -321,7 +321,7 @@ def test_provider_down_ends_resumably_then_resume(tmp_path: Path,
         settings = TuneSettings(model=MODEL_8B, workload=str(SAMPLE_WORKLOAD),
                                 llm="anthropic/claude-sonnet-4-6", llm_base_url=fake.url,
                                 run_dir=str(tmp_path / ".forge"), dry_run=True,
-                                gpu="A100-80GB", max_experiments=6, passes=1)
+                                gpu="A100-80GB", max_experiments=6, repeats=2)
         tuner = session.start(settings, _Quiet(), api_key=KEY)
         with pytest.raises(AgentError, match="unreachable"):
             tuner.run()

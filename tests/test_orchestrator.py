@@ -58,7 +58,7 @@ def _tuner(tmp_path: Path, workload: Path, proposer: Any, engine: Any = None,
            gpu: str = "H100", **overrides: Any) -> tuple[Tuner, Events]:
     settings = TuneSettings(model=MODEL_8B, workload=str(workload), llm="builtin",
                             dry_run=True, run_dir=str(tmp_path / ".forge"),
-                            passes=1, **overrides)
+                            **{"repeats": 2, **overrides})
     hw = gpu_spec(gpu).hardware()
     space = KnobSpace(hw, profile(MODEL_8B), simulated=True)
     sim = SimulatedEngine(hw, gpu_spec(gpu), space.model, space, seed=1)
@@ -197,7 +197,8 @@ class InterruptingBench:
     def stop(self, server: Any) -> None:
         self.stopped.append(server.url)
 
-    def bench(self, server: Any, workload: Any, concurrency: int, passes: int = 1) -> Any:
+    def bench(self, server: Any, workload: Any, concurrency: int, passes: int = 1,
+              slo: Any = None) -> Any:
         raise KeyboardInterrupt
 
 
@@ -246,3 +247,52 @@ def test_usage_of_a_nothing_left_reply_is_billed(tmp_path: Path,
     tuner.run()
     done = json.loads((tuner.run_log.path / "completed.json").read_text())
     assert done["llm_cost_usd"] == pytest.approx(0.03)  # one call per layer
+
+
+def test_decisions_carry_intervals_and_the_baseline_keeps_the_reference(
+        tmp_path: Path, small_workload: Path) -> None:
+    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(3, enforce_eager=True)])
+    tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=3,
+                      skip_quant=True, max_config_experiments=1, repeats=3)
+    tuner.run()
+    base, seqs, eager = tuner.run_log.records()
+    assert base.quality_reference is not None and base.accuracy == 1.0
+    assert len(base.passes) == 3 and base.metrics in base.passes
+    for rec in (seqs, eager):
+        assert rec.interval is not None and rec.interval[0] <= rec.interval[1]
+        assert ("%" in rec.decision or "latency guard" in rec.decision)
+        assert rec.accuracy is not None
+    assert not eager.kept and eager.interval is not None and eager.interval[1] < 0
+
+
+def test_an_slo_breach_is_never_kept(tmp_path: Path, small_workload: Path) -> None:
+    proposer = Scripted([_reply(1, max_num_seqs=1), _reply(1, max_num_seqs=2)])
+    tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=3,
+                      slo="ttft_p99<200ms")
+    tuner.run()
+    recs = tuner.run_log.records()
+    assert recs[0].slo_violations == ()  # the baseline meets it
+    for rec in recs[1:]:  # one or two sequences at a time queue far beyond 200 ms
+        assert rec.slo_violations and not rec.kept and "SLO" in rec.decision
+
+
+def test_the_incumbent_is_remeasured_for_drift(tmp_path: Path, small_workload: Path) -> None:
+    proposer = Scripted([_reply(1, max_num_seqs=n) for n in (64, 32, 16, 8)])
+    tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=5,
+                      remeasure_every=2, patience=10)
+    tuner.run()
+    recs = tuner.run_log.records()
+    drift = [r for r in recs if r.remeasure]
+    assert drift and all(not r.kept and r.proposal is None for r in drift)
+    assert all(r.decision.startswith("drift check") for r in drift)
+    assert drift[0].recipe_id == recs[0].recipe_id or recs[1].kept
+
+
+def test_an_accuracy_below_the_floor_is_reverted(tmp_path: Path, small_workload: Path) -> None:
+    proposer = Scripted([_reply(2, quant_method="awq")])
+    tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=2, start_layer=2,
+                      gpu="A100-80GB")
+    tuner.run()
+    awq = tuner.run_log.records()[1]
+    assert awq.accuracy is not None and awq.accuracy < 0.99
+    assert not awq.kept and "below floor" in awq.decision

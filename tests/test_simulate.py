@@ -177,14 +177,14 @@ def test_quantization_is_faster_and_slightly_less_accurate(tmp_path: Path) -> No
         recipe = space.apply(base, {"quant_method": method})
         quant = run(engine, recipe, work, 8, tmp_path)
         assert quant.output_throughput > 1.1 * bf16.output_throughput, method
-        accuracy[method] = engine.accuracy(boot(engine, recipe, tmp_path))
+        accuracy[method] = engine.agreement(boot(engine, recipe, tmp_path))
     awq = run(engine, space.apply(base, {"quant_method": "awq"}), work, 8, tmp_path)
     assert 1.5 < bf16.tpot_ms.p50 / awq.tpot_ms.p50 < 2.5
-    assert engine.accuracy(boot(engine, base, tmp_path)) == 1.0
+    assert engine.agreement(boot(engine, base, tmp_path)) == 1.0
     assert 0.97 < accuracy["awq"] < 0.985 and 0.96 < accuracy["gptq"] < 0.98
     assert accuracy["gptq"] < accuracy["awq"] < accuracy["w8a8_int8"] < accuracy["fp8"] < 0.999
     serving = space.apply(base, {"max_num_seqs": 64, "enforce_eager": True})
-    assert 0.999 <= engine.accuracy(boot(engine, serving, tmp_path)) <= 1.0
+    assert 0.999 <= engine.agreement(boot(engine, serving, tmp_path)) <= 1.0
 
 
 def test_fp8_on_hopper_and_a_prequantized_checkpoint(tmp_path: Path) -> None:
@@ -197,9 +197,9 @@ def test_fp8_on_hopper_and_a_prequantized_checkpoint(tmp_path: Path) -> None:
     kv8 = space.apply(base, {"kv_cache_dtype": "fp8"})
     assert boot(engine, kv8, tmp_path).kv_capacity_tokens > 1.9 * boot(
         engine, base, tmp_path).kv_capacity_tokens
-    assert 0.995 < engine.accuracy(boot(engine, kv8, tmp_path)) < 0.999
+    assert 0.995 < engine.agreement(boot(engine, kv8, tmp_path)) < 0.999
     ckpt = Recipe(model=LLAMA_8B, quant=QuantSettings(checkpoint="org/Llama-3.1-8B-AWQ"))
-    assert 0.97 < engine.accuracy(boot(engine, ckpt, tmp_path)) < 0.985
+    assert 0.97 < engine.agreement(boot(engine, ckpt, tmp_path)) < 0.985
 
 
 def test_serving_config_effects(tmp_path: Path) -> None:
@@ -285,7 +285,7 @@ def test_same_seed_same_numbers_regardless_of_call_order(tmp_path: Path) -> None
     second, _ = make_engine(seed=7, noise_cv=0.03)
     b = second.bench(boot(second, base, tmp_path), work, 8, passes=3)
     assert a == b
-    assert first.accuracy(boot(first, other, tmp_path)) == second.accuracy(
+    assert first.agreement(boot(first, other, tmp_path)) == second.agreement(
         boot(second, other, tmp_path)) < 1.0
     third, _ = make_engine(seed=8, noise_cv=0.03)
     c = third.bench(boot(third, base, tmp_path), work, 8, passes=3)
