@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from aevyra_forge.bench import median_pass
 from aevyra_forge.models import BenchMetrics, ExperimentRecord, Status
 from aevyra_forge.scoring import (
     DEFAULT_BOOT_CV,
@@ -42,7 +43,7 @@ def judge(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
     With fewer than two passes on either side there is no noise estimate and the plain
     point rule applies (the report says so)."""
     slo = s.parsed_slo()
-    median = _median(passes)
+    median = median_pass(passes) if passes else None
     if status != "ok" or median is None:
         return Verdict(None, decide(status, None, best_score, accuracy,
                                     min_improvement_pct=s.min_improvement_pct,
@@ -68,11 +69,6 @@ def judge(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
                       interval=interval, slo_violations=violations, latency=latency,
                       incumbent_meets_slo=incumbent_ok)
     return Verdict(value, decision, interval, violations)
-
-
-def _median(passes: Sequence[BenchMetrics]) -> BenchMetrics | None:
-    ordered = sorted(passes, key=lambda m: m.output_throughput)
-    return ordered[(len(ordered) - 1) // 2] if ordered else None
 
 
 def _pass_noise(s: TuneSettings, history: Sequence[ExperimentRecord], incumbent_id: str

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aevyra_forge.agent import AgentContext, Budget, BudgetExceeded, Proposer
+from aevyra_forge.bench import median_pass
 from aevyra_forge.errors import KnobError
 from aevyra_forge.judge import judge
 from aevyra_forge.knobs import KnobSpace
@@ -355,7 +356,7 @@ class Tuner:
             exp=exp, recipe=recipe.to_dict(), recipe_id=recipe.id,
             parent_id=recipe.parent_id, generation=recipe.generation, layer=layer,
             proposal=proposal, raw_reply=raw, status=status, reason=reason,
-            metrics=_median(passes), passes=passes,
+            metrics=median_pass(passes) if passes else None, passes=passes,
             accuracy=quality.agreement if quality else None,
             logprob_shift=quality.logprob_shift if quality else None,
             score=verdict.score, kept=kept, decision=decision,
@@ -376,12 +377,6 @@ class Tuner:
         self.run_log.write_tables(self.state.records)
         self.run_log.write_best(self.state.best.to_yaml())
         self.observer.event("experiment_end", record=rec)
-
-
-def _median(passes: tuple[BenchMetrics, ...]) -> BenchMetrics | None:
-    """The pass with the median output throughput (the lower middle for an even count)."""
-    ordered = sorted(passes, key=lambda m: m.output_throughput)
-    return ordered[(len(ordered) - 1) // 2] if ordered else None
 
 
 def _add_usage(a: LLMUsage, b: LLMUsage) -> LLMUsage:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aevyra_forge.bench import median_pass
 from aevyra_forge.errors import UsageError
 from aevyra_forge.hardware import GpuSpec
 from aevyra_forge.knobs import KNOBS, KnobSpace
@@ -181,8 +182,7 @@ class SimulatedEngine:
                     f" running sequences: gpu_memory_utilization={server.settings.util} leaves "
                     f"{headroom / GIB:.2f} GiB outside vLLM's budget; lower it")
             done.append(metrics)
-        median = sorted(done, key=lambda m: m.output_throughput)[(len(done) - 1) // 2]
-        return BenchOutcome(status="ok", metrics=median, passes=tuple(done),
+        return BenchOutcome(status="ok", metrics=median_pass(done), passes=tuple(done),
                             bench_s=round(sum(m.duration_s for m in done), 3))
 
     def reference(self, server: SimServer) -> dict[str, object]:

@@ -39,3 +39,15 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     captured = capsys.readouterr()
     code = exc.value.code
     return (code if isinstance(code, int) else 0), captured.out, captured.err
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the figures the engine tests measured (boot times, throughput), so CI logs
+    carry them."""
+    import json
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        figures = getattr(module, "FIGURES", None)
+        if name.endswith("test_engine") and figures:
+            terminalreporter.write_line("engine figures: " + json.dumps(figures, indent=1))

@@ -540,3 +540,31 @@ def test_counter_deltas_without_cache_queries() -> None:
                                                          "kv_cache_usage": 0.25})
     assert deltas == {"generation_tokens": 4.0, "kv_cache_usage": 0.25}
     assert counter_deltas({}, {}) == {}
+
+
+_TEXT = st.text(max_size=12)
+_DELTA = st.fixed_dictionaries({}, optional={"role": st.just("assistant"),
+                                             "content": st.one_of(st.none(), _TEXT),
+                                             "reasoning_content": _TEXT})
+_CHOICE = st.one_of(
+    st.fixed_dictionaries({"index": st.just(0), "text": _TEXT},
+                          optional={"finish_reason": st.sampled_from([None, "length"])}),
+    st.fixed_dictionaries({"index": st.just(0), "delta": _DELTA},
+                          optional={"finish_reason": st.sampled_from([None, "length"])}))
+_CHUNK = st.fixed_dictionaries(
+    {"id": st.just("cmpl-1"), "choices": st.lists(_CHOICE, max_size=1)},
+    optional={"usage": st.one_of(st.none(), st.just({"prompt_tokens": 3,
+                                                     "completion_tokens": 2})),
+              "error": st.just({"message": "boom"})})
+
+
+@given(_CHUNK)
+def test_the_fast_path_only_skips_chunks_the_parser_would_count(
+        chunk: dict[str, object]) -> None:
+    from aevyra_forge.bench import _quick_token, _token_bearing
+
+    compact = json.dumps(chunk, separators=(",", ":")).encode()
+    if _quick_token(compact):
+        assert _token_bearing(chunk)
+        assert "error" not in chunk and not chunk.get("usage")
+    assert not _quick_token(json.dumps(chunk).encode())  # spaced JSON: the full parser

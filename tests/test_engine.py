@@ -79,8 +79,6 @@ def engine_env() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    if FIGURES:
-        sys.__stderr__.write("\nengine figures: " + json.dumps(FIGURES, indent=1) + "\n")
 
 
 def _recipe(model: Path, **config: object) -> Recipe:
