@@ -90,7 +90,7 @@ def aggregate(results: Sequence[RequestResult], duration_s: float,
 # -- sending -------------------------------------------------------------------------------
 
 Clock = Callable[[], float]
-WARMUP_OUTPUT_TOKENS = 8
+WARMUP_OUTPUT_TOKENS = 16
 _WARMUP_WORDS = ("amber", "basalt", "cobalt", "delta", "ember", "fjord", "granite", "harbor",
                  "indigo", "juniper", "kelp", "lumen", "meadow", "nickel", "onyx", "prairie")
 

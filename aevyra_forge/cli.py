@@ -195,6 +195,9 @@ def tune(
     remeasure_every: Annotated[int, typer.Option(
         help="Re-measure the incumbent on a fresh boot every N experiments (0: never).")]
     = 6,
+    boot_noise: Annotated[float | None, typer.Option(
+        help="Assumed between-boot CV of throughput (default 0.01 on GPUs, 0.08 on CPU).")]
+    = None,
     verbose: Annotated[bool, typer.Option("--verbose")] = False,
 ) -> None:
     """Start a new run (all options below), or `tune resume`."""
@@ -221,7 +224,7 @@ def tune(
         vllm_bin=vllm_bin, dry_run=dry_run, gpu=gpu,
         recipe=str(recipe) if recipe else None, seed=seed, patience=patience,
         repeats=repeats, objective=objective, slo=slo, confidence=confidence,
-        remeasure_every=remeasure_every,
+        remeasure_every=remeasure_every, boot_noise=boot_noise,
         max_latency_regression=None if no_latency_guard else max_latency_regression)
     from aevyra_forge import session
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from aevyra_forge.bench import median_pass
 from aevyra_forge.models import BenchMetrics, ExperimentRecord, Status
 from aevyra_forge.scoring import (
-    DEFAULT_BOOT_CV,
     Decision,
     Interval,
     NoiseEstimate,
@@ -83,10 +82,10 @@ def _pass_noise(s: TuneSettings, history: Sequence[ExperimentRecord], incumbent_
 def _boot_cv(s: TuneSettings, history: Sequence[ExperimentRecord], incumbent_id: str
              ) -> float:
     """Between-boot variation, from the incumbent measured on several boots (drift
-    checks), never below the default assumption."""
+    checks), never below the assumption for this device (--boot-noise)."""
     slo = s.parsed_slo()
     boots = [pass_values(r.passes, s.objective, slo) for r in history
              if r.recipe_id == incumbent_id and r.status == "ok" and len(r.passes) >= 2]
     if len(boots) < 2:
-        return DEFAULT_BOOT_CV
-    return max(DEFAULT_BOOT_CV, between_boot_noise(boots).cv)
+        return s.boot_cv()
+    return max(s.boot_cv(), between_boot_noise(boots).cv)

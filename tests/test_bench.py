@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aevyra_forge.bench import (
+    WARMUP_OUTPUT_TOKENS,
     BenchConfig,
     RequestResult,
     aggregate,
@@ -408,7 +409,7 @@ def test_warmup_is_not_timed_and_is_salted_apart(fake: FakeVllm) -> None:
     warm, first, second = set(salts[:3]), set(salts[3:8]), set(salts[8:])
     assert len(warm) == len(first) == len(second) == 1
     assert len(warm | first | second) == 3  # warm-up and each pass: their own salt
-    assert all(b is not None and b["max_tokens"] == 8 for b in bodies[:3])
+    assert all(b is not None and b["max_tokens"] == WARMUP_OUTPUT_TOKENS for b in bodies[:3])
     workload_words = {w for r in reqs for w in (r.prompt or "").split()}
     for b in bodies[:3]:
         assert b is not None
