@@ -187,6 +187,17 @@ async def send_request(transport: httpx.AsyncBaseTransport, base_url: str, path:
                     if data == b"[DONE]":
                         continue
                     if _quick_token(data):  # the common case, without parsing the JSON
+                        token, usage = True, None
+                    else:
+                        chunk = json.loads(data.decode())  # str skips encoding sniffing
+                        if not isinstance(chunk, dict):
+                            raise ValueError("a stream chunk is not a JSON object")
+                        if "error" in chunk:
+                            text = data.decode(errors="replace")
+                            result.error = f"stream error: {_error_message(text)}"
+                            return result
+                        token, usage = _token_bearing(chunk), chunk.get("usage")
+                    if token:
                         now = clock()
                         if chunks == 0:
                             result.ttft_s = now - sent
@@ -194,23 +205,6 @@ async def send_request(transport: httpx.AsyncBaseTransport, base_url: str, path:
                             result.itl_s.append(now - last)
                         last = now
                         chunks += 1
-                        continue
-                    chunk = json.loads(data.decode())  # str skips json's encoding sniffing
-                    if not isinstance(chunk, dict):
-                        raise ValueError("a stream chunk is not a JSON object")
-                    if "error" in chunk:
-                        text = data.decode(errors="replace")
-                        result.error = f"stream error: {_error_message(text)}"
-                        return result
-                    if _token_bearing(chunk):
-                        now = clock()
-                        if chunks == 0:
-                            result.ttft_s = now - sent
-                        else:
-                            result.itl_s.append(now - last)
-                        last = now
-                        chunks += 1
-                    usage = chunk.get("usage")
                     if usage:
                         result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
                         result.output_tokens = int(usage.get("completion_tokens") or 0)
