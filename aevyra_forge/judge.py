@@ -23,7 +23,7 @@ from aevyra_forge.scoring import (
     score,
 )
 from aevyra_forge.settings import TuneSettings
-from aevyra_forge.slo import check_passes
+from aevyra_forge.slo import Slo, check_passes
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ def judge(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
         if len(passes) >= 2 and len(incumbent) >= 2:
             interval = relative_interval(
                 pass_values(passes, s.objective, slo), pass_values(incumbent, s.objective, slo),
-                confidence=s.confidence, noise=_pass_noise(s, history, incumbent_id),
-                boot_cv=_boot_cv(s, history, incumbent_id))
+                confidence=s.confidence, noise=_pass_noise(s, slo, history, incumbent_id),
+                boot_cv=_boot_cv(s, slo, history, incumbent_id))
         if s.max_latency_regression is not None:
             latency = latency_regressions(passes, incumbent,
                                           max_factor=s.max_latency_regression)
@@ -70,20 +70,18 @@ def judge(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
     return Verdict(value, decision, interval, violations)
 
 
-def _pass_noise(s: TuneSettings, history: Sequence[ExperimentRecord], incumbent_id: str
-                ) -> NoiseEstimate | None:
+def _pass_noise(s: TuneSettings, slo: Slo | None, history: Sequence[ExperimentRecord],
+                incumbent_id: str) -> NoiseEstimate | None:
     """Pass-to-pass spread pooled over earlier configs (not the pair being compared)."""
-    slo = s.parsed_slo()
     groups = [pass_values(r.passes, s.objective, slo) for r in history
               if r.status == "ok" and len(r.passes) >= 2 and r.recipe_id != incumbent_id]
     return pooled_noise(groups) if len(groups) >= 2 else None
 
 
-def _boot_cv(s: TuneSettings, history: Sequence[ExperimentRecord], incumbent_id: str
-             ) -> float:
+def _boot_cv(s: TuneSettings, slo: Slo | None, history: Sequence[ExperimentRecord],
+             incumbent_id: str) -> float:
     """Between-boot variation, from the incumbent measured on several boots (drift
     checks), never below the assumption for this device (--boot-noise)."""
-    slo = s.parsed_slo()
     boots = [pass_values(r.passes, s.objective, slo) for r in history
              if r.recipe_id == incumbent_id and r.status == "ok" and len(r.passes) >= 2]
     if len(boots) < 2:

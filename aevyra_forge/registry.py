@@ -53,13 +53,6 @@ class Knob:
     def allowed_on(self, hw: Hardware) -> bool:
         return hw.device in self.devices
 
-    def describe_range(self, hw: Hardware, simulated: bool = False) -> str:
-        if self.kind == "choice":
-            return "one of " + ", ".join(map(str, self.choices_for(hw, simulated)))
-        if self.kind == "bool":
-            return "true or false"
-        return f"{self.kind} in [{format_number(self.low)}, {format_number(self.high)}]"
-
 
 def format_number(x: float | None) -> str:
     return "-" if x is None else (str(int(x)) if float(x).is_integer() else str(x))

@@ -15,6 +15,7 @@ from aevyra_forge.agent.reply import MAX_KNOBS_PER_PROPOSAL
 from aevyra_forge.knobs import KNOBS, KnobSpace, has_fp8
 from aevyra_forge.models import LAYER_NAMES, ExperimentRecord, Scalar
 from aevyra_forge.recipe import Recipe
+from aevyra_forge.registry import format_number
 from aevyra_forge.workload import estimate_tokens
 
 USER_BUDGET_TOKENS = 6000  # the user message; the playbook in the system adds ~3.5k
@@ -135,7 +136,7 @@ def _knobs(ctx: AgentContext) -> str:
     for knob in space.knobs(ctx.layer):
         if knob.kind in ("int", "float"):
             low, high = space.bounds(knob)
-            kind = f"{knob.kind} in [{_num(low)}, {_num(high)}]"
+            kind = f"{knob.kind} in [{format_number(low)}, {format_number(high)}]"
         elif knob.kind == "bool":
             kind = "bool (true or false)"
         else:
@@ -289,10 +290,6 @@ def _show(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return "unset" if value is None else str(value)
-
-
-def _num(x: float | None) -> str:
-    return "-" if x is None else (str(int(x)) if float(x).is_integer() else str(x))
 
 
 def _clip(text: str) -> str:
