@@ -20,13 +20,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from aevyra_forge import __version__
-from aevyra_forge.errors import ForgeError, HardwareError, UsageError
-from aevyra_forge.models import LAYER_NAMES, ExperimentRecord
-from aevyra_forge.playbook import bundled_path, load_playbook, validate
-from aevyra_forge.recipe import Recipe, render
-from aevyra_forge.report import render_json, render_table, render_tsv
-from aevyra_forge.settings import DEFAULT_LLM, TuneSettings
-from aevyra_forge.store import resolve_run_dir
+from aevyra_forge.core.errors import ForgeError, HardwareError, UsageError
+from aevyra_forge.core.recipe import Recipe, render
+from aevyra_forge.core.settings import DEFAULT_LLM, TuneSettings
+from aevyra_forge.core.values import LAYER_NAMES, ExperimentRecord
+from aevyra_forge.report.render import render_json, render_table, render_tsv
+from aevyra_forge.space.playbook import bundled_path, load_playbook, validate
+from aevyra_forge.store.run_store import resolve_run_dir
 
 EXIT_INTERRUPTED = 130
 
@@ -226,7 +226,7 @@ def tune(
         repeats=repeats, objective=objective, slo=slo, confidence=confidence,
         remeasure_every=remeasure_every, boot_noise=boot_noise,
         max_latency_regression=None if no_latency_guard else max_latency_regression)
-    from aevyra_forge import session
+    from aevyra_forge.loop import session
 
     _run_tuner(lambda obs: session.start(settings, obs, api_key=llm_api_key), verbose,
                str(run_dir))
@@ -254,7 +254,7 @@ def tune_resume(
 ) -> None:
     """Resume the latest interrupted run; every setting comes from its config.json (the
     API key, never stored, comes from --llm-api-key or the environment again)."""
-    from aevyra_forge import session
+    from aevyra_forge.loop import session
 
     def starter(obs: Any) -> Any:
         return session.resume(run_dir, obs, api_key=llm_api_key)
@@ -351,7 +351,7 @@ def _version(module: str) -> str:
 
 
 def _gpu_status(device: Literal["cuda", "rocm"]) -> tuple[str, str]:
-    from aevyra_forge.hardware import detect
+    from aevyra_forge.space.hardware import detect
 
     try:
         hw = detect(device)

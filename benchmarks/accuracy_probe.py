@@ -20,11 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from aevyra_forge.models import LaunchFailure
-from aevyra_forge.quality import Reference, capture_reference, sample_requests, score_against
-from aevyra_forge.recipe import Recipe
-from aevyra_forge.runner import VllmLauncher, VllmServer
-from aevyra_forge.workload import load_workload
+from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.values import LaunchFailure
+from aevyra_forge.core.workload import load_workload
+from aevyra_forge.engine.launcher import VllmLauncher, VllmServer
+from aevyra_forge.measure.accuracy import (
+    Reference,
+    capture_reference,
+    sample_requests,
+    score_against,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",

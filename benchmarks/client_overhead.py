@@ -6,7 +6,7 @@ forge's client (bench.bench_passes) sustains at several concurrencies, side by s
     python benchmarks/client_overhead.py [--vllm-bin PATH] [--num-prompts 400]
 
 `vllm bench serve` needs a tokenizer for its random prompts: pass --tokenizer DIR, or the
-script writes a tiny local model with `python -m aevyra_forge.tinymodel` using the vLLM
+script writes a tiny local model with `python -m aevyra_forge.testing.tinymodel` using the vLLM
 interpreter (no download).
 """
 
@@ -24,8 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from aevyra_forge.bench import BenchConfig, bench_passes
-from aevyra_forge.workload import Request, Workload
+from aevyra_forge.core.workload import Request, Workload
+from aevyra_forge.measure.client import BenchConfig, bench_passes
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_SERVER = ROOT / "tests" / "fake_vllm.py"
@@ -109,7 +109,7 @@ def interpreter_of(executable: str) -> str:
 
 def tiny_tokenizer(vllm_bin: str, out_dir: Path) -> str | None:
     target = out_dir / "tiny"
-    proc = subprocess.run([interpreter_of(vllm_bin), "-m", "aevyra_forge.tinymodel",
+    proc = subprocess.run([interpreter_of(vllm_bin), "-m", "aevyra_forge.testing.tinymodel",
                            str(target)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aevyra_forge.scoring import (
+from aevyra_forge.decide.stats import (
     DEFAULT_BOOT_CV,
     DEFAULT_CONFIDENCE,
     Interval,
@@ -140,12 +140,12 @@ def passes_needed(trials: int, seed: int, confidence: float) -> None:
 def latency_guard_noise(experiments: int = 12) -> None:
     """A/A spread of p99 E2E and TTFT between boots of one config in the dry-run simulator
     (noise CV 8 %), against the guard's 1.5x."""
-    from aevyra_forge.hardware import GPU_CATALOG
-    from aevyra_forge.knobs import KnobSpace
-    from aevyra_forge.modelinfo import profile
-    from aevyra_forge.models import LaunchFailure
-    from aevyra_forge.simulate import SimulatedEngine
-    from aevyra_forge.workload import load_workload
+    from aevyra_forge.core.values import LaunchFailure
+    from aevyra_forge.core.workload import load_workload
+    from aevyra_forge.engine.sim.engine import SimulatedEngine
+    from aevyra_forge.space.hardware import GPU_CATALOG
+    from aevyra_forge.space.knob_space import KnobSpace
+    from aevyra_forge.space.model_profile import profile
 
     root = Path(__file__).resolve().parent.parent
     workload = load_workload(root / "examples" / "sample_workload.jsonl")

@@ -14,12 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from aevyra_forge.hardware import GPU_CATALOG
-from aevyra_forge.knobs import KnobSpace
-from aevyra_forge.modelinfo import profile
-from aevyra_forge.models import LaunchFailure
-from aevyra_forge.simulate import SimulatedEngine
-from aevyra_forge.workload import load_workload
+from aevyra_forge.core.values import LaunchFailure
+from aevyra_forge.core.workload import load_workload
+from aevyra_forge.engine.sim.engine import SimulatedEngine
+from aevyra_forge.space.hardware import GPU_CATALOG
+from aevyra_forge.space.knob_space import KnobSpace
+from aevyra_forge.space.model_profile import profile
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = ROOT / "examples" / "sample_workload.jsonl"

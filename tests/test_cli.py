@@ -49,7 +49,7 @@ def test_unknown_recipe_key(tmp_path: Path, small_workload: Path,
 
 def test_unknown_knob_in_playbook(tmp_path: Path, small_workload: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from aevyra_forge.playbook import bundled_path
+    from aevyra_forge.space.playbook import bundled_path
 
     playbook = tmp_path / "pb.md"
     playbook.write_text(bundled_path().read_text().replace(

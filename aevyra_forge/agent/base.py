@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from aevyra_forge.knobs import KnobSpace
-from aevyra_forge.models import ExperimentRecord, Hardware, Layer, LLMUsage, Proposal
-from aevyra_forge.playbook import Playbook
-from aevyra_forge.recipe import Recipe
-from aevyra_forge.workload import WorkloadStats
+from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.values import ExperimentRecord, Hardware, Layer, LLMUsage, Proposal
+from aevyra_forge.core.workload import WorkloadStats
+from aevyra_forge.space.knob_space import KnobSpace
+from aevyra_forge.space.playbook import Playbook
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from aevyra_forge.agent.base import AgentContext, ProposalReply
-from aevyra_forge.errors import KnobError
-from aevyra_forge.knobs import KNOBS, Knob
-from aevyra_forge.models import ExperimentRecord, Proposal, Scalar
-from aevyra_forge.playbook import first_moves
+from aevyra_forge.core.errors import KnobError
+from aevyra_forge.core.values import ExperimentRecord, Proposal, Scalar
+from aevyra_forge.space.knob_space import KNOBS, Knob
+from aevyra_forge.space.playbook import first_moves
 
 FAILED = frozenset({"crash", "boot_failed", "oom", "timeout"})
 PRIOR_SD = 0.10  # prior uncertainty of a move's effect, as log score ratio (~10 %)

@@ -25,9 +25,9 @@ from aevyra_forge.agent.providers import (
     resolve_key,
 )
 from aevyra_forge.agent.reply import ReplyError, parse_reply
-from aevyra_forge.errors import AgentError
-from aevyra_forge.models import LLMUsage
-from aevyra_forge.workload import estimate_tokens
+from aevyra_forge.core.errors import AgentError
+from aevyra_forge.core.values import LLMUsage
+from aevyra_forge.core.workload import estimate_tokens
 
 MAX_OUTPUT_TOKENS = 1024  # a proposal is a few hundred tokens; this caps a rambling one
 FIX_ROUNDS = 2  # times an invalid reply is sent back with its error before giving up

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from aevyra_forge.errors import UsageError
+from aevyra_forge.core.errors import UsageError
 
 PRICES_AS_OF = "2026-11-05"  # when the list prices below were read from the vendors' pages
 TOKENS_PER_UNIT = 1_000_000  # prices are quoted per million tokens

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 from aevyra_forge.agent.base import AgentContext
 from aevyra_forge.agent.reply import MAX_KNOBS_PER_PROPOSAL
-from aevyra_forge.knobs import KNOBS, KnobSpace, has_fp8
-from aevyra_forge.models import LAYER_NAMES, ExperimentRecord, Scalar
-from aevyra_forge.recipe import Recipe
-from aevyra_forge.registry import format_number
-from aevyra_forge.workload import estimate_tokens
+from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.values import LAYER_NAMES, ExperimentRecord, Scalar
+from aevyra_forge.core.workload import estimate_tokens
+from aevyra_forge.space.knob_space import KNOBS, KnobSpace, has_fp8
+from aevyra_forge.space.registry import format_number
 
 USER_BUDGET_TOKENS = 6000  # the user message; the playbook in the system adds ~3.5k
 RECENT_ROWS = 12  # history rows shown in full before older ones are compressed

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from aevyra_forge.errors import AgentError, UsageError
+from aevyra_forge.core.errors import AgentError, UsageError
 
 Wire = Literal["anthropic", "openai"]
 Role = Literal["user", "assistant"]

@@ -12,9 +12,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from aevyra_forge.errors import KnobError
-from aevyra_forge.knobs import KNOBS, KnobSpace
-from aevyra_forge.models import LAYER_NAMES, Layer, Proposal
+from aevyra_forge.core.errors import KnobError
+from aevyra_forge.core.values import LAYER_NAMES, Layer, Proposal
+from aevyra_forge.space.knob_space import KNOBS, KnobSpace
 
 MAX_KNOBS_PER_PROPOSAL = 2  # one knob, or two that only make sense together
 MAX_REPLY_CHARS = 100_000  # a longer reply is not a proposal

@@ -1,0 +1,334 @@
+"""Pure keep/revert decisions. Each config is measured over repeated bench passes; its
+per-pass objective value (higher is better) is compared with the incumbent's through a
+confidence interval on the relative difference, and a config is kept only when the
+interval's lower bound clears the threshold. Scores are normalised to the reference
+measurement (the baseline), so 1.0 means "as good as the baseline"."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from statistics import NormalDist, median
+from typing import Literal
+
+import numpy as np
+
+from aevyra_forge.core.errors import UsageError
+from aevyra_forge.core.slo import Slo
+from aevyra_forge.core.values import BenchMetrics, Status
+
+Objective = Literal["throughput", "latency", "goodput"]
+OBJECTIVES: tuple[Objective, ...] = ("throughput", "latency", "goodput")
+Method = Literal["welch", "bootstrap"]
+Gate = Literal["status", "identical", "accuracy", "slo", "latency", "improvement"]
+
+# Defaults chosen with benchmarks/decision_rates.py (its docstring sums up the table).
+DEFAULT_CONFIDENCE = 0.95  # two-sided; keeping on its lower bound is a 97.5 % one-sided test
+DEFAULT_REPEATS = 5  # bench passes per config
+DEFAULT_BOOT_CV = 0.01  # between-boot CV of a config's mean (fraction): passes cannot see it
+DEFAULT_MAX_LATENCY_REGRESSION = 1.5  # factor on the incumbent's p99 E2E and p99 TTFT
+ZERO_FLOOR = 1e-9  # a zero per-pass value counts as this fraction of the largest value
+_DF_STEP = 0.01  # Welch df is rounded down to this step: conservative, and caches quantiles
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Relative difference candidate / incumbent - 1 (0.05 means +5 %) with a two-sided
+    confidence interval [low, high] at `confidence`."""
+
+    point: float
+    low: float
+    high: float
+    confidence: float
+
+    def __str__(self) -> str:
+        return f"{_pct(self.point)} [{_pct(self.low)}, {_pct(self.high)}]"
+
+
+@dataclass(frozen=True)
+class NoiseEstimate:
+    """Pass-to-pass variance of log values within one boot, pooled over earlier configs of
+    the same run, with its degrees of freedom."""
+
+    variance: float
+    df: float
+
+    @property
+    def cv(self) -> float:
+        return math.sqrt(math.expm1(self.variance))
+
+
+def pooled_noise(groups: Iterable[Sequence[float]]) -> NoiseEstimate:
+    """Pool the within-config spread of earlier configs (each group: one config's per-pass
+    values from one boot). Groups of fewer than two passes, or with a non-positive value,
+    carry no information."""
+    ss, df = 0.0, 0
+    for group in groups:
+        if len(group) >= 2 and all(v > 0 and math.isfinite(v) for v in group):
+            ss += _sum_squares([math.log(v) for v in group])
+            df += len(group) - 1
+    return NoiseEstimate(variance=ss / df if df else 0.0, df=float(df))
+
+
+def between_boot_noise(boots: Sequence[Sequence[float]]) -> NoiseEstimate:
+    """Between-boot variance of one config's log mean, from two or more boots of it (each
+    a list of that boot's per-pass values): the spread of the boot means less what the
+    pass-to-pass noise alone explains (method of moments, floored at 0), with df = boots - 1.
+    Re-measuring the incumbent on a fresh boot adds a boot; `.cv` feeds `boot_cv`."""
+    logs = [[math.log(v) for v in boot] for boot in boots
+            if boot and all(v > 0 and math.isfinite(v) for v in boot)]
+    if len(logs) < 2:
+        return NoiseEstimate(variance=0.0, df=0.0)
+    means = [sum(g) / len(g) for g in logs]
+    spread = _sum_squares(means) / (len(means) - 1)
+    within = [_sum_squares(g) / (len(g) - 1) / len(g) for g in logs if len(g) > 1]
+    explained = sum(within) / len(within) if within else 0.0
+    return NoiseEstimate(variance=max(0.0, spread - explained), df=float(len(logs) - 1))
+
+
+def relative_interval(candidate: Sequence[float], incumbent: Sequence[float], *,
+                      confidence: float = DEFAULT_CONFIDENCE, resamples: int = 2000,
+                      seed: int = 0, method: Method = "welch",
+                      noise: NoiseEstimate | None = None,
+                      boot_cv: float = DEFAULT_BOOT_CV) -> Interval:
+    """Confidence interval on candidate/incumbent - 1 for a higher-is-better per-pass value,
+    from independent passes of each config (each config's passes from one boot).
+
+    Default method `welch`: a t-interval on the difference of mean log values with Welch–
+    Satterthwaite degrees of freedom. Logs because noise is multiplicative and the ratio is
+    what we judge; a t-interval because with 2–5 passes the sample spread is itself noisy,
+    and the t quantile (4.30 at 2 df, 2.78 at 4) pays for it where a percentile bootstrap
+    does not (it only sees n^n resamples and underestimates the spread by (n-1)/n): at n=3
+    the bootstrap keeps 3–9 % of A/A comparisons against the t-interval's 1–4 %
+    (benchmarks/decision_rates.py). `bootstrap` is that percentile bootstrap, for
+    comparison and for large n; `resamples` and `seed` apply to it only (`noise` and the
+    single-pass rule below to `welch` only), and both methods are deterministic.
+
+    `boot_cv` adds the between-boot variation that passes on one server cannot show (two
+    boots of one config differ by about this CV in their means), once per side.
+    `noise`, when given, pools earlier configs' pass-to-pass spread with this pair's
+    (equal variance on the log scale), which narrows the interval a lot at n=3.
+    With one pass on each side and no `noise`, the interval is unbounded."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if method not in ("welch", "bootstrap"):
+        raise ValueError(f"unknown method {method!r}: welch or bootstrap")
+    x, y = _logs(candidate, incumbent)
+    diff = sum(x) / len(x) - sum(y) / len(y)
+    boot_var = 2 * math.log1p(boot_cv ** 2)  # lognormal sigma^2 of a CV, once per side
+    alpha = 1 - confidence
+    if method == "bootstrap":
+        rng = np.random.default_rng(seed)
+        xa, ya = np.array(x), np.array(y)
+        draws = (xa[rng.integers(0, len(x), (resamples, len(x)))].mean(axis=1)
+                 - ya[rng.integers(0, len(y), (resamples, len(y)))].mean(axis=1))
+        if boot_var > 0:
+            draws = draws + rng.normal(0.0, math.sqrt(boot_var), resamples)
+        low, high = (float(q) for q in np.quantile(draws, [alpha / 2, 1 - alpha / 2]))
+    else:
+        half = _welch_half_width(x, y, 1 - alpha / 2, noise, boot_var)
+        low, high = diff - half, diff + half
+    return Interval(point=math.expm1(diff), low=math.expm1(low), high=math.expm1(high),
+                    confidence=confidence)
+
+
+def _logs(candidate: Sequence[float], incumbent: Sequence[float]
+          ) -> tuple[list[float], list[float]]:
+    c, b = [float(v) for v in candidate], [float(v) for v in incumbent]
+    if not c or not b:
+        raise ValueError("each side needs at least one measured pass")
+    if not all(math.isfinite(v) and v >= 0 for v in c + b):
+        raise ValueError("per-pass values must be finite and non-negative")
+    top = max(c + b)
+    if top == 0:  # nothing measured anywhere: equal
+        return [0.0] * len(c), [0.0] * len(b)
+    # A pass that produced nothing (zero goodput) becomes a huge outlier on the log scale:
+    # the interval widens instead of the log failing.
+    floor = ZERO_FLOOR * top
+    return [math.log(max(v, floor)) for v in c], [math.log(max(v, floor)) for v in b]
+
+
+def _sum_squares(values: Sequence[float]) -> float:
+    mean = sum(values) / len(values)
+    return sum((v - mean) ** 2 for v in values)
+
+
+def _welch_half_width(x: Sequence[float], y: Sequence[float], p: float,
+                      noise: NoiseEstimate | None, boot_var: float) -> float:
+    n, m = len(x), len(y)
+    vx = _sum_squares(x) / (n - 1) if n > 1 else 0.0
+    vy = _sum_squares(y) / (m - 1) if m > 1 else 0.0
+    # Estimated components of the variance of the difference, each with its df.
+    if noise is None and n > 1 and m > 1:
+        parts = [(vx / n, n - 1.0), (vy / m, m - 1.0)]
+    else:  # one shared variance: from history and/or whichever side has repeats
+        prior_df = noise.df if noise else 0.0
+        df = prior_df + (n - 1) + (m - 1)
+        if df == 0:
+            return math.inf  # one pass each and no history: no noise estimate at all
+        ss = (noise.variance * noise.df if noise else 0.0) + vx * (n - 1) + vy * (m - 1)
+        parts = [(ss / df * (1 / n + 1 / m), df)]
+    total = sum(v for v, _ in parts) + boot_var
+    if total == 0:
+        return 0.0
+    spread = sum(v * v / d for v, d in parts if v > 0)
+    dof = total * total / spread if spread > 0 else math.inf
+    if math.isfinite(dof):
+        dof = max(1.0, math.floor(dof / _DF_STEP) * _DF_STEP)
+    return t_quantile(p, dof) * math.sqrt(total)
+
+
+@lru_cache(maxsize=8192)
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t with `df` >= 1 (possibly fractional) degrees of
+    freedom. With t = sqrt(df)*tan(theta) the CDF becomes 1/2 + k * integral of
+    cos(phi)^(df-1) over [0, theta], a smooth integrand on a bounded range (Simpson's
+    rule); Newton's method from the normal quantile converges from below because that
+    integral is concave in theta."""
+    if not 0 < p < 1 or df < 1:
+        raise ValueError(f"need 0 < p < 1 and df >= 1, got p={p}, df={df}")
+    z = NormalDist().inv_cdf(p)
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    if p == 0.5:
+        return 0.0
+    if df > 1e7:
+        return z
+    k = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(math.pi)
+    target = p - 0.5
+    theta = math.atan(z / math.sqrt(df))
+    for _ in range(200):
+        grid = np.linspace(0.0, theta, 513)
+        f = np.cos(grid) ** (df - 1)
+        area = k * theta / 1536 * float(f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+        step = (target - area) / (k * float(f[-1]))
+        theta = min(theta + step, math.pi / 2 * (1 - 1e-12))
+        if abs(step) < 1e-13:
+            break
+    return math.sqrt(df) * math.tan(theta)
+
+
+# -- objectives --------------------------------------------------------------------------
+
+
+def objective_value(m: BenchMetrics, objective: Objective = "throughput",
+                    slo: Slo | None = None) -> float:
+    """One pass's value for the objective, higher is better.
+
+    throughput: output tokens/s. latency: 1000 / p99 E2E in ms, i.e. the reciprocal of
+    p99 E2E seconds: a rate, so it is positive and its ratios mean what they say (+10 %
+    is p99 divided by 1.1), which the log-scale interval needs; a negated p99 would
+    change sign and has no meaningful ratio. goodput: requests/s that met every
+    per-request SLO bound (`m.goodput`, aggregated with the SLO)."""
+    if objective == "throughput":
+        return m.output_throughput
+    if objective == "latency":
+        return 1000.0 / m.e2e_ms.p99 if m.completed and m.e2e_ms.p99 > 0 else 0.0
+    if objective == "goodput":
+        if slo is None or not slo.request_limits():
+            raise UsageError("--objective goodput needs an --slo with a ttft, tpot or e2e "
+                             "bound, e.g. --slo ttft_p99<500ms,tpot_p99<50ms")
+        if m.goodput is None:
+            raise ValueError("metrics carry no goodput: aggregate them with slo=")
+        return m.goodput
+    raise ValueError(f"unknown objective {objective!r}")
+
+
+def pass_values(passes: Sequence[BenchMetrics], objective: Objective = "throughput",
+                slo: Slo | None = None) -> list[float]:
+    return [objective_value(m, objective, slo) for m in passes]
+
+
+def score(metrics: BenchMetrics, reference: BenchMetrics, objective: Objective = "throughput",
+          slo: Slo | None = None) -> float:
+    """The objective relative to the reference (1.0 = as good as the baseline)."""
+    ref = objective_value(reference, objective, slo)
+    return objective_value(metrics, objective, slo) / ref if ref > 0 else 0.0
+
+
+# -- latency guard -----------------------------------------------------------------------
+
+
+def latency_regressions(candidate: BenchMetrics | Sequence[BenchMetrics],
+                        incumbent: BenchMetrics | Sequence[BenchMetrics], *,
+                        max_factor: float | None = DEFAULT_MAX_LATENCY_REGRESSION
+                        ) -> list[str]:
+    """Why a candidate's latency is refused, [] when it passes. Rule: the median over
+    passes of the candidate's p99 E2E latency, and of its p99 TTFT, must each stay within
+    `max_factor` times the incumbent's (1.5: at most 50 % worse); `None` disables the
+    guard. It stops a throughput win bought with several times the tail latency, while
+    leaving room for the moderate latency cost that bigger batches bring; a factor of 1.5
+    is far outside the pass-to-pass noise of a p99."""
+    if max_factor is None:
+        return []
+    cand = [candidate] if isinstance(candidate, BenchMetrics) else list(candidate)
+    inc = [incumbent] if isinstance(incumbent, BenchMetrics) else list(incumbent)
+    out = []
+    for label, field in (("p99 E2E", "e2e_ms"), ("p99 TTFT", "ttft_ms")):
+        new = median(getattr(m, field).p99 for m in cand) if cand else 0.0
+        old = median(getattr(m, field).p99 for m in inc) if inc else 0.0
+        if old > 0 and new > max_factor * old:
+            out.append(f"{label} {new:.0f} ms is {new / old:.2f}x the incumbent's {old:.0f} ms "
+                       f"(limit {max_factor:g}x)")
+    return out
+
+
+# -- the decision ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Keep or revert, why, which gate refused (None when kept) and the interval judged."""
+
+    kept: bool
+    reason: str
+    gate: Gate | None = None
+    interval: Interval | None = None
+
+
+def decide(status: Status, candidate: float | None, best: float | None,
+           accuracy: float | None, *, min_improvement_pct: float, accuracy_floor: float,
+           same_settings_as_best: bool = False, interval: Interval | None = None,
+           slo_violations: Sequence[str] = (), latency: Sequence[str] = (),
+           incumbent_meets_slo: bool = True) -> Decision:
+    """Keep a config only when it measured (`status` ok), differs from the incumbent,
+    stays at or above the accuracy floor (when accuracy was measured), breaks no SLO term,
+    passes the latency guard (`latency`: latency_regressions' output) and beats the
+    incumbent: the `interval`'s lower bound above +min_improvement_pct, or without an
+    interval the point score `candidate` above `best` by that much. The first measured
+    config becomes the reference whatever its SLO status; a candidate that meets the SLO
+    replaces an incumbent that breaks it."""
+    if status != "ok" or candidate is None:
+        return Decision(False, f"not measured ({status})", "status")
+    if same_settings_as_best:
+        return Decision(False, "identical to the incumbent", "identical")
+    if accuracy is not None and accuracy < accuracy_floor:
+        return Decision(False, f"accuracy {accuracy:.4f} below floor {accuracy_floor}",
+                        "accuracy")
+    if best is None:
+        note = f" (breaks SLO: {'; '.join(slo_violations)})" if slo_violations else ""
+        return Decision(True, f"first successful measurement becomes the reference{note}")
+    if slo_violations:
+        return Decision(False, f"breaks SLO: {'; '.join(slo_violations)}", "slo", interval)
+    if not incumbent_meets_slo:
+        return Decision(True, "meets the SLO the incumbent breaks", None, interval)
+    if latency:
+        return Decision(False, f"latency guard: {'; '.join(latency)}", "latency", interval)
+    needed = f"{min_improvement_pct:+.1f}%"
+    if interval is not None:
+        if interval.low * 100 > min_improvement_pct:
+            return Decision(True, f"{interval} > {needed}", None, interval)
+        hint = "; one pass each cannot show noise, use 2+ repeats" \
+            if math.isinf(interval.high) else ""
+        return Decision(False, f"{interval}: lower bound not above {needed}{hint}",
+                        "improvement", interval)
+    gain_pct = (candidate / best - 1) * 100 if best > 0 else float("inf")
+    if candidate > best * (1 + min_improvement_pct / 100):
+        return Decision(True, f"{gain_pct:+.1f}% vs best (needs > {needed})")
+    return Decision(False, f"{gain_pct:+.1f}% vs best, not above {needed}", "improvement")
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:+.1f}%"

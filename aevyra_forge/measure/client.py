@@ -1,0 +1,403 @@
+"""Measuring a server the way `vllm bench serve` does: an async streaming client that
+replays a workload (closed or open loop), the per-request record, the aggregation into
+BenchMetrics (kept apart from sending, so the simulator and the real client share one
+definition of every metric), and the server's own /metrics counters."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import re
+import ssl
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from aevyra_forge.core.slo import Slo
+from aevyra_forge.core.values import BenchMetrics, LatencyStats
+from aevyra_forge.core.workload import Request, Workload
+
+
+@dataclass
+class RequestResult:
+    """One request. Failure is data: `success=False` with `error` set."""
+
+    success: bool = False
+    error: str = ""
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    start_s: float = 0.0  # send time relative to the bench start
+    ttft_s: float = 0.0  # send -> first token-bearing chunk
+    latency_s: float = 0.0  # send -> last token-bearing chunk (E2E)
+    itl_s: list[float] = field(default_factory=list)  # gaps between token chunks
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.output_tokens <= 1:
+            return None
+        return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+def latency_stats(values_s: Sequence[float]) -> LatencyStats:
+    """Mean and percentiles in milliseconds, linear interpolation (numpy's default)."""
+    if len(values_s) == 0:
+        return LatencyStats()
+    arr = np.asarray(values_s, dtype=float) * 1000.0
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return LatencyStats(mean=float(arr.mean()), p50=float(p50), p90=float(p90),
+                        p99=float(p99))
+
+
+def aggregate(results: Sequence[RequestResult], duration_s: float,
+              server: Mapping[str, float] | None = None, slo: Slo | None = None
+              ) -> BenchMetrics:
+    """BenchMetrics over one pass. Failed requests are counted, never dropped. With an
+    `slo`, goodput is the rate of successful requests that met its per-request bounds."""
+    ok = [r for r in results if r.success]
+    duration_s = max(duration_s, 1e-9)
+    input_tokens = sum(r.prompt_tokens for r in ok)
+    output_tokens = sum(r.output_tokens for r in ok)
+    reasons = Counter(r.error or "unknown error" for r in results if not r.success)
+    tpots = [t for r in ok if (t := r.tpot_s) is not None]
+    return BenchMetrics(
+        completed=len(ok),
+        failed=len(results) - len(ok),
+        duration_s=duration_s,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        request_throughput=len(ok) / duration_s,
+        output_throughput=output_tokens / duration_s,
+        total_token_throughput=(input_tokens + output_tokens) / duration_s,
+        ttft_ms=latency_stats([r.ttft_s for r in ok]),
+        tpot_ms=latency_stats(tpots),
+        itl_ms=latency_stats([gap for r in ok for gap in r.itl_s]),
+        e2e_ms=latency_stats([r.latency_s for r in ok]),
+        failure_reasons=dict(reasons),
+        server=dict(server or {}),
+        goodput=None if slo is None else sum(
+            slo.meets(r.ttft_s * 1000, None if (t := r.tpot_s) is None else t * 1000,
+                      r.latency_s * 1000) for r in ok) / duration_s,
+    )
+
+
+# -- sending -------------------------------------------------------------------------------
+
+Clock = Callable[[], float]
+WARMUP_OUTPUT_TOKENS = 16
+_WARMUP_WORDS = ("amber", "basalt", "cobalt", "delta", "ember", "fjord", "granite", "harbor",
+                 "indigo", "juniper", "kelp", "lumen", "meadow", "nickel", "onyx", "prairie")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How to replay a workload. `cache_salt` isolates each pass's prefix cache so a second
+    pass is not flattered by the first one's cached prompts."""
+
+    concurrency: int = 8
+    request_timeout_s: float = 600.0
+    bench_timeout_s: float = 3600.0
+    warmup_requests: int = 2
+    passes: int = 1
+    slo: Slo | None = None  # per-request bounds for goodput
+
+
+def request_payload(req: Request, model: str, salt: str | None) -> tuple[str, dict[str, Any]]:
+    """The endpoint path and JSON body for one request: greedy, fixed length, streamed."""
+    body: dict[str, Any] = {
+        "model": model, "max_tokens": req.expected_output_tokens, "temperature": 0.0,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }
+    if salt:
+        body["cache_salt"] = salt
+    if req.messages is not None:
+        body["messages"] = [m.model_dump() for m in req.messages]
+        return "/v1/chat/completions", body
+    body["prompt"] = req.prompt
+    return "/v1/completions", body
+
+
+def _quick_token(data: bytes) -> bool:
+    """True when a compact (vLLM-serialised) chunk surely carries tokens and nothing else
+    we need (no error, no usage): parsing thousands of such chunks a second was the bench
+    client's main cost. Anything else, e.g. JSON with spaces, goes to the full parser.
+    Quotes inside generated text are escaped, so the markers cannot come from the text."""
+    if b'"error"' in data or b'"usage":{' in data or b'"choices":[{' not in data:
+        return False
+    if b'"delta":' not in data:  # completions: any chunk with a choice
+        return True
+    return b'"content":"' in data and b'"content":""' not in data
+
+
+def _token_bearing(chunk: Mapping[str, Any]) -> bool:
+    """A chunk that carries generated tokens: vllm bench serve's rule (any chunk with a
+    choice), except that in a chat stream the opening role-only chunk carries none. The
+    finishing chunk always does: vLLM sends it with an empty delta when the last tokens'
+    text is held back (an incomplete UTF-8 sequence), and it marks the last token."""
+    choices = chunk.get("choices") or []
+    if not choices:
+        return False
+    choice = choices[0]
+    delta = choice.get("delta")
+    if delta is None:  # completions
+        return True
+    return bool(delta.get("content") or delta.get("reasoning_content")
+                or delta.get("reasoning") or delta.get("tool_calls")
+                or choice.get("finish_reason"))
+
+
+async def send_request(transport: httpx.AsyncBaseTransport, base_url: str, path: str,
+                       body: Mapping[str, Any], timeout_s: float, clock: Clock,
+                       start_offset_s: float = 0.0) -> RequestResult:
+    """Stream one request and time it. Never raises for a server-side failure.
+
+    It talks to an httpx transport directly: the client layer above it (URL merging,
+    auth, cookies, redirects, hooks) is nothing a benchmark needs and cost a fifth of the
+    request rate. `timeout_s` bounds the whole request (httpx's own timeout only bounds
+    each read, which a slow but steady stream never trips)."""
+    request = httpx.Request("POST", base_url + path, json=body,
+                            extensions={"timeout": httpx.Timeout(timeout_s).as_dict()})
+    result = RequestResult(start_s=start_offset_s)
+    sent = clock()
+    last = sent
+    chunks = 0
+    try:
+        async with asyncio.timeout(timeout_s), _response(transport, request) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                result.error = f"HTTP {resp.status_code}: {_error_message(text)}"
+                return result
+            # Lines split by hand from the bytes: httpx's aiter_lines decodes to text first,
+            # a measurable cost at thousands of chunks per second. The body is read to its
+            # end (no break at [DONE]): a response left unread closes its connection, and a
+            # new TCP connection per request made us slower than `vllm bench serve`.
+            pending = b""
+            async for piece in resp.aiter_bytes():
+                *lines, pending = (pending + piece).split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        continue
+                    if _quick_token(data):  # the common case, without parsing the JSON
+                        token, usage = True, None
+                    else:
+                        chunk = json.loads(data.decode())  # str skips encoding sniffing
+                        if not isinstance(chunk, dict):
+                            raise ValueError("a stream chunk is not a JSON object")
+                        if "error" in chunk:
+                            text = data.decode(errors="replace")
+                            result.error = f"stream error: {_error_message(text)}"
+                            return result
+                        token, usage = _token_bearing(chunk), chunk.get("usage")
+                    if token:
+                        now = clock()
+                        if chunks == 0:
+                            result.ttft_s = now - sent
+                        else:
+                            result.itl_s.append(now - last)
+                        last = now
+                        chunks += 1
+                    if usage:
+                        result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                        result.output_tokens = int(usage.get("completion_tokens") or 0)
+    except (TimeoutError, httpx.TimeoutException):
+        result.error = f"timeout after {timeout_s:g} s"
+        return result
+    except httpx.HTTPError as exc:
+        result.error = f"connection error: {type(exc).__name__}"
+        return result
+    except ValueError:  # bad JSON, bad UTF-8, a non-numeric usage count
+        result.error = "malformed stream chunk"
+        return result
+    if chunks == 0:
+        result.error = "no tokens received"
+        return result
+    result.latency_s = last - sent
+    wanted = body.get("max_tokens")
+    if result.output_tokens and isinstance(wanted, int) and result.output_tokens < wanted:
+        # vLLM (0.32) silently cuts max_tokens to fit max_model_len; a config that
+        # generates fewer tokens must not look faster for it.
+        result.error = (f"short output: {result.output_tokens} of {wanted} tokens "
+                        "(prompt + max_tokens over max_model_len?)")
+        return result
+    result.output_tokens = result.output_tokens or chunks  # no usage chunk: count chunks
+    result.success = True
+    return result
+
+
+@contextlib.asynccontextmanager
+async def _response(transport: httpx.AsyncBaseTransport, request: httpx.Request
+                    ) -> AsyncIterator[httpx.Response]:
+    response = await transport.handle_async_request(request)
+    try:
+        yield response
+    finally:
+        await response.aclose()
+
+
+def _error_message(text: str) -> str:
+    try:
+        data = json.loads(text)
+        msg = data.get("error", data) if isinstance(data, dict) else data
+        if isinstance(msg, dict):
+            msg = msg.get("message", msg)
+        text = str(msg)
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    return " ".join(text.split())[:200]
+
+
+async def run_pass(transports: Sequence[httpx.AsyncBaseTransport], base_url: str,
+                   model: str, requests: Sequence[Request], timeout_s: float, clock: Clock,
+                   salt: str | None) -> tuple[list[RequestResult], float]:
+    """One replay: closed loop with one request in flight per transport, or open loop at
+    the arrival offsets (capped by the number of transports) when the trace has them.
+    Returns the results in trace order and the pass duration."""
+    open_loop = any(r.arrival_offset_s is not None for r in requests)
+    start = clock()
+    if not open_loop:  # one worker per transport, each taking the next request in turn
+        results: list[RequestResult | None] = [None] * len(requests)
+        pending = iter(range(len(requests)))
+
+        async def worker(transport: httpx.AsyncBaseTransport) -> None:
+            for i in pending:
+                path, body = request_payload(requests[i], model, salt)
+                results[i] = await send_request(transport, base_url, path, body, timeout_s,
+                                                clock, clock() - start)
+
+        await asyncio.gather(*(worker(t) for t in transports))
+        return [r for r in results if r is not None], clock() - start
+    idle: asyncio.Queue[httpx.AsyncBaseTransport] = asyncio.Queue()
+    for transport in transports:
+        idle.put_nowait(transport)
+
+    async def one(req: Request) -> RequestResult:
+        if open_loop:
+            delay = (req.arrival_offset_s or 0.0) - (clock() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+        transport = await idle.get()
+        try:
+            path, body = request_payload(req, model, salt)
+            return await send_request(transport, base_url, path, body, timeout_s, clock,
+                                      clock() - start)
+        finally:
+            idle.put_nowait(transport)
+
+    replies = await asyncio.gather(*(one(r) for r in requests))
+    return list(replies), clock() - start
+
+
+def warmup_requests(count: int, seed: int) -> list[Request]:
+    """Short prompts made of words that do not open any workload prompt, so warm-up does
+    not seed the prefix cache for the timed requests (a distinct cache salt also keeps
+    them apart)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        words = " ".join(rng.choice(_WARMUP_WORDS) for _ in range(24))
+        out.append(Request(line=0, prompt=f"{i} {words}",
+                           expected_output_tokens=WARMUP_OUTPUT_TOKENS))
+    return out
+
+
+async def bench_passes(base_url: str, model: str, workload: Workload, config: BenchConfig,
+                       clock: Clock = time.perf_counter,
+                       transport: httpx.AsyncBaseTransport | None = None,
+                       scrape: Callable[[], Awaitable[dict[str, float]]] | None = None,
+                       ) -> list[BenchMetrics]:
+    """Warm up, then replay the workload `config.passes` times, each under its own cache
+    salt. The whole bench is bounded by `config.bench_timeout_s` (asyncio.TimeoutError).
+    `transport` (a test double) replaces the HTTP connections when given."""
+    # One transport, holding one keep-alive connection, per request in flight: a shared
+    # pool scans every connection for every queued request, which made one pool the
+    # bottleneck at high concurrency (64 req/s at 64 in flight on an instant server).
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    tls = ssl.create_default_context()  # built once: loading the CA store takes ~50 ms
+    run_id = f"{random.getrandbits(32):08x}"
+    async with contextlib.AsyncExitStack() as stack:
+        transports = [transport] * config.concurrency if transport else []
+        while len(transports) < config.concurrency:
+            own = httpx.AsyncHTTPTransport(limits=limits, verify=tls)
+            stack.push_async_callback(own.aclose)
+            transports.append(own)
+
+        async def body() -> list[BenchMetrics]:
+            if config.warmup_requests:
+                await run_pass(transports[:config.warmup_requests], base_url, model,
+                               warmup_requests(config.warmup_requests, 0),
+                               config.request_timeout_s, clock, f"forge-warmup-{run_id}")
+            out = []
+            for k in range(config.passes):
+                before = await scrape() if scrape else {}
+                results, duration = await run_pass(
+                    transports, base_url, model, workload.requests,
+                    config.request_timeout_s, clock, f"forge-{run_id}-pass{k}")
+                after = await scrape() if scrape else {}
+                out.append(aggregate(results, duration, counter_deltas(before, after),
+                                     slo=config.slo))
+            return out
+
+        return await asyncio.wait_for(body(), timeout=config.bench_timeout_s)
+
+
+def median_pass(passes: Sequence[BenchMetrics]) -> BenchMetrics:
+    """The pass with the median output throughput (the lower middle for an even count)."""
+    ordered = sorted(passes, key=lambda m: m.output_throughput)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+# -- server counters ------------------------------------------------------------------------
+
+COUNTERS = {  # /metrics name -> our key; counters are reported as deltas over a pass
+    "vllm:num_preemptions_total": "num_preemptions",
+    "vllm:prefix_cache_queries_total": "prefix_cache_queries",
+    "vllm:prefix_cache_hits_total": "prefix_cache_hits",
+    "vllm:prompt_tokens_total": "prompt_tokens",
+    "vllm:generation_tokens_total": "generation_tokens",
+    "vllm:request_success_total": "requests_succeeded",
+}
+GAUGES = {"vllm:kv_cache_usage_perc": "kv_cache_usage", "vllm:num_requests_waiting":
+          "requests_waiting"}
+# vllm:request_success_total also counts aborted and failed requests under these labels
+_NOT_SUCCESS = re.compile(r'finished_reason="(abort|error)"')
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Sum every sample of the counters and gauges we track over their label sets."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, rest = line.partition("{") if "{" in line.split(" ", 1)[0] else (
+            line.split(" ", 1)[0], "", line.split(" ", 1)[1] if " " in line else "")
+        key = COUNTERS.get(name) or GAUGES.get(name)
+        if key is None or _NOT_SUCCESS.search(rest):
+            continue
+        value = rest.rsplit("}", 1)[-1].split()
+        try:
+            out[key] = out.get(key, 0.0) + float(value[0])
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def counter_deltas(before: Mapping[str, float], after: Mapping[str, float]
+                   ) -> dict[str, float]:
+    """Counter increases over a pass, gauges as read after it, and the prefix-cache hit
+    rate of the pass."""
+    out = {key: after[key] - before.get(key, 0.0) for key in COUNTERS.values()
+           if key in after}
+    out.update({key: after[key] for key in GAUGES.values() if key in after})
+    queries = out.get("prefix_cache_queries", 0.0)
+    if queries > 0:
+        out["prefix_cache_hit_rate"] = out.get("prefix_cache_hits", 0.0) / queries
+    return out

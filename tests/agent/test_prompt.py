@@ -1,0 +1,169 @@
+"""The prompt: the playbook and reply format as the system message; every fact the agent
+needs in the user message (hardware, memory budget, workload, layer, knobs with ranges and
+defaults, best recipe, history with metrics and failures, budget, feedback); and history
+compressed to the token budget without losing the latest rows or the failures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aevyra_forge.agent import AgentContext, Budget
+from aevyra_forge.agent.prompt import USER_BUDGET_TOKENS, build_prompt
+from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.values import (
+    BenchMetrics,
+    ExperimentRecord,
+    LatencyStats,
+    Layer,
+    Proposal,
+    Status,
+)
+from aevyra_forge.core.workload import estimate_tokens, load_workload
+from aevyra_forge.space.hardware import gpu_spec
+from aevyra_forge.space.knob_space import KnobSpace
+from aevyra_forge.space.model_profile import profile
+from aevyra_forge.space.playbook import load_playbook
+from tests.conftest import MODEL_8B, SAMPLE_WORKLOAD
+
+PLAYBOOK = load_playbook()
+WORKLOAD = load_workload(SAMPLE_WORKLOAD).stats
+A100 = KnobSpace(gpu_spec("A100-80GB").hardware(), profile(MODEL_8B), simulated=True)
+BASE = A100.baseline(MODEL_8B)
+
+
+def _metrics(tput: float) -> BenchMetrics:
+    return BenchMetrics(
+        completed=50, failed=1, duration_s=10.0, input_tokens=9000, output_tokens=8000,
+        request_throughput=5.0, output_throughput=tput, total_token_throughput=tput * 2,
+        ttft_ms=LatencyStats(mean=80, p50=70, p90=150, p99=412.0),
+        tpot_ms=LatencyStats(mean=20, p50=19, p90=25, p99=31.5),
+        e2e_ms=LatencyStats(mean=2000, p50=1900, p90=3000, p99=5123.0),
+        server={"num_preemptions": 17.0, "prefix_cache_hit_rate": 0.42})
+
+
+def _rec(exp: int, changes: dict[str, Any] | None, status: Status = "ok",
+         score: float | None = 1.0, kept: bool = False, reason: str = "",
+         layer: Layer = 1) -> ExperimentRecord:
+    refused = status in ("invalid", "duplicate")
+    recipe = A100.apply(BASE, changes) if changes and not refused else BASE
+    ok = status == "ok"
+    return ExperimentRecord(
+        exp=exp, recipe=recipe.to_dict(), recipe_id=recipe.id, parent_id=BASE.id,
+        generation=recipe.generation, layer=layer, status=status, reason=reason,
+        metrics=_metrics(1000.0 * (score or 1)) if ok else None, accuracy=1.0 if ok else None,
+        score=score if ok else None, kept=kept, decision="kept" if kept else "reverted",
+        proposal=Proposal(rationale=f"rationale {exp}", layer=layer, changes=changes)
+        if changes else None,
+        started_at="t", finished_at="t")
+
+
+def _ctx(history: list[ExperimentRecord], best: Recipe = BASE, layer: Layer = 1,
+         feedback: str | None = None, dollars: float | None = None) -> AgentContext:
+    return AgentContext(hardware=A100.hw, workload=WORKLOAD, layer=layer, space=A100,
+                        best=best, best_score=1.0, history=tuple(history),
+                        playbook=PLAYBOOK, budget=Budget(37, 9.5, dollars),
+                        tried_ids=frozenset(r.recipe_id for r in history),
+                        feedback=feedback, attempt=1 if feedback else 0)
+
+
+def test_system_is_the_playbook_and_the_reply_format() -> None:
+    system = build_prompt(_ctx([])).system
+    assert PLAYBOOK.text.strip() in system
+    assert "## Reply format" in system
+    for key in ("rationale", "layer", "changes", "expected_effect"):
+        assert f'"{key}"' in system
+    assert "never the model" in system
+
+
+def test_user_message_carries_the_facts() -> None:
+    best = A100.apply(BASE, {"max_num_seqs": 512})
+    user = build_prompt(_ctx([_rec(0, None), _rec(1, {"max_num_seqs": 512}, score=1.21,
+                                                  kept=True)], best=best)).user
+    # hardware and memory budget: 8.03 B params in bf16 ~ 15.0 GiB; 128 KiB per token
+    assert "A100" in user and "FP8 support: no" in user
+    assert "weights ~15.0 GiB (none)" in user and "128 KiB per token" in user
+    assert "gpu_memory_utilization 0.9" in user and "for the KV cache" in user
+    assert WORKLOAD.summary() in user
+    assert "## Active layer\n1 (config)" in user
+    # knobs allowed now: type, range, default for this GPU class, the incumbent's value
+    assert ("- max_num_seqs: int in [1, 4096]; default here 256; best recipe has 512."
+            in user)
+    assert "- enable_prefix_caching: bool (true or false); default here true" in user
+    assert "kv_cache_dtype" not in user.split("## Best recipe")[0]  # layer 2 not offered
+    assert f"id {best.id}, generation 1" in user and "max_num_seqs=512" in user
+    assert "37 experiments, 9.5 GPU hours, LLM spend no cap" in user
+
+
+def test_history_rows_have_metrics_counters_and_failures() -> None:
+    history = [_rec(0, None), _rec(1, {"max_num_seqs": 512}, score=1.21, kept=True),
+               _rec(2, {"gpu_memory_utilization": 0.95}, status="oom",
+                    reason="CUDA out of memory in sampler warm-up"),
+               _rec(3, {"max_num_seq": 1}, status="invalid", reason="unknown knob")]
+    user = build_prompt(_ctx(history)).user
+    assert "exp 0 [layer 1] baseline -> ok" in user
+    row = next(line for line in user.splitlines() if line.startswith("exp 1 "))
+    for needle in ("KEPT", "score 1.210", "output 1210.0 tok/s", "TTFT p99 412 ms",
+                   "TPOT p99 31.5 ms", "E2E p99 5123 ms", "accuracy 1.000",
+                   "failed requests 1", "num_preemptions 17", "prefix_cache_hit_rate 0.42",
+                   "rationale: rationale 1"):
+        assert needle in row, needle
+    assert ("exp 2 [layer 1] gpu_memory_utilization=0.95 -> oom: CUDA out of memory in "
+            "sampler warm-up") in user
+    assert "exp 3 [layer 1] max_num_seq=1 -> invalid (refused before booting)" in user
+
+
+def test_feedback_and_dollars() -> None:
+    user = build_prompt(_ctx([], feedback="repeat of experiment 4 (recipe abc)",
+                             dollars=0.4321)).user
+    assert "## Your previous proposal was refused\nrepeat of experiment 4" in user
+    assert "LLM spend $0.4321" in user
+    assert "refused" not in build_prompt(_ctx([])).user
+
+
+def test_long_history_is_compressed_within_budget() -> None:
+    history = [_rec(0, None)]
+    for i in range(1, 300):
+        if i % 50 == 0:
+            history.append(_rec(i, {"gpu_memory_utilization": 0.97}, status="oom",
+                                reason="out of memory under load"))
+        else:
+            history.append(_rec(i, {"max_num_seqs": 8 + i}, score=1.0 + i / 1000,
+                                kept=i % 30 == 0))
+    short = build_prompt(_ctx(history)).user  # the default budget: one line each
+    assert estimate_tokens(short) <= USER_BUDGET_TOKENS
+    assert "exp 50 L1 gpu_memory_utilization=0.97: oom (out of memory under load)" in short
+    user = build_prompt(_ctx(history), budget_tokens=3000).user  # tighter: folded
+    assert estimate_tokens(user) <= 3000
+    assert "## Experiment history (300 so far" in user
+    assert "exp 299 [layer 1] max_num_seqs=307 -> ok" in user  # the latest, in full
+    assert "Experiments 0-" in user and "in brief: " in user  # the oldest, aggregated
+    assert "Failed (do not retry these or values beyond them): " \
+           "gpu_memory_utilization=0.97 (oom)" in user
+    assert "max_num_seqs=38 (1.030)" in user  # a kept step from the folded part
+
+
+def test_short_history_is_all_in_full() -> None:
+    history = [_rec(i, {"max_num_seqs": 8 + i} if i else None) for i in range(6)]
+    user = build_prompt(_ctx(history)).user
+    assert "in brief" not in user and "one line each" not in user
+    assert all(f"exp {i} [layer 1]" in user for i in range(6))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(min_value=0, max_value=250),
+       budget=st.integers(min_value=2500, max_value=8000),
+       failing=st.sampled_from(["oom", "crash", "boot_failed", "timeout"]))
+def test_any_history_fits_and_keeps_the_latest(n: int, budget: int, failing: Status) -> None:
+    history = [_rec(i, {"max_num_seqs": 8 + i} if i else None,
+                    status=failing if i % 7 == 3 else "ok",
+                    reason="x" * 300, kept=i % 11 == 0) for i in range(n)]
+    user = build_prompt(_ctx(history), budget_tokens=budget).user
+    head = build_prompt(_ctx([]), budget_tokens=budget).user
+    # The budget holds whenever the fixed sections plus three full rows fit in it.
+    if estimate_tokens(head) + 3 * 120 <= budget:
+        assert estimate_tokens(user) <= budget
+    if n:
+        assert f"exp {n - 1} [layer 1]" in user

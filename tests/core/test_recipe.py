@@ -1,0 +1,280 @@
+"""Tests for aevyra_forge.core.recipe: YAML round trip, content ids, lineage, diff, rendering
+to argv + env, and the errors a hand-edited recipe gets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aevyra_forge.core.errors import RecipeError
+from aevyra_forge.core.recipe import (
+    KernelSettings,
+    QuantSettings,
+    Recipe,
+    diff,
+    load_recipe,
+    recipe_from_dict,
+    render,
+)
+from aevyra_forge.core.values import SCHEMA_VERSION
+
+MODEL = "meta-llama/Llama-3.2-1B-Instruct"
+
+
+def full_recipe() -> Recipe:
+    return Recipe(
+        model=MODEL,
+        config={"max_num_seqs": 128, "gpu_memory_utilization": 0.92,
+                "enable_prefix_caching": False, "enforce_eager": True, "max_model_len": None},
+        quant=QuantSettings(kv_cache_dtype="fp8"),
+        kernel=KernelSettings(attention_backend="FLASHINFER",
+                              compilation_config={"cudagraph_mode": "PIECEWISE", "level": 3},
+                              env={"VLLM_CPU_KVCACHE_SPACE": "8"}),
+    )
+
+
+# -- YAML round trip and ids -----------------------------------------------------------------
+
+def test_yaml_round_trip_keeps_everything(tmp_path: Path) -> None:
+    recipe = full_recipe().child(config={"max_num_seqs": 64})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe.to_yaml())
+    loaded = load_recipe(path)
+    assert loaded == recipe
+    assert loaded.id == recipe.id
+    assert loaded.parent_id == recipe.parent_id is not None
+    assert loaded.generation == 1
+    data = yaml.safe_load(path.read_text())
+    assert list(data)[:2] == ["schema_version", "id"]
+    assert data["id"] == recipe.id
+    assert data["schema_version"] == SCHEMA_VERSION
+
+
+def test_id_is_a_short_hex_content_hash() -> None:
+    rid = Recipe(model=MODEL).id
+    assert len(rid) == 8
+    int(rid, 16)
+
+
+def test_stored_id_is_ignored_and_recomputed(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"id: deadbeef\nmodel: {MODEL}\nconfig:\n  max_num_seqs: 64\n")
+    loaded = load_recipe(path)
+    assert loaded.id != "deadbeef"
+    assert loaded.id == Recipe(model=MODEL, config={"max_num_seqs": 64}).id
+
+
+def test_equal_settings_equal_id_regardless_of_lineage_and_key_order() -> None:
+    a = Recipe(model=MODEL, config={"max_num_seqs": 64, "block_size": 32})
+    b = Recipe(model=MODEL, config={"block_size": 32, "max_num_seqs": 64},
+               parent_id="0badc0de", generation=7)
+    assert a.id == b.id
+    c = recipe_from_dict({"kernel": {}, "config": {"block_size": 32, "max_num_seqs": 64},
+                          "generation": 2, "model": MODEL})
+    assert c.id == a.id
+
+
+@pytest.mark.parametrize("other", [
+    Recipe(model=MODEL, config={"max_num_seqs": 65, "block_size": 32}),
+    Recipe(model=MODEL + "-x", config={"max_num_seqs": 64, "block_size": 32}),
+    Recipe(model=MODEL, config={"max_num_seqs": 64, "block_size": 32},
+           quant=QuantSettings(kv_cache_dtype="fp8")),
+    Recipe(model=MODEL, config={"max_num_seqs": 64, "block_size": 32},
+           kernel=KernelSettings(env={"X": "1"})),
+    Recipe(model=MODEL, config={"max_num_seqs": 64}),
+])
+def test_different_settings_different_id(other: Recipe) -> None:
+    assert other.id != Recipe(model=MODEL, config={"max_num_seqs": 64, "block_size": 32}).id
+
+
+def test_child_advances_lineage() -> None:
+    parent = Recipe(model=MODEL, generation=3)
+    child = parent.child(config={"max_num_seqs": 32})
+    assert child.parent_id == parent.id
+    assert child.generation == 4
+    assert child.config == {"max_num_seqs": 32}
+    assert child.id != parent.id
+    assert parent.config == {}  # the parent is untouched
+    grandchild = child.child()
+    assert (grandchild.parent_id, grandchild.generation) == (child.id, 5)
+    assert grandchild.id == child.id  # same settings, same id
+
+
+def test_diff() -> None:
+    old = Recipe(model=MODEL, config={"max_num_seqs": 64, "block_size": 32})
+    new = old.child(config={"max_num_seqs": 128, "enforce_eager": True},
+                    quant=QuantSettings(kv_cache_dtype="fp8"),
+                    kernel=KernelSettings(compilation_config={"cudagraph_mode": "NONE"}))
+    assert diff(old, new) == {
+        "config.block_size": (32, None),
+        "config.enforce_eager": (None, True),
+        "config.max_num_seqs": (64, 128),
+        "kernel.compilation_config.cudagraph_mode": (None, "NONE"),
+        "quant.kv_cache_dtype": ("auto", "fp8"),
+    }
+    assert diff(old, old.child()) == {}
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+def test_render_full() -> None:
+    argv, env = render(full_recipe())
+    assert argv == [
+        MODEL,
+        "--no-enable-prefix-caching",
+        "--enforce-eager",
+        "--gpu-memory-utilization", "0.92",
+        "--max-num-seqs", "128",
+        "--kv-cache-dtype", "fp8",
+        "--attention-backend", "FLASHINFER",
+        "--compilation-config", argv[-1],
+    ]
+    assert json.loads(argv[-1]) == {"cudagraph_mode": "PIECEWISE", "level": 3}
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "8"}
+
+
+def test_render_baseline_is_just_the_model() -> None:
+    assert render(Recipe(model=MODEL)) == ([MODEL], {})
+
+
+def test_render_booleans_and_none() -> None:
+    argv, _ = render(Recipe(model=MODEL, config={"enable_chunked_prefill": True,
+                                                 "enable_prefix_caching": False,
+                                                 "max_model_len": None}))
+    assert argv == [MODEL, "--enable-chunked-prefill", "--no-enable-prefix-caching"]
+    assert not any("max-model-len" in a for a in argv)
+
+
+def test_quantized_checkpoint_replaces_model_without_quantization_flag() -> None:
+    recipe = Recipe(model=MODEL, quant=QuantSettings(method="awq",
+                                                     checkpoint="acme/Llama-3.2-1B-AWQ"))
+    argv, _ = render(recipe)
+    assert recipe.serve_model == "acme/Llama-3.2-1B-AWQ"
+    assert argv == ["acme/Llama-3.2-1B-AWQ"]
+    assert "--quantization" not in argv
+    assert MODEL not in argv
+
+
+def test_on_the_fly_quantization_is_passed() -> None:
+    argv, _ = render(Recipe(model=MODEL, quant=QuantSettings(method="fp8")))
+    assert argv == [MODEL, "--quantization", "fp8"]
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("data", "bad", "valid"), [
+    ({"model": MODEL, "confg": {}}, "'confg'",
+     "schema_version, parent_id, generation, model, config, quant, kernel"),
+    ({"model": MODEL, "quant": {"methd": "awq"}}, "'quant.methd'",
+     "method, checkpoint, kv_cache_dtype"),
+    ({"model": MODEL, "kernel": {"envs": {}}}, "'kernel.envs'",
+     "attention_backend, compilation_config, env"),
+])
+def test_unknown_keys_list_valid_keys(data: dict[str, Any], bad: str, valid: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(data, source="r.yaml")
+    msg = str(info.value)
+    assert msg.startswith("r.yaml: unknown key " + bad)
+    assert msg.endswith("valid keys here: " + valid)
+
+
+def test_missing_model() -> None:
+    with pytest.raises(RecipeError, match="recipe: missing required key 'model'"):
+        recipe_from_dict({"config": {}})
+
+
+def test_wrong_schema_version() -> None:
+    with pytest.raises(RecipeError, match=r"schema_version 99 is not supported.*upgrade"):
+        recipe_from_dict({"schema_version": 99, "model": MODEL})
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="expected a mapping at the top level"):
+        load_recipe(path)
+
+
+def test_bad_value_type_names_the_key() -> None:
+    with pytest.raises(RecipeError, match=r"recipe: generation: "):
+        recipe_from_dict({"model": MODEL, "generation": "first"})
+
+
+def test_bad_yaml_reports_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"model: {MODEL}\n  quant: indented\nconfig: {{}}\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}:2: not valid YAML (")
+    assert "\n" not in msg
+
+
+def test_missing_recipe_file(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_empty_recipe_file_needs_a_model(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("")
+    with pytest.raises(RecipeError, match="missing required key 'model'"):
+        load_recipe(path)
+
+
+# -- properties -----------------------------------------------------------------------------
+
+RENDERED_BY_RECIPE = {"quantization", "kv_cache_dtype", "attention_backend", "compilation_config"}
+identifier = st.from_regex(r"[a-z][a-z0-9_]{0,20}", fullmatch=True).filter(
+    lambda k: k not in RENDERED_BY_RECIPE)
+safe_text = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")),
+                    min_size=1, max_size=30).filter(lambda t: not t.startswith("-"))
+config_value = st.one_of(st.none(), st.booleans(), st.integers(), safe_text,
+                         st.floats(allow_nan=False, allow_infinity=False))
+
+
+@given(st.dictionaries(identifier, config_value, max_size=6),
+       st.dictionaries(identifier, st.one_of(st.booleans(), st.integers(), safe_text),
+                       max_size=3),
+       st.one_of(st.none(), safe_text), st.sampled_from(["auto", "fp8"]),
+       st.one_of(st.none(), safe_text))
+@settings(max_examples=150, deadline=None)
+def test_render_argv_is_a_flat_list_of_single_line_strings(
+        config: dict[str, Any], compilation: dict[str, Any], backend: str | None,
+        kv: str, checkpoint: str | None) -> None:
+    recipe = Recipe(model=MODEL, config=config,
+                    quant=QuantSettings(method="awq", checkpoint=checkpoint, kv_cache_dtype=kv),
+                    kernel=KernelSettings(attention_backend=backend,
+                                          compilation_config=compilation))
+    argv, env = render(recipe)
+    assert isinstance(argv, list)
+    assert all(type(a) is str for a in argv)
+    assert not any("\n" in a or "\x00" in a for a in argv)
+    assert argv[0] == (checkpoint or MODEL)
+    flags = [a for a in argv if a.startswith("--")]
+    expected = {("--no-" if v is False else "--") + k.replace("_", "-")
+                for k, v in config.items() if v is not None}
+    assert expected <= set(flags)
+    assert ("--quantization" in argv) == (checkpoint is None)
+    assert env == {}
+    if compilation:
+        assert json.loads(argv[argv.index("--compilation-config") + 1]) == compilation
+
+
+@given(st.text(max_size=12), st.text(max_size=12))
+@settings(max_examples=200, deadline=None)
+def test_render_never_emits_newlines_or_nul_even_from_odd_strings(key: str,
+                                                                  value: str) -> None:
+    try:
+        recipe = recipe_from_dict({"model": MODEL, "config": {key: value},
+                                   "kernel": {"attention_backend": value}})
+        argv, _ = render(recipe)
+    except RecipeError:
+        return  # refusing the recipe is a fine answer
+    assert not any("\n" in a or "\x00" in a for a in argv)

@@ -1,0 +1,371 @@
+"""Tests for aevyra_forge.space.knob_space: the registry itself, what each hardware class may touch,
+value checking, applying changes to recipes and checking hand-written recipes."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aevyra_forge.core.errors import KnobError, RecipeError
+from aevyra_forge.core.recipe import KernelSettings, QuantSettings, Recipe
+from aevyra_forge.core.values import Hardware
+from aevyra_forge.space import hardware
+from aevyra_forge.space import knob_space as knobs
+from aevyra_forge.space.knob_space import ANY, KNOBS, NOT_TUNABLE, REGISTRY, KnobSpace
+from aevyra_forge.space.model_profile import ModelProfile, profile
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+PROFILE: ModelProfile = profile(MODEL)
+
+A100 = hardware.gpu_spec("A100-80GB").hardware()
+H100 = hardware.gpu_spec("H100").hardware()
+T4 = hardware.gpu_spec("T4").hardware()
+L4 = hardware.gpu_spec("L4").hardware()
+A10G = hardware.gpu_spec("A10G").hardware()
+MI300X = hardware.gpu_spec("MI300X").hardware()
+CPU = Hardware(device="cpu", cpu_cores=2, memory_gib=24)
+ALL_HW = {"A100": A100, "H100": H100, "T4": T4, "L4": L4, "A10G": A10G, "MI300X": MI300X,
+          "CPU": CPU}
+
+
+def space(hw: Hardware, simulated: bool = False) -> KnobSpace:
+    return KnobSpace(hw, PROFILE, simulated=simulated)
+
+
+# -- the registry ----------------------------------------------------------------------------
+
+def test_registry_names_unique_and_indexed() -> None:
+    assert len(KNOBS) == len(REGISTRY)
+    assert all(KNOBS[k.name] is k for k in REGISTRY)
+    assert not set(NOT_TUNABLE) & set(KNOBS)
+
+
+@pytest.mark.parametrize("knob", REGISTRY, ids=[k.name for k in REGISTRY])
+def test_registry_entry_is_sane(knob: knobs.Knob) -> None:
+    assert knob.note.strip() and len(knob.note) > 20
+    assert knob.layer in (1, 2, 3)
+    assert knob.default, "every knob needs a default"
+    # a default for every hardware class, directly or through ANY
+    assert ANY in knob.default or {"cpu", "gpu", "gpu_large"} <= set(knob.default)
+    if knob.kind in ("int", "float"):
+        assert knob.low is not None and knob.high is not None and knob.low < knob.high
+        for value in knob.grid:
+            assert isinstance(value, int | float) and not isinstance(value, bool)
+            assert knob.low <= value <= knob.high, value
+        for value in knob.default.values():
+            assert value is None or knob.low <= value <= knob.high  # type: ignore[operator]
+    if knob.kind == "int":
+        assert all(isinstance(v, int) for v in knob.grid)
+    if knob.kind == "choice":
+        assert knob.choices
+        every_choice = {c for opts in knob.choices.values() for c in opts}
+        assert set(knob.grid) <= every_choice
+        for hw_class, value in knob.default.items():
+            options = (knob.choices.get("cpu", knob.choices.get(ANY, ()))
+                       if hw_class == "cpu" else every_choice)
+            assert value is None or value in options, (hw_class, value)
+    if knob.kind == "bool":
+        assert all(isinstance(v, bool) for v in knob.default.values())
+
+
+def test_get_unknown_knob_lists_known_ones() -> None:
+    with pytest.raises(KnobError, match=r"unknown knob 'max_seqs'; known knobs: max_num_seqs"):
+        knobs.get("max_seqs")
+
+
+def test_hw_class_and_fp8() -> None:
+    assert [knobs.hw_class(h) for h in (A100, H100, T4, MI300X, CPU)] == [
+        "gpu", "gpu_large", "gpu", "gpu_huge", "cpu"]
+    assert {n for n, h in ALL_HW.items() if knobs.has_fp8(h)} == {"H100", "L4", "MI300X"}
+
+
+# -- what each hardware may touch ------------------------------------------------------------
+
+@pytest.mark.parametrize(("hw", "seqs", "tokens"), [
+    (H100, 1024, 8192), (A100, 256, 2048), (T4, 256, 2048), (MI300X, 1024, 16384),
+    (CPU, 128, 2048),
+])
+def test_batch_defaults_per_hardware_class(hw: Hardware, seqs: int, tokens: int) -> None:
+    sp = space(hw)
+    assert sp.default(KNOBS["max_num_seqs"]) == seqs
+    assert sp.default(KNOBS["max_num_batched_tokens"]) == tokens
+    baseline = sp.baseline(MODEL)
+    assert sp.value(baseline, KNOBS["max_num_seqs"]) == seqs
+    assert sp.value(baseline, KNOBS["max_num_batched_tokens"]) == tokens
+
+
+def test_max_model_len_defaults_to_the_model_context() -> None:
+    sp = space(A100)
+    assert sp.default(KNOBS["max_model_len"]) == PROFILE.max_context == 131072
+    assert sp.bounds(KNOBS["max_model_len"]) == (128, 131072)
+    with pytest.raises(KnobError, match="out of range"):
+        sp.check("max_model_len", 131073)
+
+
+@pytest.mark.parametrize("simulated", [False, True])
+@pytest.mark.parametrize("name", ["H100", "L4", "MI300X", "A100", "T4", "A10G", "CPU"])
+def test_fp8_only_on_fp8_hardware(name: str, simulated: bool) -> None:
+    sp = space(ALL_HW[name], simulated)
+    fp8_ok = name in ("H100", "L4", "MI300X")
+    kv, quant = KNOBS["kv_cache_dtype"], KNOBS["quant_method"]
+    assert ("fp8" in sp.choices(kv)) == fp8_ok
+    assert ("fp8" in sp.choices(quant)) == fp8_ok
+    assert sp.available(kv) == fp8_ok
+    for knob_name in ("kv_cache_dtype", "quant_method"):
+        if fp8_ok:
+            assert sp.check(knob_name, "fp8") == "fp8"
+        else:
+            with pytest.raises(KnobError):
+                sp.check(knob_name, "fp8")
+
+
+def test_prequantized_methods_only_in_dry_run() -> None:
+    assert space(H100).choices(KNOBS["quant_method"]) == ("none", "fp8")
+    assert space(H100, simulated=True).choices(KNOBS["quant_method"]) == (
+        "none", "awq", "gptq", "fp8", "w8a8_int8")
+    assert not space(A100).available(KNOBS["quant_method"])  # only "none" left
+
+
+def test_cpu_block_size_and_gpu_block_size() -> None:
+    block = KNOBS["block_size"]
+    assert space(CPU).choices(block) == (32, 64, 128)
+    assert space(CPU).default(block) == 128
+    assert space(H100).choices(block) == (16, 32)
+    assert space(H100).default(block) == 16
+    with pytest.raises(KnobError, match="block_size must be one of 32, 64, 128; got 16"):
+        space(CPU).check("block_size", 16)
+
+
+def test_float32_only_on_cpu() -> None:
+    assert space(CPU).check("dtype", "float32") == "float32"
+    for hw in (H100, A100, MI300X):
+        with pytest.raises(KnobError, match="dtype must be one of"):
+            space(hw).check("dtype", "float32")
+
+
+def test_cpu_has_no_gpu_knobs_and_gpus_no_cpu_knobs() -> None:
+    cpu_names = {k.name for k in space(CPU).knobs()}
+    assert {"gpu_memory_utilization", "kv_cache_dtype", "attention_backend",
+            "tensor_parallel_size", "cudagraph_mode"}.isdisjoint(cpu_names)
+    assert {"VLLM_CPU_KVCACHE_SPACE", "block_size", "max_num_seqs"} <= cpu_names
+    with pytest.raises(KnobError, match="not available on cpu"):
+        space(CPU).check("gpu_memory_utilization", 0.9)
+    with pytest.raises(KnobError, match="not available on cuda"):
+        space(H100).check("VLLM_CPU_KVCACHE_SPACE", 4)
+
+
+def test_tensor_parallel_needs_several_gpus() -> None:
+    tp = KNOBS["tensor_parallel_size"]
+    assert not space(H100).available(tp)
+    assert tp not in space(H100).knobs(1)
+    with pytest.raises(KnobError, match="not available"):
+        space(H100).check("tensor_parallel_size", 2)
+    two = space(hardware.gpu_spec("H100").hardware(count=2))
+    assert two.available(tp)
+    assert two.choices(tp) == (1, 2)
+    assert two.check("tensor_parallel_size", 2) == 2
+    with pytest.raises(KnobError):
+        two.check("tensor_parallel_size", 4)
+    with pytest.raises(KnobError):
+        two.check("tensor_parallel_size", True)  # True == 1, but it is not a GPU count
+    assert space(hardware.gpu_spec("H100").hardware(count=8)).choices(tp) == (1, 2, 4, 8)
+
+
+def test_a_vllm_without_a_flag_hides_its_knob() -> None:
+    from aevyra_forge.space.vllm_flags import ArgInfo, VllmArgs
+
+    args = {name: ArgInfo(name, (f"--{name}",), None, None, False)
+            for name in ("max_num_seqs", "block_size")}
+    sp = KnobSpace(CPU, PROFILE, vllm=VllmArgs(version="0.0.1+cpu", args=args))
+    names = {k.name for k in sp.knobs(1)}
+    assert "max_num_seqs" in names and "block_size" in names
+    assert "max_num_batched_tokens" not in names
+    assert "VLLM_CPU_KVCACHE_SPACE" in names  # env knobs are not vLLM arguments
+
+
+def test_knobs_by_layer() -> None:
+    sp = space(H100, simulated=True)
+    assert {k.layer for k in sp.knobs(1)} == {1}
+    assert {k.name for k in sp.knobs(2)} == {"quant_method", "kv_cache_dtype"}
+    assert {k.name for k in sp.knobs(3)} >= {"attention_backend", "cudagraph_mode"}
+    assert len(sp.knobs()) == sum(len(sp.knobs(layer)) for layer in (1, 2, 3))
+
+
+# -- check() -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "value", "reason"), [
+    ("max_num_seqs", 64.0, "takes an integer"),
+    ("max_num_seqs", 12.5, "takes an integer"),
+    ("max_num_seqs", True, "takes an integer"),
+    ("max_num_seqs", "64", "takes an integer"),
+    ("max_num_seqs", 0, "out of range [1, 4096]"),
+    ("max_num_seqs", 4097, "out of range"),
+    ("max_num_batched_tokens", 63, "out of range"),
+    ("gpu_memory_utilization", 0.99, "out of range [0.5, 0.98]"),
+    ("gpu_memory_utilization", False, "takes a number"),
+    ("gpu_memory_utilization", "0.9", "takes a number"),
+    ("enable_prefix_caching", 1, "takes true or false"),
+    ("enable_prefix_caching", "true", "takes true or false"),
+    ("attention_backend", "FLASHINFER; rm -rf /", "must be one of"),
+    ("attention_backend", "flashinfer", "must be one of"),
+    ("block_size", 16.0 + 0.5, "must be one of"),
+    ("no_such_knob", 1, "unknown knob 'no_such_knob'"),
+    ("enable_chunked_prefill", True, "unknown knob"),
+])
+def test_check_rejects(name: str, value: Any, reason: str) -> None:
+    with pytest.raises(KnobError) as info:
+        space(H100).check(name, value)
+    assert reason in str(info.value)
+
+
+def test_check_accepts_and_normalises() -> None:
+    sp = space(H100)
+    assert sp.check("gpu_memory_utilization", 0.92) == 0.92
+    assert sp.check("max_num_seqs", 4096) == 4096
+    assert sp.check("attention_backend", "FLASHINFER") == "FLASHINFER"
+    assert sp.check("enforce_eager", True) is True
+    one = sp.check("max_num_batched_tokens", 64)
+    assert one == 64 and type(one) is int
+
+
+def test_cpu_kv_cache_space_bounded_by_host_memory() -> None:
+    sp = space(CPU)  # 24 GiB host: at most three quarters for the KV cache
+    assert sp.check("VLLM_CPU_KVCACHE_SPACE", 18) == 18
+    with pytest.raises(KnobError, match="out of range"):
+        sp.check("VLLM_CPU_KVCACHE_SPACE", 19)
+
+
+def test_validate() -> None:
+    sp = space(H100)
+    assert sp.validate({"max_num_seqs": 64, "enforce_eager": True}) == {
+        "max_num_seqs": 64, "enforce_eager": True}
+    with pytest.raises(KnobError, match="changes nothing"):
+        sp.validate({})
+    with pytest.raises(KnobError, match=r"belongs to layer 3 \(kernel\), not the active layer 1"):
+        sp.validate({"attention_backend": "FLASHINFER"}, layer=1)
+
+
+# -- apply() ---------------------------------------------------------------------------------
+
+def test_apply_default_value_drops_the_override() -> None:
+    sp = space(A100)
+    base = sp.baseline(MODEL)
+    tuned = sp.apply(base, {"max_num_seqs": 128, "enforce_eager": True})
+    assert tuned.config == {"max_num_seqs": 128, "enforce_eager": True}
+    assert (tuned.parent_id, tuned.generation) == (base.id, 1)
+    back = sp.apply(tuned, {"max_num_seqs": 256, "enforce_eager": False})  # A100 defaults
+    assert back.config == {}
+    assert back.id == base.id
+    assert (back.parent_id, back.generation) == (tuned.id, 2)
+
+
+def test_apply_routes_each_target() -> None:
+    sp = space(H100, simulated=True)
+    base = sp.baseline(MODEL)
+    r = sp.apply(base, {"quant_method": "fp8", "kv_cache_dtype": "fp8_e4m3",
+                        "attention_backend": "FLASHINFER", "cudagraph_mode": "PIECEWISE"})
+    assert r.quant == QuantSettings(method="fp8", kv_cache_dtype="fp8_e4m3")
+    assert r.kernel.attention_backend == "FLASHINFER"
+    assert r.kernel.compilation_config == {"cudagraph_mode": "PIECEWISE"}
+    back = sp.apply(r, {"quant_method": "none", "kv_cache_dtype": "auto",
+                        "cudagraph_mode": "FULL_AND_PIECEWISE"})
+    assert back.kernel.compilation_config == {}
+    assert back.id == sp.apply(base, {"attention_backend": "FLASHINFER"}).id
+
+
+def test_apply_env_knob_on_cpu() -> None:
+    sp = space(CPU)
+    base = sp.baseline(MODEL)
+    r = sp.apply(base, {"VLLM_CPU_KVCACHE_SPACE": 8, "VLLM_CPU_OMP_THREADS_BIND": "all"})
+    assert r.kernel.env == {"VLLM_CPU_KVCACHE_SPACE": "8", "VLLM_CPU_OMP_THREADS_BIND": "all"}
+    assert sp.value(r, KNOBS["VLLM_CPU_KVCACHE_SPACE"]) == 8
+    assert sp.apply(r, {"VLLM_CPU_KVCACHE_SPACE": 4,
+                        "VLLM_CPU_OMP_THREADS_BIND": "auto"}).id == base.id
+
+
+def test_effective_lists_every_available_knob() -> None:
+    sp = space(CPU)
+    eff = sp.effective(sp.apply(sp.baseline(MODEL), {"block_size": 64}), layer=1)
+    assert eff["block_size"] == 64
+    assert eff["max_num_seqs"] == 128  # the API server's CPU default
+    assert set(eff) == {k.name for k in sp.knobs(1)}
+
+
+# -- check_recipe() --------------------------------------------------------------------------
+
+def test_check_recipe_unknown_config_key_lists_valid_keys() -> None:
+    recipe = Recipe(model=MODEL, config={"max_num_seq": 8})
+    with pytest.raises(RecipeError) as info:
+        space(A100).check_recipe(recipe, source="best.yaml")
+    msg = str(info.value)
+    assert msg.startswith("best.yaml: unknown key 'config.max_num_seq'; valid keys: ")
+    assert "max_num_seqs" in msg and "max_num_batched_tokens" in msg
+
+
+@pytest.mark.parametrize("var", ["LD_PRELOAD", "VLLM_ATTENTION_BACKEND", "PATH"])
+def test_check_recipe_rejects_env_not_allow_listed(var: str) -> None:
+    recipe = Recipe(model=MODEL, kernel=KernelSettings(env={var: "x"}))
+    with pytest.raises(RecipeError, match=f"environment variable '{var}' is not allow-listed; "
+                       "allowed: VLLM_CPU_KVCACHE_SPACE"):
+        space(CPU).check_recipe(recipe)
+
+
+def test_check_recipe_rejects_unknown_compilation_key() -> None:
+    recipe = Recipe(model=MODEL, kernel=KernelSettings(compilation_config={"level": 3}))
+    expected = "unknown key 'kernel.compilation_config.level'; valid keys: cudagraph_mode"
+    with pytest.raises(RecipeError, match=re.escape(expected)):
+        space(H100).check_recipe(recipe)
+
+
+def test_check_recipe_rejects_bad_values_with_source() -> None:
+    with pytest.raises(RecipeError, match=re.escape("r.yaml: max_num_seqs=0 is out of range")):
+        space(A100).check_recipe(Recipe(model=MODEL, config={"max_num_seqs": 0}), "r.yaml")
+    with pytest.raises(RecipeError, match="kv_cache_dtype"):
+        space(A100).check_recipe(Recipe(model=MODEL, quant=QuantSettings(
+            kv_cache_dtype="fp8")))
+
+
+def test_check_recipe_normalises() -> None:
+    sp = space(A100)
+    recipe = Recipe(model=MODEL, config={"max_num_seqs": 256, "block_size": 32},
+                    parent_id="abcdef12", generation=9)
+    checked = sp.check_recipe(recipe)
+    assert checked.config == {"block_size": 32}  # 256 is the A100 default
+    assert (checked.parent_id, checked.generation) == (None, 0)
+    assert checked.id == Recipe(model=MODEL, config={"block_size": 32}).id
+    quantized = Recipe(model=MODEL, quant=QuantSettings(method="awq", checkpoint="acme/m-awq"))
+    assert sp.check_recipe(quantized).quant == quantized.quant
+
+
+# -- properties -----------------------------------------------------------------------------
+
+@given(st.data())
+@settings(max_examples=200, deadline=None)
+def test_apply_then_value_returns_the_value(data: st.DataObject) -> None:
+    hw = data.draw(st.sampled_from(list(ALL_HW.values())), label="hw")
+    sp = space(hw, simulated=data.draw(st.booleans(), label="simulated"))
+    knob = data.draw(st.sampled_from(sp.knobs()), label="knob")
+    grid = sp.grid(knob)
+    assert grid, f"{knob.name} has nothing to try"
+    value = data.draw(st.sampled_from(grid), label="value")
+    assert sp.check(knob.name, value) == value
+    start = sp.apply(sp.baseline(MODEL), {"max_num_batched_tokens": 1024})
+    applied = sp.apply(start, {knob.name: value})
+    assert sp.value(applied, knob) == value
+    if knob.name != "max_num_batched_tokens":
+        assert sp.value(applied, KNOBS["max_num_batched_tokens"]) == 1024
+    restored = sp.apply(applied, {knob.name: sp.value(start, knob)})
+    assert restored.id == start.id
+
+
+def test_batched_tokens_below_max_seqs_is_refused_before_booting() -> None:
+    sp = space(H100)
+    base = sp.baseline(MODEL)
+    sp.check_combination(sp.apply(base, {"max_num_batched_tokens": 1024,
+                                         "max_num_seqs": 512}))
+    with pytest.raises(KnobError, match="must be >= max_num_seqs"):
+        sp.check_combination(sp.apply(base, {"max_num_batched_tokens": 512}))  # seqs 1024

@@ -1,0 +1,80 @@
+"""Reading what the installed vLLM accepts: parsing its recorded `serve --help=all`, the
+per-version cache (through a fake `vllm` executable), and the knob space narrowed to it."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from aevyra_forge.core.errors import HardwareError
+from aevyra_forge.core.values import Hardware
+from aevyra_forge.space import hardware
+from aevyra_forge.space.knob_space import KNOBS, KnobSpace
+from aevyra_forge.space.model_profile import profile
+from aevyra_forge.space.vllm_flags import VllmArgs, introspect, parse_help
+
+HELP = Path(__file__).parents[1] / "data" / "vllm" / "serve_help_all_0.32.0+cpu.txt"
+ARGS = parse_help(HELP.read_text())
+
+
+def test_parses_every_option_of_the_recorded_help() -> None:
+    assert len(ARGS) > 300
+    seqs = ARGS["max_num_seqs"]
+    assert seqs.flags == ("--max-num-seqs",) and not seqs.boolean and seqs.default == "None"
+    prefix = ARGS["enable_prefix_caching"]
+    assert prefix.boolean and "--no-enable-prefix-caching" in prefix.flags
+    assert ARGS["dtype"].choices == ("auto", "bfloat16", "float", "float16", "float32",
+                                     "half")
+    assert ARGS["gpu_memory_utilization"].default == "0.92"
+    assert "fp8_e5m2" in (ARGS["kv_cache_dtype"].choices or ())
+    assert ARGS["tensor_parallel_size"].flags == ("--tensor-parallel-size", "-tp")
+    assert "help" not in ARGS and "num_scheduler_steps" not in ARGS  # removed V0 flag
+
+
+def _fake_vllm(tmp_path: Path, version: str = "0.32.0+cpu", help_rc: int = 0) -> Path:
+    calls = tmp_path / "calls.log"
+    script = tmp_path / "vllm"
+    script.write_text(f"""#!/bin/sh
+echo "$@" >> {calls}
+if [ "$1" = "--version" ]; then echo "{version}"; exit 0; fi
+if [ "$1 $2" = "serve --help=all" ]; then cat {HELP}; exit {help_rc}; fi
+echo "unexpected: $@" >&2; exit 2
+""")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script
+
+
+def test_introspect_runs_the_vllm_once_per_version(tmp_path: Path) -> None:
+    vllm = _fake_vllm(tmp_path)
+    first = introspect(str(vllm), cache_dir=tmp_path / "cache")
+    again = introspect(str(vllm), cache_dir=tmp_path / "cache")
+    assert first.version == "0.32.0+cpu" and first.is_cpu_build
+    assert again.args == first.args
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert calls.count("serve --help=all") == 1
+    assert calls.count("--version") == 2
+
+
+def test_a_broken_vllm_is_a_hardware_error(tmp_path: Path) -> None:
+    with pytest.raises(HardwareError, match="--help=all failed"):
+        introspect(str(_fake_vllm(tmp_path, help_rc=1)), cache_dir=tmp_path / "c")
+    with pytest.raises(HardwareError, match="cannot run"):
+        introspect(str(tmp_path / "missing-vllm"), cache_dir=tmp_path / "c")
+
+
+def test_the_knob_space_follows_this_vllm() -> None:
+    vllm = VllmArgs(version="0.32.0+cpu", args=ARGS)
+    gpu = KnobSpace(hardware.gpu_spec("H100").hardware(),
+                    profile("meta-llama/Llama-3.1-8B-Instruct"), vllm=vllm)
+    assert gpu.default(KNOBS["gpu_memory_utilization"]) == 0.92  # not the registry's 0.9
+    assert gpu.default(KNOBS["max_num_seqs"]) == 1024  # "None" there: hardware default
+    assert set(gpu.choices(KNOBS["kv_cache_dtype"])) == {"auto", "fp8", "fp8_e4m3",
+                                                         "fp8_e5m2"}
+    cpu = KnobSpace(Hardware(device="cpu", cpu_cores=2, memory_gib=24),
+                    profile("meta-llama/Llama-3.1-8B-Instruct"), vllm=vllm)
+    assert cpu.choices(KNOBS["dtype"]) == ("auto", "float32")
+    trimmed = {k: v for k, v in ARGS.items() if k != "max_num_batched_tokens"}
+    lacking = KnobSpace(cpu.hw, cpu.model, vllm=VllmArgs("0.32.0+cpu", trimmed))
+    assert "max_num_batched_tokens" not in {k.name for k in lacking.knobs(1)}
