@@ -5,28 +5,44 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import shlex
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
-from typing import Annotated, Any, Literal
+from types import FrameType, UnionType
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, cast, get_args, get_origin
 
 import typer
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from aevyra_forge import __version__
 from aevyra_forge.core.errors import ForgeError, HardwareError, UsageError
-from aevyra_forge.core.recipe import Recipe, render
-from aevyra_forge.core.settings import DEFAULT_LLM, TuneSettings
+from aevyra_forge.core.settings import Cli, TuneSettings
 from aevyra_forge.core.values import LAYER_NAMES, ExperimentRecord
+from aevyra_forge.loop.events import (
+    Event,
+    LayerEscalated,
+    Note,
+    Observer,
+    ProposalRefused,
+    RunOutcome,
+    TrialFinished,
+    TrialStarted,
+)
 from aevyra_forge.report.render import render_json, render_table, render_tsv
 from aevyra_forge.space.playbook import bundled_path, load_playbook, validate
+from aevyra_forge.space.rendering import render
 from aevyra_forge.store.run_store import resolve_run_dir
+
+if TYPE_CHECKING:  # the loop and its agents load only when a run starts
+    from aevyra_forge.loop.tuner import Tuner
 
 EXIT_INTERRUPTED = 130
 
@@ -50,19 +66,19 @@ class ProgressPrinter:
         self.budget = budget
         self.verbose = verbose
 
-    def event(self, kind: str, **data: Any) -> None:
+    def notify(self, event: Event) -> None:
         c = self.console
-        if kind == "note":
-            c.print(f"[cyan]note[/]: {data['text']}")
-        elif kind == "experiment_start" and self.verbose:
-            c.print(f"[dim]exp {data['exp']}: booting recipe {data['recipe'].id}...[/]")
-        elif kind == "experiment_end":
-            c.print(_experiment_line(data["record"], self.budget))
-        elif kind == "refused":
-            c.print(f"[yellow]  proposal refused[/] ({data['reason']}); asking again")
-        elif kind == "escalate":
-            c.print(f"[magenta]layer {data['layer']} ({LAYER_NAMES[data['layer']]}) done:"
-                    f"[/] {data['why']}")
+        match event:
+            case Note(text=text):
+                c.print(f"[cyan]note[/]: {text}")
+            case TrialStarted(trial=trial) if self.verbose:
+                c.print(f"[dim]exp {trial.exp}: booting recipe {trial.recipe_id}...[/]")
+            case TrialFinished(record=record):
+                c.print(_experiment_line(record, self.budget))
+            case ProposalRefused(reason=reason):
+                c.print(f"[yellow]  proposal refused[/] ({reason}); asking again")
+            case LayerEscalated(layer=layer, why=why):
+                c.print(f"[magenta]layer {layer} ({LAYER_NAMES[layer]}) done:[/] {why}")
 
 
 def _experiment_line(rec: ExperimentRecord, budget: int) -> str:
@@ -100,7 +116,7 @@ def _install_sigterm() -> None:
     signal.signal(signal.SIGHUP, handler)
 
 
-def _run_tuner(starter: Any, verbose: bool, run_hint: str) -> None:
+def _run_tuner(starter: Callable[[Observer], Tuner], verbose: bool, run_hint: str) -> None:
     printer = ProgressPrinter(err, 0, verbose)
     _install_sigterm()
     try:
@@ -111,135 +127,118 @@ def _run_tuner(starter: Any, verbose: bool, run_hint: str) -> None:
         printer.budget = tuner.s.max_experiments
         err.print(f"[bold]run[/] {tuner.run_log.path}  model {tuner.s.model}  on "
                   f"{tuner.hw.describe()}  agent {tuner.s.llm}")
-        why = tuner.run()
+        outcome = tuner.run()
     except KeyboardInterrupt:
         err.print(f"interrupted: the run is resumable with `aevyra-forge tune resume "
                   f"--run-dir {run_hint}`")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         tuner.run_log.close()  # release the run's lock even when the loop failed
-    _print_finish(tuner, why)
+    _print_finish(outcome, dry_run=tuner.s.dry_run)
 
 
-def _print_finish(tuner: Any, why: str) -> None:
-    best: Recipe = tuner.state.best
+def _print_finish(outcome: RunOutcome, dry_run: bool) -> None:
+    best = outcome.best
     argv, env = render(best)
     env_prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()))
     command = " ".join(filter(None, [env_prefix, shlex.join(["vllm", "serve", *argv])]))
-    score = tuner.state.best_score
-    out.print(f"finished: {why}")
+    score = outcome.best_score
+    out.print(f"finished: {outcome.reason}")
     out.print(f"best recipe {best.id} (generation {best.generation}), score "
               f"{score:.3f}" if score is not None else "no configuration could be measured")
-    out.print(f"best recipe: {tuner.run_log.path / 'best_recipe.yaml'}")
-    out.print(f"report:      aevyra-forge report {tuner.run_log.path}")
+    out.print(f"best recipe: {outcome.run_dir / 'best_recipe.yaml'}")
+    out.print(f"report:      aevyra-forge report {outcome.run_dir}")
     out.print(f"deploy:      {command}", soft_wrap=True)
-    if tuner.s.dry_run and best.quant.method != "none" and best.quant.checkpoint is None:
+    if dry_run and best.quant.method != "none" and best.quant.checkpoint is None:
         out.print(f"note: simulated result; deploying it needs a {best.quant.method} "
                   f"checkpoint of {best.model}")
 
 
+# -- tune: one option per TuneSettings field, plus the few options that are not settings
+
+
+def _settings_as_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Put one `tune` option per setting (TuneSettings' fields with an option) where
+    `command` takes **options; typer reads the parameters from `__signature__`."""
+    signature = inspect.signature(command, eval_str=True)
+    ctx, *own = (p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD)
+    generated = [_option(name, field) for name, field in TuneSettings.model_fields.items()
+                 if _cli(field).option]
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[ctx, *generated, *own])
+    return command
+
+
+def _option(name: str, field: FieldInfo) -> inspect.Parameter:
+    """A setting's option: type (None stripped; a path setting parses as a Path, a Literal
+    shows its values), default and help from the field. A required setting defaults to
+    None here so that `tune resume` never needs it; `tune` names it when it is missing."""
+    cli = _cli(field)
+    kind: Any = field.annotation
+    if get_origin(kind) in (Union, UnionType):
+        (kind,) = (arg for arg in get_args(kind) if arg is not type(None))
+    choices = get_args(kind) if get_origin(kind) is Literal else ()
+    kind = Path if cli.path else type(choices[0]) if choices else kind
+    default = None if field.is_required() else field.default
+    info = typer.Option(*[_flag(name)] if kind is bool and not default else [],
+                        help=field.description, envvar=cli.envvar,
+                        metavar="|".join(map(str, choices)) or None)
+    # typer reads the type from the annotation, built here at run time
+    annotation = cast(Any, Annotated)[kind if default is not None else kind | None, info]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=annotation)
+
+
+def _cli(field: FieldInfo) -> Cli:
+    return next((m for m in field.metadata if isinstance(m, Cli)), Cli())
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 @tune_app.callback(invoke_without_command=True)
+@_settings_as_options
 def tune(
     ctx: typer.Context,
-    model: Annotated[str | None, typer.Option(help="HF id or local path (required).")] = None,
-    workload: Annotated[Path | None, typer.Option(help="Workload JSONL (required).")] = None,
-    device: Annotated[str, typer.Option(help="cuda | rocm | cpu.")] = "cuda",
-    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 8,
-    llm: Annotated[str, typer.Option(help="PROVIDER/MODEL, or builtin (offline).")]
-    = DEFAULT_LLM,
-    llm_base_url: Annotated[str | None, typer.Option(
-        help="OpenAI- (or Anthropic-) compatible server for --llm, e.g. a local vLLM's "
-             "http://host:8000/v1.")] = None,
+    *,
     llm_api_key: Annotated[str | None, typer.Option(
         help="API key for --llm (default: the provider's variable, e.g. "
              "ANTHROPIC_API_KEY); never written to disk.")] = None,
-    llm_prices: Annotated[Path | None, typer.Option(
-        help="YAML/JSON prices, model: {input: USD, output: USD} per million tokens.")]
-    = None,
-    max_experiments: Annotated[int, typer.Option(help="Experiment budget.")] = 50,
-    max_hours: Annotated[float, typer.Option(help="Time budget in hours.")] = 12.0,
-    max_dollars: Annotated[float | None, typer.Option(help="LLM spend cap, USD.")] = None,
-    accuracy_floor: Annotated[float, typer.Option(help="Minimum accuracy vs baseline.")]
-    = 0.99,
-    min_improvement_pct: Annotated[float, typer.Option(help="Keep only above this gain.")]
-    = 1.0,
-    max_config_experiments: Annotated[int | None, typer.Option()] = None,
-    max_quant_experiments: Annotated[int | None, typer.Option()] = None,
-    skip_config: Annotated[bool, typer.Option("--skip-config")] = False,
-    skip_quant: Annotated[bool, typer.Option("--skip-quant")] = False,
-    skip_kernel: Annotated[bool, typer.Option("--skip-kernel")] = False,
-    start_layer: Annotated[int, typer.Option(min=1, max=3)] = 1,
-    playbook: Annotated[Path | None, typer.Option(help="Playbook (default: bundled).")]
-    = None,
-    run_dir: Annotated[Path, typer.Option(help="Store root.")] = Path(".forge"),
-    vllm_bin: Annotated[str | None, typer.Option(envvar="FORGE_VLLM_BIN")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Use the simulator.")] = False,
-    gpu: Annotated[str | None, typer.Option(help="GPU to simulate with --dry-run.")] = None,
-    recipe: Annotated[Path | None, typer.Option(help="Start from this recipe.yaml.")]
-    = None,
-    seed: Annotated[int, typer.Option(help="Seed for the builtin strategy/simulator.")] = 0,
-    patience: Annotated[int, typer.Option(help="Non-improving experiments before a "
-                                               "layer converges.")] = 4,
-    repeats: Annotated[int, typer.Option(help="Bench passes per experiment (noise is "
-                                               "judged from their spread).")] = 5,
-    objective: Annotated[str, typer.Option(help="throughput | latency | goodput.")]
-    = "throughput",
-    slo: Annotated[str | None, typer.Option(
-        help="SLOs every kept config must meet, e.g. "
-             "'ttft_p99<500ms,tpot_p99<50ms,e2e_p99<10s'.")] = None,
-    max_latency_regression: Annotated[float, typer.Option(
-        help="Refuse a win whose p99 E2E or TTFT grows by more than this factor.")] = 1.5,
-    no_latency_guard: Annotated[bool, typer.Option("--no-latency-guard")] = False,
-    confidence: Annotated[float, typer.Option(help="Confidence of the interval a keep "
-                                                   "must clear.")] = 0.95,
-    remeasure_every: Annotated[int, typer.Option(
-        help="Re-measure the incumbent on a fresh boot every N experiments (0: never).")]
-    = 6,
-    boot_noise: Annotated[float | None, typer.Option(
-        help="Assumed between-boot CV of throughput (default 0.01 on GPUs, 0.08 on CPU).")]
-    = None,
-    verbose: Annotated[bool, typer.Option("--verbose")] = False,
+    no_latency_guard: Annotated[bool, typer.Option(
+        "--no-latency-guard", help="Keep a win whatever its latency (turns "
+                                   "--max-latency-regression off).")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", help="Also print each experiment's start.")] = False,
+    **options: Any,
 ) -> None:
     """Start a new run (all options below), or `tune resume`."""
     if ctx.invoked_subcommand is not None:
         return
-    if model is None or workload is None:
-        missing = "--model" if model is None else "--workload"
-        raise UsageError(f"tune needs {missing}; e.g. aevyra-forge tune --dry-run --model "
-                         "meta-llama/Llama-3.1-8B-Instruct --workload "
-                         "examples/sample_workload.jsonl --llm builtin")
-    if device not in ("cuda", "rocm", "cpu"):
-        raise UsageError(f"--device {device}: expected cuda, rocm or cpu")
-    settings = _settings(
-        model=model, workload=str(workload), device=device, concurrency=concurrency,
-        llm=llm, llm_base_url=llm_base_url,
-        llm_prices=str(llm_prices) if llm_prices else None,
-        max_experiments=max_experiments, max_hours=max_hours,
-        max_dollars=max_dollars, accuracy_floor=accuracy_floor,
-        min_improvement_pct=min_improvement_pct,
-        max_config_experiments=max_config_experiments,
-        max_quant_experiments=max_quant_experiments, skip_config=skip_config,
-        skip_quant=skip_quant, skip_kernel=skip_kernel, start_layer=start_layer,
-        playbook=str(playbook) if playbook else None, run_dir=str(run_dir),
-        vllm_bin=vllm_bin, dry_run=dry_run, gpu=gpu,
-        recipe=str(recipe) if recipe else None, seed=seed, patience=patience,
-        repeats=repeats, objective=objective, slo=slo, confidence=confidence,
-        remeasure_every=remeasure_every, boot_noise=boot_noise,
-        max_latency_regression=None if no_latency_guard else max_latency_regression)
+    for name, field in TuneSettings.model_fields.items():
+        if field.is_required() and options[name] is None:
+            raise UsageError(f"tune needs {_flag(name)}; e.g. aevyra-forge tune --dry-run "
+                             "--model meta-llama/Llama-3.1-8B-Instruct --workload "
+                             "examples/sample_workload.jsonl --llm builtin")
+    if no_latency_guard:
+        options["max_latency_regression"] = None
+    settings = _settings(**{name: str(value) if isinstance(value, Path) else value
+                            for name, value in options.items()})
     from aevyra_forge.loop import session
 
     _run_tuner(lambda obs: session.start(settings, obs, api_key=llm_api_key), verbose,
-               str(run_dir))
+               settings.run_dir)
 
 
 def _settings(**values: Any) -> TuneSettings:
+    """The settings, or the first validation error as one line naming the option."""
     from pydantic import ValidationError
 
     try:
         return TuneSettings(**values)
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "option"
+        name = _flag(str(first["loc"][0])) if first["loc"] else "option"
         raise UsageError(f"{name}: {first['msg']}") from None
 
 
@@ -256,7 +255,7 @@ def tune_resume(
     API key, never stored, comes from --llm-api-key or the environment again)."""
     from aevyra_forge.loop import session
 
-    def starter(obs: Any) -> Any:
+    def starter(obs: Observer) -> Tuner:
         return session.resume(run_dir, obs, api_key=llm_api_key)
 
     _run_tuner(starter, verbose, str(run_dir))

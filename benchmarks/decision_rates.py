@@ -32,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aevyra_forge.core.settings import DEFAULT_BOOT_CV, DEFAULT_CONFIDENCE
 from aevyra_forge.decide.stats import (
-    DEFAULT_BOOT_CV,
-    DEFAULT_CONFIDENCE,
     Interval,
     NoiseEstimate,
     pooled_noise,
@@ -143,7 +142,7 @@ def latency_guard_noise(experiments: int = 12) -> None:
     from aevyra_forge.core.values import LaunchFailure
     from aevyra_forge.core.workload import load_workload
     from aevyra_forge.engine.sim.engine import SimulatedEngine
-    from aevyra_forge.space.hardware import GPU_CATALOG
+    from aevyra_forge.space.gpu_catalogue import GPU_CATALOG
     from aevyra_forge.space.knob_space import KnobSpace
     from aevyra_forge.space.model_profile import profile
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from aevyra_forge.core.values import LaunchFailure
 from aevyra_forge.core.workload import load_workload
 from aevyra_forge.engine.sim.engine import SimulatedEngine
-from aevyra_forge.space.hardware import GPU_CATALOG
+from aevyra_forge.space.gpu_catalogue import GPU_CATALOG
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import profile
 

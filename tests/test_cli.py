@@ -114,3 +114,66 @@ def test_playbook_show_and_doctor(capsys: pytest.CaptureFixture[str]) -> None:
 def test_resume_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(["tune", "resume", "--run-dir", str(tmp_path / "none")], capsys)
     _one_line_error(code, err)
+
+
+def test_tune_options_are_the_settings_fields() -> None:
+    """Each setting's option, default and help come from TuneSettings, written once."""
+    import typer
+
+    from aevyra_forge.cli import app
+    from aevyra_forge.core.settings import TuneSettings
+
+    tune = typer.main.get_command(app).commands["tune"]  # type: ignore[attr-defined]
+    params = {p.name: p for p in tune.params}
+    stored_only = {"boot_timeout_s", "request_timeout_s"}  # set in config.json only
+    settings = set(TuneSettings.model_fields) - stored_only
+    assert set(params) == settings | {"llm_api_key", "no_latency_guard", "verbose"}
+    for name in settings:
+        field, param = TuneSettings.model_fields[name], params[name]
+        assert param.opts == ["--" + name.replace("_", "-")] and not param.secondary_opts
+        assert param.help == field.description, name
+        assert param.default == (None if field.is_required() else field.default), name
+        assert not param.required, name  # `tune resume` must not ask for --model
+
+
+def test_help_lists_every_option(monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # one line per option
+    code, out, _ = _run(["tune", "--help"], capsys)
+    assert code == 0
+    for flag in ("--model", "--workload", "--device", "--llm-api-key", "--repeats",
+                 "--no-latency-guard", "--boot-noise", "--verbose", "--vllm-bin"):
+        assert flag in out, flag
+    assert "--passes" not in out and "--boot-timeout-s" not in out
+    assert "Requests in flight." in out and "throughput|latency|goodput" in out
+
+
+def test_options_reach_config_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FORGE_VLLM_BIN", "/opt/vllm/bin/vllm")
+    argv = _tune(tmp_path, SAMPLE_WORKLOAD, "--max-experiments", "1", "--no-latency-guard",
+                 "--objective", "latency", "--slo", "e2e_p99<60s", "--start-layer", "2",
+                 "--repeats", "2", "--llm-api-key", "sk-never-stored")
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    (config,) = (tmp_path / ".forge" / "runs").glob("*/config.json")
+    settings = json.loads(config.read_text())["settings"]
+    assert settings["max_latency_regression"] is None  # --no-latency-guard
+    assert (settings["objective"], settings["slo"]) == ("latency", "e2e_p99<60s")
+    assert (settings["start_layer"], settings["repeats"]) == (2, 2)
+    assert settings["vllm_bin"] == "/opt/vllm/bin/vllm"  # the option's environment variable
+    assert settings["run_dir"] == str(tmp_path / ".forge")
+    assert "sk-never-stored" not in config.read_text()
+
+
+def test_bad_choices_name_the_option(tmp_path: Path, small_workload: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(_tune(tmp_path, small_workload, "--device", "tpu"), capsys)
+    _one_line_error(code, err, "--device: ", "'cuda', 'rocm' or 'cpu'")
+    code, _, err = _run(_tune(tmp_path, small_workload, "--start-layer", "4"), capsys)
+    _one_line_error(code, err, "--start-layer: ", "1, 2 or 3")
+    code, _, err = _run(_tune(tmp_path, small_workload, "--objective", "speed"), capsys)
+    _one_line_error(code, err, "--objective: ")
+    code, _, err = _run(["tune", "--dry-run", "--workload", str(small_workload)], capsys)
+    _one_line_error(code, err, "tune needs --model")
+    assert not (tmp_path / ".forge").exists()

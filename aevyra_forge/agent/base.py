@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.settings import Objective
+from aevyra_forge.core.slo import Slo
 from aevyra_forge.core.values import ExperimentRecord, Hardware, Layer, LLMUsage, Proposal
 from aevyra_forge.core.workload import WorkloadStats
 from aevyra_forge.space.knob_space import KnobSpace
@@ -38,6 +40,8 @@ class AgentContext:
     tried_ids: frozenset[str]
     feedback: str | None = None  # why the previous proposal was refused, for a re-ask
     attempt: int = 0  # 0 on the first ask for this experiment, then 1, 2... on re-asks
+    objective: Objective = "throughput"  # what the score measures (--objective)
+    slo: Slo | None = None  # the bounds every kept config must meet (--slo)
 
 
 @dataclass(frozen=True)

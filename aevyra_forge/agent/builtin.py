@@ -12,7 +12,6 @@ at or beyond a value that crashed are treated as infeasible."""
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,7 +29,6 @@ SHRINK = 1.0  # pseudo-observations pulling an estimate towards "no effect"
 BANDWIDTH = 1.0  # kernel width in grid steps
 MIN_UCB = 0.005  # below this no move is worth an experiment: the layer is exhausted
 SEARCH_EXCLUDED = frozenset({"max_model_len"})  # feasibility knob, set by the context fix
-_MAX_LEN_RE = re.compile(r"maximum model length is (\d+)")
 
 
 @dataclass(frozen=True)
@@ -60,10 +58,9 @@ class BuiltinStrategy:
         knob = KNOBS["max_model_len"]
         current = ctx.space.value(ctx.best, knob)
         for rec in reversed(ctx.history):
-            match = _MAX_LEN_RE.search(rec.reason)
-            if match is None:
+            if rec.suggested_max_model_len is None:
                 continue
-            limit = int(match.group(1))
+            limit = rec.suggested_max_model_len
             if not isinstance(current, int) or current <= limit:
                 return None
             need = ctx.workload.input_tokens.max + ctx.workload.output_tokens.max

@@ -1,8 +1,8 @@
 """The LLM agent's prompt. The system message is the playbook plus the reply format; the
 user message is the run's facts: hardware, model and memory budget, workload, active
-layer, the knobs allowed now, the best recipe, the history with metrics and failures,
-the budget left, and why a previous proposal was refused. Older history is compressed so
-the message stays within a token budget."""
+layer, the objective and SLOs it is scored on, the knobs allowed now, the best recipe, the
+history with metrics and failures, the budget left, and why a previous proposal was
+refused. Older history is compressed so the message stays within a token budget."""
 
 from __future__ import annotations
 
@@ -13,20 +13,31 @@ from dataclasses import dataclass
 from aevyra_forge.agent.base import AgentContext
 from aevyra_forge.agent.reply import MAX_KNOBS_PER_PROPOSAL
 from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.settings import Objective
+from aevyra_forge.core.slo import Slo
 from aevyra_forge.core.values import LAYER_NAMES, ExperimentRecord, Scalar
 from aevyra_forge.core.workload import estimate_tokens
 from aevyra_forge.space.knob_space import KNOBS, KnobSpace, has_fp8
+from aevyra_forge.space.quant import QUANT_METHODS
 from aevyra_forge.space.registry import format_number
 
 USER_BUDGET_TOKENS = 6000  # the user message; the playbook in the system adds ~3.5k
 RECENT_ROWS = 12  # history rows shown in full before older ones are compressed
 MIN_RECENT_ROWS = 3
 GIB = 1024**3  # bytes
-WEIGHT_BYTES_PER_PARAM = {"none": 2.0, "fp8": 1.0, "w8a8_int8": 1.0, "awq": 0.56,
-                          "gptq": 0.56}  # 4-bit weights plus scales and zero points
 ACTIVATION_RESERVE_GIB = 2.0  # activations, CUDA graphs, sampler: a rough allowance
 _TEXT_CHARS = 160  # of a rationale or failure reason quoted in a history row
 _SHORT_REASON_CHARS = 60  # of a failure reason in a one-line row
+
+# The score under each --objective, as objective_value in decide/ computes it, and what
+# the agent might otherwise get wrong about it.
+SCORED: dict[Objective, tuple[str, str]] = {
+    "throughput": ("output tokens per second", ""),
+    "latency": ("1000 / p99 end-to-end (E2E) request latency in ms",
+                "A lower p99 E2E scores higher: 1.10 means p99 E2E divided by 1.1. TTFT, "
+                "TPOT and mean latency do not enter the score."),
+    "goodput": ("goodput, the requests per second that met every per-request SLO bound", ""),
+}
 
 ROLE = ("You are forge's tuning agent. Forge tunes a vLLM deployment one experiment at a "
         "time: you propose ONE change to the best recipe, forge boots vLLM with it, "
@@ -70,7 +81,7 @@ class Prompt:
 def build_prompt(ctx: AgentContext, budget_tokens: int = USER_BUDGET_TOKENS) -> Prompt:
     system = f"{ROLE}\n\n{ctx.playbook.text.strip()}\n\n{REPLY_FORMAT}\n"
     head = "\n\n".join([_hardware(ctx), _memory(ctx), _workload(ctx), _layer(ctx),
-                        _knobs(ctx), _best(ctx)])
+                        _objective(ctx), _knobs(ctx), _best(ctx)])
     tail = "\n\n".join(filter(None, [_budget(ctx), _feedback(ctx), _ask(ctx)]))
     room = budget_tokens - estimate_tokens(f"{head}\n\n\n\n{tail}\n")  # with separators
     return Prompt(system=system, user=f"{head}\n\n{history(ctx, room)}\n\n{tail}\n")
@@ -91,8 +102,8 @@ def _hardware(ctx: AgentContext) -> str:
 def _memory(ctx: AgentContext) -> str:
     space, best, hw = ctx.space, ctx.best, ctx.hardware
     model = space.model
-    method = best.quant.method if best.quant.method in WEIGHT_BYTES_PER_PARAM else "none"
-    weights = model.params_b * 1e9 * WEIGHT_BYTES_PER_PARAM[method] / GIB
+    method = best.quant.method if best.quant.method in QUANT_METHODS else "none"
+    weights = model.params_b * 1e9 * QUANT_METHODS[method].bytes_per_param / GIB
     kv_dtype = str(best.quant.kv_cache_dtype)
     kv_token = model.kv_bytes_per_token(1.0 if kv_dtype.startswith("fp8") else 2.0)
     per_seq = ctx.workload.input_tokens.p99 + ctx.workload.output_tokens.p99
@@ -125,9 +136,33 @@ def _workload(ctx: AgentContext) -> str:
 
 def _layer(ctx: AgentContext) -> str:
     return (f"## Active layer\n{ctx.layer} ({LAYER_NAMES[ctx.layer]}): propose knobs of this "
-            "layer only. Score = output-token throughput relative to the baseline (1.0 = "
-            "vLLM's defaults); a change is kept only when it beats the best by more than "
-            "the minimum improvement and keeps accuracy above the floor.")
+            "layer only.")
+
+
+def _objective(ctx: AgentContext) -> str:
+    """What the score is under --objective and the SLOs a kept config must meet (each term
+    on its median over the passes, as core.slo.check_passes tests it)."""
+    metric, detail = SCORED[ctx.objective]
+    slo = ", meets every SLO below" if ctx.slo else ""
+    scored = " ".join(filter(None, [
+        f"Score = {metric}, relative to the baseline's (1.0 = vLLM's defaults; higher is "
+        "better).", detail,
+        "A change is kept only when it beats the best score by more than the minimum "
+        f"improvement (judged over repeated bench passes){slo} and keeps accuracy above the "
+        "floor."]))
+    lines = [f"## Objective: {ctx.objective}\n{scored}"]
+    if ctx.slo:
+        lines.append("SLOs (each bound tested on its median over the bench passes): "
+                     + ", ".join(str(term) for term in ctx.slo.terms))
+        if ctx.objective == "goodput":
+            lines.append(f"A request counts toward goodput when {_per_request(ctx.slo)}.")
+    return "\n".join(lines)
+
+
+def _per_request(slo: Slo) -> str:
+    bounds = [f"its {metric.upper()} {str(term).removeprefix(term.name)}"
+              for metric, term in slo.request_limits().items()]
+    return ", ".join(bounds[:-1]) + " and " + bounds[-1] if len(bounds) > 1 else bounds[0]
 
 
 def _knobs(ctx: AgentContext) -> str:

@@ -1,6 +1,6 @@
 """recipe.yaml: the one artifact the agent mutates. Three layers of vLLM settings, a
-content-hash id, YAML round trip, diff, and rendering to argv + env for `vllm serve`
-(never a shell string)."""
+content-hash id, YAML round trip and diff. Rendering to argv + env for `vllm serve` lives
+with the knob declarations, in space/rendering.py."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ class QuantSettings(BaseModel):
 
 
 class KernelSettings(BaseModel):
-    """Layer 3. `env` holds allow-listed environment variables only (checked by knobs)."""
+    """Layer 3. `env` holds allow-listed environment variables only (KnobSpace.check_recipe
+    checks them against the registry)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -84,8 +85,8 @@ class KernelSettings(BaseModel):
 
 class Recipe(BaseModel):
     """A complete description of one vLLM deployment. `config` holds only the engine
-    arguments that differ from vLLM's defaults on this hardware (knobs.normalize keeps it
-    that way), so equal deployments share an id."""
+    arguments that differ from vLLM's defaults on this hardware (KnobSpace.apply and
+    check_recipe keep it that way), so equal deployments share an id."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -218,33 +219,3 @@ def _diff_into(out: dict[str, tuple[Any, Any]], prefix: str, a: Any, b: Any) -> 
     elif a != b:
         out[prefix] = (a, b)
 
-
-def render(recipe: Recipe) -> tuple[list[str], dict[str, str]]:
-    """argv after `vllm serve` and the extra environment. No shell ever sees these."""
-    argv: list[str] = [recipe.serve_model]
-    for name, value in sorted(recipe.config.items()):
-        argv.extend(_flag(name, value))
-    quant = recipe.quant
-    # A checkpoint carries its own quantization config; forcing --quantization on it can
-    # pick a slower kernel than vLLM's detection (vllm#21376), so only on-the-fly methods
-    # are passed explicitly.
-    if quant.method != "none" and quant.checkpoint is None:
-        argv.extend(["--quantization", quant.method])
-    if quant.kv_cache_dtype != "auto":
-        argv.extend(["--kv-cache-dtype", quant.kv_cache_dtype])
-    kernel = recipe.kernel
-    if kernel.attention_backend:
-        argv.extend(["--attention-backend", kernel.attention_backend])
-    if kernel.compilation_config:
-        argv.extend(["--compilation-config",
-                     json.dumps(kernel.compilation_config, sort_keys=True)])
-    return argv, dict(kernel.env)
-
-
-def _flag(name: str, value: ConfigValue) -> list[str]:
-    flag = "--" + name.replace("_", "-")
-    if value is None:
-        return []
-    if isinstance(value, bool):
-        return [flag] if value else ["--no-" + name.replace("_", "-")]
-    return [flag, str(value)]

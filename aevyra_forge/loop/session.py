@@ -17,11 +17,22 @@ from aevyra_forge.core.recipe import Recipe, load_recipe
 from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.values import Hardware
 from aevyra_forge.core.workload import Workload, load_workload
-from aevyra_forge.engine.launcher import VllmBenchmarker, VllmLauncher
+from aevyra_forge.engine.executor import (
+    Benchmarker,
+    Launcher,
+    LocalExecutor,
+    QualityProbe,
+    S,
+)
+from aevyra_forge.engine.launcher import VllmLauncher
 from aevyra_forge.engine.sim.engine import SimulatedEngine
-from aevyra_forge.loop.tuner import Engine, Observer, Tuner
+from aevyra_forge.engine.vllm_bench import VllmBenchmarker
+from aevyra_forge.loop.events import Note, Observer
+from aevyra_forge.loop.ports import Executor, RunLog
+from aevyra_forge.loop.tuner import Tuner
 from aevyra_forge.measure.accuracy import VllmQualityProbe
-from aevyra_forge.space.hardware import detect, gpu_spec, memory_used_mib, try_detect_gpu
+from aevyra_forge.space.gpu_catalogue import gpu_spec
+from aevyra_forge.space.hardware import detect, memory_used_mib, try_detect_gpu
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import profile
 from aevyra_forge.space.playbook import Playbook, ensure_valid, load_playbook
@@ -81,21 +92,30 @@ def knob_space(settings: TuneSettings, hw: Hardware, note: Callable[[str], None]
     return KnobSpace(hw, model, vllm=vllm)
 
 
-def _engine(settings: TuneSettings, hw: Hardware, space: KnobSpace, workload: Workload
-            ) -> Engine:
+def _executor(settings: TuneSettings, hw: Hardware, space: KnobSpace, workload: Workload,
+              run: RunLog) -> Executor:
+    """Where trials run: the simulator for --dry-run, else real vLLM on this host."""
     if settings.dry_run:
         assert hw.gpu is not None
         sim = SimulatedEngine(hw, gpu_spec(hw.gpu.name), space.model, space,
                               seed=settings.seed)
-        return Engine(launcher=sim, benchmarker=sim, quality=sim)
+        return _local(sim, sim, sim, settings, workload, run)
     device = hw.device
     launcher = VllmLauncher(
         vllm_executable(settings),
         boot_timeout_s=settings.boot_timeout_s,
         memory_used_mib=None if device == "cpu" else (lambda: memory_used_mib(device)))
-    return Engine(launcher=launcher,
-                  benchmarker=VllmBenchmarker(request_timeout_s=settings.request_timeout_s),
-                  quality=VllmQualityProbe(workload))
+    return _local(launcher, VllmBenchmarker(request_timeout_s=settings.request_timeout_s),
+                  VllmQualityProbe(workload), settings, workload, run)
+
+
+def _local(launcher: Launcher[S], benchmarker: Benchmarker[S], quality: QualityProbe[S],
+           settings: TuneSettings, workload: Workload, run: RunLog) -> Executor:
+    """Trials in this process, all measured the same way (the run's fixed settings)."""
+    return LocalExecutor(launcher, benchmarker, quality, workload,
+                         concurrency=settings.concurrency, repeats=settings.repeats,
+                         slo=settings.parsed_slo(), log_path=run.log_path,
+                         log_root=run.path)
 
 
 def _inputs(settings: TuneSettings) -> tuple[Workload, Playbook]:
@@ -125,9 +145,8 @@ def start(settings: TuneSettings, observer: Observer, api_key: str | None = None
     proposer = _proposer(settings, api_key)
     notes: list[str] = list(getattr(proposer, "notes", ()))  # shown once inputs are checked
     hw = resolve_hardware(settings, notes.append)
-    space = knob_space(settings, hw, lambda text: observer.event("note", text=text))
+    space = knob_space(settings, hw, lambda text: observer.notify(Note(text)))
     baseline = _baseline(settings, space)
-    engine = _engine(settings, hw, space, workload)
     config = {
         "forge_version": __version__,
         "model": settings.model,
@@ -139,9 +158,9 @@ def start(settings: TuneSettings, observer: Observer, api_key: str | None = None
     }
     run = RunStore(Path(settings.run_dir)).create_run(config)
     for text in notes:
-        observer.event("note", text=text)
-    return Tuner(settings, hw, workload, space, playbook, proposer, engine, run, baseline,
-                 observer)
+        observer.notify(Note(text))
+    return Tuner(settings, hw, workload, space, playbook, proposer,
+                 _executor(settings, hw, space, workload, run), run, baseline, observer)
 
 
 def resume(run_dir: Path, observer: Observer, api_key: str | None = None) -> Tuner:
@@ -155,12 +174,11 @@ def resume(run_dir: Path, observer: Observer, api_key: str | None = None) -> Tun
                          f"{target.name} started; restore it or start a new run")
     hw = Hardware.model_validate(config["hardware_detail"])
     proposer = _proposer(settings, api_key)
-    space = knob_space(settings, hw, lambda text: observer.event("note", text=text))
-    engine = _engine(settings, hw, space, workload)
+    space = knob_space(settings, hw, lambda text: observer.notify(Note(text)))
     run = RunStore(target.parent.parent).open_run(target)
-    observer.event("note", text=f"resuming {target} ({len(run.records())} experiments "
-                                "recorded)")
-    return Tuner(settings, hw, workload, space, playbook, proposer, engine, run,
+    observer.notify(Note(f"resuming {target} ({len(run.records())} experiments recorded)"))
+    return Tuner(settings, hw, workload, space, playbook, proposer,
+                 _executor(settings, hw, space, workload, run), run,
                  _baseline(settings, space), observer)
 
 

@@ -16,23 +16,17 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from aevyra_forge.core.values import ExperimentRecord
-from aevyra_forge.store.run_store import (
-    COLUMNS,
-    experiment_rows,
-    format_cell,
-    read_config,
-    read_records,
-    resolve_run_dir,
-    rows_to_tsv,
-)
+from aevyra_forge.core.values import ExperimentRecord, best_record
+from aevyra_forge.store.rows import COLUMNS, experiment_rows, format_cell, rows_to_tsv
+from aevyra_forge.store.run_store import read_config, read_records, resolve_run_dir
 
 _STATUS_STYLE = {"ok": "green", "duplicate": "dim", "invalid": "yellow"}  # others: red
 
 
 class RunSummary(BaseModel):
-    """The headline figures of one run. `best_*` describe the kept record with the highest
-    score; they are None when nothing was kept (then `note` says why)."""
+    """The headline figures of one run. `best_*` describe the incumbent as the loop defines
+    it (core.values.best_record: the latest record that took the lead); they are None
+    when nothing was kept (then `note` says why)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -89,9 +83,7 @@ def _summary(path: Path, config: dict[str, Any],
     baseline_tp = (baseline.metrics.output_throughput
                    if baseline is not None and baseline.status == "ok" and baseline.metrics
                    else None)
-    kept = [r for r in records if r.kept and r.score is not None]
-    # max() keeps the first of equal scores: the earlier experiment found it first.
-    best = max(kept, key=lambda r: r.score or 0.0) if kept else None
+    best = best_record(records)
     metrics = best.metrics if best is not None else None
     return RunSummary(
         run_dir=str(path),

@@ -1,6 +1,6 @@
 """What this host is: GPUs found through `nvidia-smi` / `rocm-smi` on PATH (honouring
-CUDA_VISIBLE_DEVICES / ROCR_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES), the CPU, and a
-catalogue of GPU specs the simulator and the knob registry use."""
+CUDA_VISIBLE_DEVICES / ROCR_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES), the CPU and memory,
+and the accelerator memory in use."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aevyra_forge.core.errors import HardwareError, UsageError
+from aevyra_forge.core.errors import HardwareError
 from aevyra_forge.core.values import Device, GpuInfo, Hardware
+from aevyra_forge.space.gpu_catalogue import find_gpu_spec, nvidia_compute_capability
+from aevyra_forge.space.host import cpu_cores, host_memory_gib
 
 SMI_TIMEOUT_S = 20.0
 MIB_BYTES = 1024 * 1024
@@ -28,87 +30,15 @@ NVIDIA_RC_NO_DEVICES = 6  # "No devices were found"
 ROCM_ARGS = ("--showproductname", "--showmeminfo", "vram", "--showdriverversion",
              "--showuniqueid", "--json")
 
-
-@dataclass(frozen=True)
-class GpuSpec:
-    """Datasheet figures (dense, no sparsity) for one GPU model."""
-
-    name: str
-    aliases: tuple[str, ...]  # lower-case tokens of the names the vendor tools print
-    vendor: str  # "nvidia" | "amd"
-    memory_gib: float
-    bandwidth_gbs: float  # HBM/GDDR bandwidth, GB/s
-    bf16_tflops: float  # dense tensor-core TFLOP/s at 16 bits
-    compute_capability: str  # "8.0" on NVIDIA, gfx arch on AMD
-    fp8: bool  # native FP8 tensor cores
-    bf16: bool = True
-
-    def hardware(self, count: int = 1) -> Hardware:
-        gpus = tuple(
-            GpuInfo(index=i, name=self.name, memory_mib=int(self.memory_gib * 1024),
-                    compute_capability=self.compute_capability)
-            for i in range(count)
-        )
-        device: Device = "rocm" if self.vendor == "amd" else "cuda"
-        return Hardware(device=device, gpus=gpus, cpu_cores=_cpu_cores(),
-                        memory_gib=_host_memory_gib(), simulated=True)
-
-
-# Aliases match whole tokens ("a10" is not "a100", "l4" is not "l40s"); the longest
-# matching alias wins, so "a100-sxm4-40gb" beats "a100". The hex aliases are PCI device
-# ids, which rocm-smi prints as the card series when it has no marketing name.
-GPU_CATALOG: tuple[GpuSpec, ...] = (
-    GpuSpec("T4", ("t4",), "nvidia", 15.0, 320, 65, "7.5", fp8=False, bf16=False),
-    GpuSpec("L4", ("l4",), "nvidia", 22.5, 300, 121, "8.9", fp8=True),
-    GpuSpec("A10G", ("a10g", "a10"), "nvidia", 22.5, 600, 70, "8.6", fp8=False),
-    GpuSpec("A100-40GB", ("a100-sxm4-40gb", "a100-pcie-40gb", "a100 40gb"), "nvidia",
-            40.0, 1555, 312, "8.0", fp8=False),
-    GpuSpec("A100-80GB", ("a100",), "nvidia", 80.0, 2039, 312, "8.0", fp8=False),
-    GpuSpec("H100", ("h100",), "nvidia", 80.0, 3350, 989, "9.0", fp8=True),
-    GpuSpec("H200", ("h200",), "nvidia", 141.0, 4800, 989, "9.0", fp8=True),
-    GpuSpec("MI300X", ("mi300x", "mi300", "0x74a1", "0x74b5"), "amd", 192.0, 5300, 1307,
-            "gfx942", fp8=True),
-)
-
-# Compute capabilities of data-centre GPUs outside the catalogue that still run drivers
-# too old to report `compute_cap`.
-_LEGACY_NVIDIA_CC: tuple[tuple[str, str], ...] = (
-    ("v100", "7.0"), ("p100", "6.0"), ("p40", "6.1"), ("a30", "8.0"), ("a40", "8.6"),
-)
-
 _HEX_ID = re.compile(r"0x[0-9a-f]+", re.IGNORECASE)
 _NOT_AVAILABLE = {"", "n/a", "[n/a]", "[not supported]", "unknown"}
-
-
-def _has_token(name: str, alias: str) -> bool:
-    return re.search(rf"(?<![a-z0-9]){re.escape(alias)}(?![a-z0-9])", name) is not None
-
-
-def find_gpu_spec(name: str) -> GpuSpec | None:
-    """The catalogue entry for a GPU name as the user or a vendor tool spells it, if any."""
-    low = name.strip().lower()
-    for spec in GPU_CATALOG:
-        if low == spec.name.lower():
-            return spec
-    matches = [(len(alias), spec) for spec in GPU_CATALOG for alias in spec.aliases
-               if _has_token(low, alias)]
-    return max(matches, key=lambda m: m[0])[1] if matches else None
-
-
-def gpu_spec(name: str) -> GpuSpec:
-    """The catalogue entry for a GPU name; UsageError (naming the known ones) if none."""
-    spec = find_gpu_spec(name)
-    if spec is None:
-        known = ", ".join(s.name for s in GPU_CATALOG)
-        raise UsageError(f"unknown GPU '{name}'; known GPUs: {known}")
-    return spec
 
 
 def detect(device: Device, env: Mapping[str, str] | None = None) -> Hardware:
     """Detect the hardware for `device`; raise HardwareError when it is not there."""
     env = os.environ if env is None else env
     if device == "cpu":
-        return Hardware(device="cpu", cpu_cores=_cpu_cores(), memory_gib=_host_memory_gib())
+        return Hardware(device="cpu", cpu_cores=cpu_cores(), memory_gib=host_memory_gib())
     gpus = _nvidia_gpus(env) if device == "cuda" else _amd_gpus(env)
     if not gpus:
         tool = "nvidia-smi" if device == "cuda" else "rocm-smi"
@@ -117,8 +47,8 @@ def detect(device: Device, env: Mapping[str, str] | None = None) -> Hardware:
             f"--device {device}: no GPU found ({found}); install the driver and put {tool} "
             "on PATH, or use --device cpu, or --dry-run --gpu NAME to simulate one"
         )
-    return Hardware(device=device, gpus=tuple(gpus), cpu_cores=_cpu_cores(),
-                    memory_gib=_host_memory_gib())
+    return Hardware(device=device, gpus=tuple(gpus), cpu_cores=cpu_cores(),
+                    memory_gib=host_memory_gib())
 
 
 def try_detect_gpu(env: Mapping[str, str] | None = None) -> Hardware | None:
@@ -224,11 +154,11 @@ def _nvidia_line(line: str, fields: tuple[str, ...]) -> tuple[GpuInfo, str]:
     values = dict(zip(fields[2:], parts[len(parts) - tail:], strict=True))
     cc = values.get("compute_cap", "")
     if _missing(cc):
-        cc = _nvidia_cc_from_name(name) or ""
+        cc = nvidia_compute_capability(name) or ""
     memory = values["memory.total"]
     try:
         # Unified-memory parts (GB10) report no memory of their own: they use host RAM.
-        memory_mib = (int(_host_memory_gib() * 1024) if _missing(memory)
+        memory_mib = (int(host_memory_gib() * 1024) if _missing(memory)
                       else int(float(memory)))
     except ValueError:
         raise HardwareError(f"nvidia-smi printed an unexpected line: {line.strip()!r}; "
@@ -237,14 +167,6 @@ def _nvidia_line(line: str, fields: tuple[str, ...]) -> tuple[GpuInfo, str]:
                   compute_capability=cc or None,
                   driver=None if _missing(values["driver_version"]) else values["driver_version"])
     return gpu, values["uuid"]
-
-
-def _nvidia_cc_from_name(name: str) -> str | None:
-    spec = find_gpu_spec(name)
-    if spec is not None and spec.vendor == "nvidia":
-        return spec.compute_capability
-    low = name.lower()
-    return next((cc for token, cc in _LEGACY_NVIDIA_CC if _has_token(low, token)), None)
 
 
 def _visible_nvidia(listed: list[tuple[GpuInfo, str]], env: Mapping[str, str]
@@ -380,22 +302,3 @@ def _text(value: object) -> str | None:
 
 def _missing(value: str) -> bool:
     return value.strip().lower() in _NOT_AVAILABLE
-
-
-def _cpu_cores() -> int:
-    # The cores this process may run on (a container or taskset can narrow them).
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _host_memory_gib() -> float:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / (1024 * 1024)
-    except OSError:
-        pass
-    return 0.0

@@ -11,25 +11,26 @@ from collections.abc import Mapping
 from typing import Any
 
 from aevyra_forge.core.errors import KnobError, RecipeError
-from aevyra_forge.core.recipe import KernelSettings, QuantSettings, Recipe
+from aevyra_forge.core.recipe import QuantSettings, Recipe
 from aevyra_forge.core.values import LAYER_NAMES, Hardware, Layer, Scalar
 from aevyra_forge.space.model_profile import ModelProfile
+from aevyra_forge.space.quant import has_fp8
 from aevyra_forge.space.registry import (
     ANY,
     KNOBS,
     NOT_TUNABLE,
     REGISTRY,
-    VLLM_FLAG,
     Knob,
+    auto_dtype,
     format_number,
     get,
-    has_fp8,
     hw_class,
+    places,
 )
 from aevyra_forge.space.vllm_flags import VllmArgs
 
-__all__ = ["ANY", "KNOBS", "NOT_TUNABLE", "REGISTRY", "VLLM_FLAG", "Knob", "KnobSpace",
-           "get", "has_fp8", "hw_class"]
+__all__ = ["ANY", "KNOBS", "NOT_TUNABLE", "REGISTRY", "Knob", "KnobSpace", "get", "has_fp8",
+           "hw_class"]
 
 
 class KnobSpace:
@@ -49,45 +50,26 @@ class KnobSpace:
             return False
         if knob.kind == "choice" and len(self.choices(knob)) < 2:
             return False
-        if knob.name == "tensor_parallel_size" and self.hw.gpu_count < 2:
-            return False
-        flag = VLLM_FLAG.get(knob.name, knob.name if knob.target == "config" else None)
-        if self.vllm is not None and flag is not None:
-            return self.vllm.accepts(flag)
+        arg = knob.placement.engine_arg(knob)
+        if self.vllm is not None and arg is not None:
+            return self.vllm.accepts(arg)
         return True
 
     def knobs(self, layer: Layer | None = None) -> list[Knob]:
-        return [k for k in REGISTRY if (layer is None or k.layer == layer)
+        return [k for k in KNOBS.values() if (layer is None or k.layer == layer)
                 and self.available(k)]
 
     def choices(self, knob: Knob) -> tuple[Scalar, ...]:
         values = knob.choices_for(self.hw, self.simulated)
-        if knob.name == "tensor_parallel_size":
-            values = tuple(v for v in values if isinstance(v, int)
-                           and v <= max(1, self.hw.gpu_count))
-        flag = VLLM_FLAG.get(knob.name, knob.name)
-        listed = self.vllm.choices(flag) if self.vllm is not None and flag else None
+        arg = knob.placement.engine_arg(knob) if knob.placement.carries_value else None
+        listed = self.vllm.choices(arg) if self.vllm is not None and arg else None
         if listed is not None:  # this vLLM's parser names its choices: stay inside them
             values = tuple(v for v in values if str(v) in listed)
-        if knob.name == "dtype":  # "auto" already is this dtype: not a separate choice
-            auto = self.auto_dtype()
-            # GPUs without bf16 (auto is float16 there) reject bfloat16 at boot
-            values = tuple(v for v in values if v != auto
-                           and not (auto == "float16" and v == "bfloat16"))
         return values
 
     def auto_dtype(self) -> str:
-        """What dtype=auto resolves to here for a bf16 checkpoint: float16 on GPUs without
-        bf16 support (compute capability < 8.0, e.g. T4), bfloat16 elsewhere (the CPU build
-        included)."""
-        gpu = self.hw.gpu
-        if self.hw.device == "cuda" and gpu is not None:
-            try:
-                if float(gpu.compute_capability or 8.0) < 8.0:
-                    return "float16"
-            except ValueError:
-                pass
-        return "bfloat16"
+        """What dtype=auto resolves to on this hardware (registry.auto_dtype)."""
+        return auto_dtype(self.hw)
 
     def bounds(self, knob: Knob) -> tuple[float | None, float | None]:
         high = knob.high
@@ -99,8 +81,9 @@ class KnobSpace:
 
     def default(self, knob: Knob) -> Scalar:
         value = knob.default_for(self.hw)
-        if self.vllm is not None and knob.target == "config" and knob.kind != "choice":
-            info = self.vllm.args.get(knob.name)
+        arg = knob.placement.engine_arg(knob) if knob.placement.carries_value else None
+        if self.vllm is not None and arg is not None and knob.kind != "choice":
+            info = self.vllm.args.get(arg)
             parsed = _parse_default(knob, info.default) if info else None
             if parsed is not None:  # this vLLM's own default beats the registry's
                 value = parsed
@@ -177,20 +160,7 @@ class KnobSpace:
 
     def value(self, recipe: Recipe, knob: Knob) -> Scalar:
         """The effective value of `knob` in `recipe` (its default when unset)."""
-        raw: Scalar
-        if knob.target == "config":
-            raw = recipe.config.get(knob.name)
-        elif knob.target == "quant":
-            raw = recipe.quant.method if knob.name == "quant_method" else getattr(
-                recipe.quant, knob.name)
-            return raw
-        elif knob.target == "kernel":
-            raw = getattr(recipe.kernel, knob.name)
-        elif knob.target == "compilation":
-            raw = recipe.kernel.compilation_config.get(knob.name)
-        else:
-            env_raw = recipe.kernel.env.get(knob.name)
-            raw = _parse_env(knob, env_raw) if env_raw is not None else None
+        raw = knob.placement.read(recipe, knob)
         return self.default(knob) if raw is None else raw
 
     def effective(self, recipe: Recipe, layer: Layer | None = None) -> dict[str, Scalar]:
@@ -199,62 +169,25 @@ class KnobSpace:
     def apply(self, recipe: Recipe, changes: Mapping[str, Scalar]) -> Recipe:
         """A child recipe with `changes` applied; values equal to the default are dropped
         so the id reflects the effective settings."""
-        config = dict(recipe.config)
-        quant = recipe.quant.model_dump()
-        kernel = recipe.kernel.model_dump()
+        draft = recipe.to_dict()
         for name, value in changes.items():
             knob = get(name)
-            is_default = value == self.default(knob)
-            if knob.target == "config":
-                config.pop(name, None)
-                if not is_default:
-                    config[name] = value
-            elif knob.target == "quant":
-                quant["method" if name == "quant_method" else name] = value
-            elif knob.target == "kernel":
-                kernel[name] = None if is_default else value
-            elif knob.target == "compilation":
-                kernel["compilation_config"].pop(name, None)
-                if not is_default:
-                    kernel["compilation_config"][name] = value
-            else:
-                kernel["env"].pop(name, None)
-                if not is_default:
-                    kernel["env"][name] = str(value).lower() if isinstance(
-                        value, bool) else str(value)
-        return recipe.child(config=config, quant=QuantSettings(**quant),
-                            kernel=KernelSettings(**kernel))
+            knob.placement.write(draft, knob, value, value == self.default(knob))
+        return recipe.child(**draft)
 
     def check_recipe(self, recipe: Recipe, source: str = "recipe") -> Recipe:
         """Reject unknown or invalid settings in a user-supplied recipe; return it
         normalised (defaults dropped)."""
         changes: dict[str, Scalar] = {}
-        for name, value in recipe.config.items():
-            knob = KNOBS.get(name)
-            if knob is None or knob.target != "config":
-                valid = ", ".join(k.name for k in REGISTRY if k.target == "config")
-                raise RecipeError(f"{source}: unknown key 'config.{name}'; valid keys: "
-                                  f"{valid}")
-            changes[name] = value
-        for name, raw in recipe.kernel.env.items():
-            env_knob = KNOBS.get(name)
-            if env_knob is None or env_knob.target != "env":
-                valid = ", ".join(k.name for k in REGISTRY if k.target == "env")
-                raise RecipeError(f"{source}: environment variable '{name}' is not "
-                                  f"allow-listed; allowed: {valid}")
-            changes[name] = _parse_env(env_knob, raw)
-        for name, value in recipe.kernel.compilation_config.items():
-            if name not in KNOBS or KNOBS[name].target != "compilation":
-                valid = ", ".join(k.name for k in REGISTRY if k.target == "compilation")
-                raise RecipeError(f"{source}: unknown key 'kernel.compilation_config."
-                                  f"{name}'; valid keys: {valid}")
-            changes[name] = value
-        if recipe.quant.method != "none" and recipe.quant.checkpoint is None:
-            changes["quant_method"] = recipe.quant.method
-        if recipe.quant.kv_cache_dtype != "auto":
-            changes["kv_cache_dtype"] = recipe.quant.kv_cache_dtype
-        if recipe.kernel.attention_backend is not None:
-            changes["attention_backend"] = recipe.kernel.attention_backend
+        for group in places(KNOBS.values()):
+            placement = group[0].placement
+            here = {placement.key(k): k for k in group}
+            for key in placement.keys_set(recipe):
+                knob = here.get(key)
+                if knob is None:
+                    valid = ", ".join(k.name for k in group)
+                    raise RecipeError(f"{source}: {placement.unknown(key, valid)}")
+                changes[knob.name] = placement.read(recipe, knob)
         try:
             checked = {n: self.check(n, v) for n, v in changes.items()}
         except KnobError as exc:
@@ -279,13 +212,4 @@ def _parse_default(knob: Knob, raw: str | None) -> Scalar:
             return float(raw)
     except ValueError:
         return None
-    return raw
-
-
-def _parse_env(knob: Knob, raw: str) -> Scalar:
-    if knob.kind == "int":
-        try:
-            return int(raw)
-        except ValueError:
-            raise KnobError(f"{knob.name} must be an integer, got {raw!r}") from None
     return raw

@@ -14,16 +14,19 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from aevyra_forge.core.errors import RunLockedError, StoreError
+from aevyra_forge.core.trial import Trial
 from aevyra_forge.core.values import SCHEMA_VERSION, ExperimentRecord
+from aevyra_forge.store.rows import experiment_rows, rows_to_tsv
 
 RUNS = "runs"
 CONFIG = "config.json"
 EXPERIMENTS = "experiments.jsonl"
+TRIALS = "trials.jsonl"  # one line per trial started, so work in flight is visible
 TABLE_TSV = "experiments.tsv"
 TABLE_JSON = "experiments.json"
 BEST_RECIPE = "best_recipe.yaml"
@@ -36,15 +39,8 @@ _RUN_NAME = re.compile(r"^(\d{3,})_\d{8}T\d{6}Z$")
 # Names that would hold a credential; matched case-insensitively as substrings.
 _SECRET_MARKERS = ("api_key", "apikey", "token", "secret", "password")
 
-# SPEC §3's columns, plus the noise interval of the gain over the incumbent (issue #5) and
-# the SLO status, before the free-text rationale.
-COLUMNS = ("exp", "id", "gen", "layer", "score", "throughput", "p99_ms", "accuracy",
-           "kept", "status", "interval", "slo", "rationale")
-# Decimal places per numeric column: score is a ratio to the baseline, throughput in
-# output tokens/s, p99_ms in milliseconds, accuracy a fraction of identical outputs.
-_DECIMALS = {"score": 3, "throughput": 1, "p99_ms": 1, "accuracy": 4}
-
 Clock = Callable[[], datetime]
+M = TypeVar("M", bound=BaseModel)
 
 
 def utc_now() -> datetime:
@@ -135,8 +131,8 @@ class Run:
         self.config = config
         self._clock = clock
         self._lock_fd: int | None = _acquire(path)
-        # Once experiments.jsonl exists its directory entry needs no further syncing.
-        self._jsonl_durable = (path / EXPERIMENTS).exists()
+        # Once a log exists its directory entry needs no further syncing.
+        self._durable = {name for name in (EXPERIMENTS, TRIALS) if (path / name).exists()}
 
     @property
     def experiments_path(self) -> Path:
@@ -151,18 +147,30 @@ class Run:
 
     def append(self, record: ExperimentRecord) -> None:
         """Add one line to experiments.jsonl; it is on disk when this returns."""
-        self._check_open()
-        line = record.model_dump_json() + "\n"
-        with open(self.experiments_path, "ab") as fh:
-            fh.write(line.encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-        if not self._jsonl_durable:
-            _fsync_dir(self.path)
-            self._jsonl_durable = True
+        self._append_line(EXPERIMENTS, record.model_dump_json())
 
     def records(self) -> list[ExperimentRecord]:
         return read_records(self.path)
+
+    def start(self, trial: Trial) -> None:
+        """Log that a trial is about to run (on disk when this returns). The accuracy
+        reference it carries is left out: the baseline's record holds it."""
+        self._append_line(TRIALS, trial.model_dump_json(exclude={"quality_reference"}))
+
+    def started(self) -> list[Trial]:
+        """Every trial whose start was logged (a torn last line is ignored)."""
+        path = self.path / TRIALS
+        return _replay(path, Trial, "trial start")[0] if path.exists() else []
+
+    def _append_line(self, name: str, line: str) -> None:
+        self._check_open()
+        with open(self.path / name, "ab") as fh:
+            fh.write((line + "\n").encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        if name not in self._durable:
+            _fsync_dir(self.path)
+            self._durable.add(name)
 
     def repair(self) -> None:
         """Truncate experiments.jsonl to the end of its last complete, valid line."""
@@ -170,7 +178,7 @@ class Run:
         path = self.experiments_path
         if not path.exists():
             return
-        _, good_bytes = _replay(path)
+        _, good_bytes = _replay(path, ExperimentRecord, "experiment record")
         if good_bytes < path.stat().st_size:
             with open(path, "r+b") as fh:
                 fh.truncate(good_bytes)
@@ -216,7 +224,7 @@ def read_records(run_dir: Path) -> list[ExperimentRecord]:
     path = Path(run_dir) / EXPERIMENTS
     if not path.exists():
         return []
-    records, _ = _replay(path)
+    records, _ = _replay(path, ExperimentRecord, "experiment record")
     return records
 
 
@@ -234,79 +242,14 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     return data
 
 
-def experiment_rows(records: Sequence[ExperimentRecord]) -> list[dict[str, Any]]:
-    """The experiments table (TSV, JSON and report): one row per record, COLUMNS order."""
-    return [_row(r) for r in records]
-
-
-def rows_to_tsv(rows: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["\t".join(COLUMNS)]
-    lines.extend("\t".join(format_cell(col, row.get(col)) for col in COLUMNS) for row in rows)
-    return "\n".join(lines) + "\n"
-
-
-def format_cell(column: str, value: Any) -> str:
-    """One table cell as text: fixed decimals per column, `-` when missing."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if column in _DECIMALS and isinstance(value, int | float):
-        return f"{value:.{_DECIMALS[column]}f}"
-    return str(value)
-
-
-def _row(record: ExperimentRecord) -> dict[str, Any]:
-    metrics = record.metrics
-    values: dict[str, float | None] = {
-        "score": record.score,
-        "throughput": metrics.output_throughput if metrics else None,
-        "p99_ms": metrics.e2e_ms.p99 if metrics else None,
-        "accuracy": record.accuracy,
-    }
-    rounded = {k: None if v is None else round(v, _DECIMALS[k]) for k, v in values.items()}
-    return {"exp": record.exp, "id": record.recipe_id, "gen": record.generation,
-            "layer": record.layer, **rounded, "kept": record.kept, "status": record.status,
-            "interval": _interval(record), "slo": _slo(record),
-            "rationale": _rationale(record)}
-
-
-def _interval(record: ExperimentRecord) -> str | None:
-    """The confidence interval of the gain over the incumbent, e.g. `[+4.1%, +20.9%]`."""
-    if record.interval is None:
-        return None
-    return "[" + ", ".join(_signed_pct(x) for x in record.interval) + "]"
-
-
-def _signed_pct(x: float) -> str:
-    return "-inf" if x == float("-inf") else "+inf" if x == float("inf") \
-        else f"{x * 100:+.1f}%"
-
-
-def _slo(record: ExperimentRecord) -> str | None:
-    if record.slo_violations:
-        return "breaks: " + "; ".join(record.slo_violations)
-    return "ok" if record.status == "ok" and record.metrics is not None else None
-
-
-def _rationale(record: ExperimentRecord) -> str:
-    if record.proposal is not None:
-        text = record.proposal.rationale
-        if record.status != "ok" and record.reason:
-            text = f"{text} (failed: {record.reason})"
-    else:
-        text = record.reason or record.decision or ("baseline" if record.exp == 0 else "")
-    return " ".join(text.split())  # one line: tabs and newlines would break the TSV
-
-
-def _replay(path: Path) -> tuple[list[ExperimentRecord], int]:
+def _replay(path: Path, kind: type[M], what: str) -> tuple[list[M], int]:
     """Records and the byte offset just past the last complete, valid line."""
     data = path.read_bytes()
     # Anything after the last newline was cut off mid-write: ignored.
     complete = data[: data.rfind(b"\n") + 1]
     lines = complete.splitlines(keepends=True)
     last = max((i for i, raw in enumerate(lines, start=1) if raw.strip()), default=0)
-    records: list[ExperimentRecord] = []
+    records: list[M] = []
     offset = good = 0
     for number, raw in enumerate(lines, start=1):
         offset += len(raw)
@@ -315,10 +258,10 @@ def _replay(path: Path) -> tuple[list[ExperimentRecord], int]:
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
-            _bad_line(path, number, number == last, f"not JSON: {exc.msg}")
+            _bad_line(path, number, number == last, what, f"not JSON: {exc.msg}")
             break
         except UnicodeDecodeError:
-            _bad_line(path, number, number == last, "not UTF-8 text")
+            _bad_line(path, number, number == last, what, "not UTF-8 text")
             break
         version = obj.get("schema_version") if isinstance(obj, dict) else None
         if isinstance(version, int) and version > SCHEMA_VERSION:
@@ -327,23 +270,23 @@ def _replay(path: Path) -> tuple[list[ExperimentRecord], int]:
                 f"{version}, this one reads up to {SCHEMA_VERSION}); upgrade aevyra-forge"
             )
         try:
-            records.append(ExperimentRecord.model_validate(obj))
+            records.append(kind.model_validate(obj))
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"]) or "record"
-            _bad_line(path, number, number == last, f"{where}: {err['msg']}")
+            _bad_line(path, number, number == last, what, f"{where}: {err['msg']}")
             break
         good = offset
     return records, good
 
 
-def _bad_line(path: Path, number: int, is_last: bool, why: str) -> None:
+def _bad_line(path: Path, number: int, is_last: bool, what: str, why: str) -> None:
     # The last line may have been torn by a crash (or zero-filled by the filesystem);
     # the caller drops it. Anywhere else it is damage a human must look at.
     if is_last:
         return
     raise StoreError(
-        f"{path}:{number}: not a valid experiment record ({why}); the log is corrupted: "
+        f"{path}:{number}: not a valid {what} ({why}); the log is corrupted: "
         f"fix or delete line {number} (the other lines are kept), then retry"
     )
 

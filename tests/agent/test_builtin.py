@@ -13,7 +13,7 @@ from aevyra_forge.agent import AgentContext, Budget, BuiltinStrategy
 from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.values import ExperimentRecord, Layer, Proposal, Status
 from aevyra_forge.core.workload import load_workload
-from aevyra_forge.space.hardware import gpu_spec
+from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.knob_space import KNOBS, KnobSpace
 from aevyra_forge.space.model_profile import profile
 from aevyra_forge.space.playbook import first_moves, load_playbook
@@ -46,7 +46,8 @@ def _ctx(space: KnobSpace, best: Recipe, history: list[ExperimentRecord], layer:
 def test_a_context_that_does_not_fit_is_cut_to_what_the_workload_needs() -> None:
     base = H100.baseline(MODEL_8B)
     failed = _rec(0, base, "boot_failed", reason="... the estimated maximum model length "
-                  "is 40960. Try increasing `gpu_memory_utilization` ...")
+                  "is 40960. Try increasing `gpu_memory_utilization` ...").model_copy(
+                      update={"suggested_max_model_len": 40960})
     reply = BuiltinStrategy().propose(_ctx(H100, base, [failed], best_score=None))
     assert reply.proposal is not None
     value = reply.proposal.changes["max_model_len"]

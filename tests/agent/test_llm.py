@@ -23,7 +23,8 @@ from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.values import ExperimentRecord, Layer, Proposal
 from aevyra_forge.core.workload import load_workload
 from aevyra_forge.loop import session
-from aevyra_forge.space.hardware import gpu_spec
+from aevyra_forge.loop.events import Event
+from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import profile
 from aevyra_forge.space.playbook import load_playbook
@@ -338,5 +339,5 @@ def test_provider_down_ends_resumably_then_resume(tmp_path: Path,
 
 
 class _Quiet:
-    def event(self, kind: str, **data: Any) -> None:
-        del kind, data
+    def notify(self, event: Event) -> None:
+        del event

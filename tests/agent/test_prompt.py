@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aevyra_forge.agent import AgentContext, Budget
 from aevyra_forge.agent.prompt import USER_BUDGET_TOKENS, build_prompt
 from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.settings import Objective
+from aevyra_forge.core.slo import Slo, parse_slo
 from aevyra_forge.core.values import (
     BenchMetrics,
     ExperimentRecord,
@@ -22,7 +25,7 @@ from aevyra_forge.core.values import (
     Status,
 )
 from aevyra_forge.core.workload import estimate_tokens, load_workload
-from aevyra_forge.space.hardware import gpu_spec
+from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import profile
 from aevyra_forge.space.playbook import load_playbook
@@ -61,12 +64,14 @@ def _rec(exp: int, changes: dict[str, Any] | None, status: Status = "ok",
 
 
 def _ctx(history: list[ExperimentRecord], best: Recipe = BASE, layer: Layer = 1,
-         feedback: str | None = None, dollars: float | None = None) -> AgentContext:
+         feedback: str | None = None, dollars: float | None = None,
+         objective: Objective = "throughput", slo: Slo | None = None) -> AgentContext:
     return AgentContext(hardware=A100.hw, workload=WORKLOAD, layer=layer, space=A100,
                         best=best, best_score=1.0, history=tuple(history),
                         playbook=PLAYBOOK, budget=Budget(37, 9.5, dollars),
                         tried_ids=frozenset(r.recipe_id for r in history),
-                        feedback=feedback, attempt=1 if feedback else 0)
+                        feedback=feedback, attempt=1 if feedback else 0,
+                        objective=objective, slo=slo)
 
 
 def test_system_is_the_playbook_and_the_reply_format() -> None:
@@ -113,6 +118,49 @@ def test_history_rows_have_metrics_counters_and_failures() -> None:
     assert ("exp 2 [layer 1] gpu_memory_utilization=0.95 -> oom: CUDA out of memory in "
             "sampler warm-up") in user
     assert "exp 3 [layer 1] max_num_seq=1 -> invalid (refused before booting)" in user
+
+
+SLO = parse_slo("ttft_p99<500ms,tpot_p99<50ms,e2e_p99<10s,itl_p90<40ms")
+
+
+def _objective_section(user: str) -> str:
+    return user.split("## Objective: ", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.parametrize(("objective", "metric"), [
+    ("throughput", "Score = output tokens per second, relative to the baseline's"),
+    ("latency", "Score = 1000 / p99 end-to-end (E2E) request latency in ms, relative to "
+                "the baseline's"),
+    ("goodput", "Score = goodput, the requests per second that met every per-request SLO "
+                "bound, relative to the baseline's"),
+])
+def test_the_prompt_states_the_metric_actually_scored(objective: Objective,
+                                                      metric: str) -> None:
+    user = build_prompt(_ctx([_rec(0, None)], objective=objective, slo=SLO)).user
+    section = _objective_section(user)
+    assert section.startswith(f"{objective}\n{metric}")
+    if objective != "throughput":  # no claim anywhere that throughput is what counts
+        assert "throughput" not in section and "tokens per second" not in section
+        assert not any(line.startswith("Score") and "throughput" in line
+                       for line in user.splitlines())
+
+
+def test_the_objective_defaults_to_throughput() -> None:
+    assert _objective_section(build_prompt(_ctx([])).user).startswith(
+        "throughput\nScore = output tokens per second")
+
+
+def test_slo_bounds_reach_the_prompt() -> None:
+    section = _objective_section(build_prompt(_ctx([], objective="latency", slo=SLO)).user)
+    assert "meets every SLO below" in section
+    assert ("SLOs (each bound tested on its median over the bench passes): ttft_p99<500ms, "
+            "tpot_p99<50ms, e2e_p99<10s, itl_p90<40ms") in section
+    assert "counts toward goodput" not in section
+    goodput = _objective_section(build_prompt(_ctx([], objective="goodput", slo=SLO)).user)
+    # ITL is pooled over requests, so only TTFT, TPOT and E2E bound a single request
+    assert ("A request counts toward goodput when its TTFT <500ms, its TPOT <50ms and its "
+            "E2E <10s.") in goodput
+    assert "SLO" not in build_prompt(_ctx([])).user
 
 
 def test_feedback_and_dollars() -> None:

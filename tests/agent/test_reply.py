@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from aevyra_forge.agent.reply import ReplyError, extract_json, parse_reply
 from aevyra_forge.core.values import Layer, Proposal
-from aevyra_forge.space.hardware import gpu_spec
+from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import profile
 from tests.conftest import MODEL_8B

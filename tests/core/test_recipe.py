@@ -1,16 +1,13 @@
-"""Tests for aevyra_forge.core.recipe: YAML round trip, content ids, lineage, diff, rendering
-to argv + env, and the errors a hand-edited recipe gets."""
+"""Tests for aevyra_forge.core.recipe: YAML round trip, content ids, lineage, diff, and the
+errors a hand-edited recipe gets (rendering is tested in tests/space/test_rendering.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from aevyra_forge.core.errors import RecipeError
 from aevyra_forge.core.recipe import (
@@ -20,7 +17,6 @@ from aevyra_forge.core.recipe import (
     diff,
     load_recipe,
     recipe_from_dict,
-    render,
 )
 from aevyra_forge.core.values import SCHEMA_VERSION
 
@@ -121,51 +117,6 @@ def test_diff() -> None:
     assert diff(old, old.child()) == {}
 
 
-# -- rendering --------------------------------------------------------------------------------
-
-def test_render_full() -> None:
-    argv, env = render(full_recipe())
-    assert argv == [
-        MODEL,
-        "--no-enable-prefix-caching",
-        "--enforce-eager",
-        "--gpu-memory-utilization", "0.92",
-        "--max-num-seqs", "128",
-        "--kv-cache-dtype", "fp8",
-        "--attention-backend", "FLASHINFER",
-        "--compilation-config", argv[-1],
-    ]
-    assert json.loads(argv[-1]) == {"cudagraph_mode": "PIECEWISE", "level": 3}
-    assert env == {"VLLM_CPU_KVCACHE_SPACE": "8"}
-
-
-def test_render_baseline_is_just_the_model() -> None:
-    assert render(Recipe(model=MODEL)) == ([MODEL], {})
-
-
-def test_render_booleans_and_none() -> None:
-    argv, _ = render(Recipe(model=MODEL, config={"enable_chunked_prefill": True,
-                                                 "enable_prefix_caching": False,
-                                                 "max_model_len": None}))
-    assert argv == [MODEL, "--enable-chunked-prefill", "--no-enable-prefix-caching"]
-    assert not any("max-model-len" in a for a in argv)
-
-
-def test_quantized_checkpoint_replaces_model_without_quantization_flag() -> None:
-    recipe = Recipe(model=MODEL, quant=QuantSettings(method="awq",
-                                                     checkpoint="acme/Llama-3.2-1B-AWQ"))
-    argv, _ = render(recipe)
-    assert recipe.serve_model == "acme/Llama-3.2-1B-AWQ"
-    assert argv == ["acme/Llama-3.2-1B-AWQ"]
-    assert "--quantization" not in argv
-    assert MODEL not in argv
-
-
-def test_on_the_fly_quantization_is_passed() -> None:
-    argv, _ = render(Recipe(model=MODEL, quant=QuantSettings(method="fp8")))
-    assert argv == [MODEL, "--quantization", "fp8"]
-
-
 # -- errors ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("data", "bad", "valid"), [
@@ -226,55 +177,3 @@ def test_empty_recipe_file_needs_a_model(tmp_path: Path) -> None:
     path.write_text("")
     with pytest.raises(RecipeError, match="missing required key 'model'"):
         load_recipe(path)
-
-
-# -- properties -----------------------------------------------------------------------------
-
-RENDERED_BY_RECIPE = {"quantization", "kv_cache_dtype", "attention_backend", "compilation_config"}
-identifier = st.from_regex(r"[a-z][a-z0-9_]{0,20}", fullmatch=True).filter(
-    lambda k: k not in RENDERED_BY_RECIPE)
-safe_text = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")),
-                    min_size=1, max_size=30).filter(lambda t: not t.startswith("-"))
-config_value = st.one_of(st.none(), st.booleans(), st.integers(), safe_text,
-                         st.floats(allow_nan=False, allow_infinity=False))
-
-
-@given(st.dictionaries(identifier, config_value, max_size=6),
-       st.dictionaries(identifier, st.one_of(st.booleans(), st.integers(), safe_text),
-                       max_size=3),
-       st.one_of(st.none(), safe_text), st.sampled_from(["auto", "fp8"]),
-       st.one_of(st.none(), safe_text))
-@settings(max_examples=150, deadline=None)
-def test_render_argv_is_a_flat_list_of_single_line_strings(
-        config: dict[str, Any], compilation: dict[str, Any], backend: str | None,
-        kv: str, checkpoint: str | None) -> None:
-    recipe = Recipe(model=MODEL, config=config,
-                    quant=QuantSettings(method="awq", checkpoint=checkpoint, kv_cache_dtype=kv),
-                    kernel=KernelSettings(attention_backend=backend,
-                                          compilation_config=compilation))
-    argv, env = render(recipe)
-    assert isinstance(argv, list)
-    assert all(type(a) is str for a in argv)
-    assert not any("\n" in a or "\x00" in a for a in argv)
-    assert argv[0] == (checkpoint or MODEL)
-    flags = [a for a in argv if a.startswith("--")]
-    expected = {("--no-" if v is False else "--") + k.replace("_", "-")
-                for k, v in config.items() if v is not None}
-    assert expected <= set(flags)
-    assert ("--quantization" in argv) == (checkpoint is None)
-    assert env == {}
-    if compilation:
-        assert json.loads(argv[argv.index("--compilation-config") + 1]) == compilation
-
-
-@given(st.text(max_size=12), st.text(max_size=12))
-@settings(max_examples=200, deadline=None)
-def test_render_never_emits_newlines_or_nul_even_from_odd_strings(key: str,
-                                                                  value: str) -> None:
-    try:
-        recipe = recipe_from_dict({"model": MODEL, "config": {key: value},
-                                   "kernel": {"attention_backend": value}})
-        argv, _ = render(recipe)
-    except RecipeError:
-        return  # refusing the recipe is a fine answer
-    assert not any("\n" in a or "\x00" in a for a in argv)

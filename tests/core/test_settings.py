@@ -4,7 +4,12 @@ import pytest
 from pydantic import ValidationError
 
 from aevyra_forge.core.errors import UsageError
-from aevyra_forge.core.settings import TuneSettings
+from aevyra_forge.core.settings import (
+    CPU_BOOT_CV,
+    DEFAULT_BOOT_CV,
+    TuneSettings,
+)
+from aevyra_forge.core.slo import parse_slo
 
 
 def _s(**kw: object) -> TuneSettings:
@@ -36,3 +41,29 @@ def test_settings_never_hold_a_key_and_reject_unknowns() -> None:
 def test_round_trip_through_json() -> None:
     s = _s(device="cpu", max_dollars=3.5, skip_config=True)
     assert TuneSettings.model_validate(s.model_dump(mode="json")) == s
+
+
+def test_the_slo_is_parsed_once_and_stored_as_text() -> None:
+    s = _s(objective="goodput", slo="ttft_p99<500ms, tpot_p99<50ms")
+    slo = s.parsed_slo()
+    assert slo == parse_slo("ttft_p99<500ms,tpot_p99<50ms")
+    assert s.parsed_slo() is slo  # the same object on every call: never parsed again
+    dumped = s.model_dump(mode="json")
+    assert dumped["slo"] == "ttft_p99<500ms, tpot_p99<50ms"  # config.json keeps the text
+    assert not any(key.startswith("_") for key in dumped)
+    assert TuneSettings.model_validate(dumped).parsed_slo() == slo
+    assert _s().parsed_slo() is None
+    with pytest.raises(UsageError, match="bad SLO term"):
+        _s(slo="ttft<3")
+
+
+def test_every_setting_says_what_it_is_for() -> None:
+    missing = [name for name, field in TuneSettings.model_fields.items()
+               if not field.description]
+    assert not missing, f"give these settings a description (their --help): {missing}"
+
+
+def test_boot_cv_follows_the_device_unless_given() -> None:
+    assert _s().boot_cv() == DEFAULT_BOOT_CV
+    assert _s(device="cpu").boot_cv() == CPU_BOOT_CV
+    assert _s(device="cpu", boot_noise=0.02).boot_cv() == 0.02

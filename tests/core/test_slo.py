@@ -16,7 +16,7 @@ from aevyra_forge.core.slo import (
     parse_slo,
 )
 from aevyra_forge.core.values import BenchMetrics, LatencyStats
-from aevyra_forge.measure.client import RequestResult, aggregate
+from aevyra_forge.measure.metrics import RequestResult, aggregate
 
 
 def _metrics(ttft_p99: float = 300.0, tpot_p99: float = 30.0, e2e_p99: float = 5000.0,

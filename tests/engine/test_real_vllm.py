@@ -23,8 +23,10 @@ import pytest
 from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.values import LaunchFailure
 from aevyra_forge.core.workload import load_workload
-from aevyra_forge.engine.launcher import VllmBenchmarker, VllmLauncher, VllmServer, _group_alive
-from aevyra_forge.measure.client import parse_metrics
+from aevyra_forge.engine.launcher import VllmLauncher, VllmServer
+from aevyra_forge.engine.process import group_alive
+from aevyra_forge.engine.vllm_bench import VllmBenchmarker
+from aevyra_forge.measure.metrics import parse_metrics
 
 pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,7 +90,7 @@ def _recipe(model: Path, **config: object) -> Recipe:
 def _no_process_left(server: VllmServer) -> None:
     """Nothing of the server's process group is running. Zombies (exited, waiting for
     this container's init to reap them) hold no memory and are not counted."""
-    assert not _group_alive(server.pgid)
+    assert not group_alive(server.pgid)
     ps = subprocess.run(["ps", "-e", "-o", "pgid=,stat=,pid="], capture_output=True,
                         text=True, check=True).stdout.split("\n")
     running = [line for line in ps if line.split()[:1] == [str(server.pgid)]

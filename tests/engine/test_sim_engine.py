@@ -16,9 +16,10 @@ from aevyra_forge.core.recipe import QuantSettings, Recipe
 from aevyra_forge.core.values import BenchMetrics, LaunchFailure
 from aevyra_forge.core.workload import Workload, load_workload
 from aevyra_forge.engine.sim.engine import SimServer, SimulatedEngine
-from aevyra_forge.space.hardware import gpu_spec
+from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import profile
+from aevyra_forge.space.quant import facts
 
 LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
 LLAMA_1B = "meta-llama/Llama-3.2-1B-Instruct"
@@ -200,6 +201,16 @@ def test_fp8_on_hopper_and_a_prequantized_checkpoint(tmp_path: Path) -> None:
     assert 0.995 < engine.agreement(boot(engine, kv8, tmp_path)) < 0.999
     ckpt = Recipe(model=LLAMA_8B, quant=QuantSettings(checkpoint="org/Llama-3.1-8B-AWQ"))
     assert 0.97 < engine.agreement(boot(engine, ckpt, tmp_path)) < 0.985
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "fp8", "w8a8_int8", "bitsandbytes"])
+def test_weights_and_accuracy_come_from_the_quant_table(method: str, tmp_path: Path) -> None:
+    engine, _ = make_engine("H100")
+    recipe = Recipe(model=LLAMA_8B, quant=QuantSettings(method=method, checkpoint="org/m"))
+    server = boot(engine, recipe, tmp_path)
+    expected = profile(LLAMA_8B).params_b * 1e9 * facts(method).bytes_per_param
+    assert server.memory[1] == pytest.approx(expected)  # weight bytes on the one GPU
+    assert engine.agreement(server) == pytest.approx(facts(method).accuracy, abs=0.005)
 
 
 def test_serving_config_effects(tmp_path: Path) -> None:

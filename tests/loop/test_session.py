@@ -90,3 +90,59 @@ def test_sigint_exits_130_and_leaves_a_resumable_run(tmp_path: Path,
     (run,) = sorted((run_dir / "runs").glob("0*"))
     assert not (run / "completed.json").exists()
     assert 1 <= len(_records(run_dir)) <= BUDGET
+
+
+def _kill_at_boot(cmd: list[str], skip: int) -> None:
+    """Start `cmd` with --verbose and SIGKILL it as soon as it announces the boot of a
+    trial after `skip` such announcements: the trial's start is logged by then."""
+    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*cmd, "--verbose"], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=env)
+    assert proc.stderr is not None
+    seen = 0
+    for line in proc.stderr:
+        if "booting recipe" in line:
+            seen += 1
+            if seen > skip:
+                break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _started(run_dir: Path) -> list[int]:
+    (run,) = sorted((run_dir / "runs").glob("0*"))
+    path = run / "trials.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["exp"] for line in path.read_text().splitlines()
+            if line.strip()]
+
+
+def test_sigkill_between_a_trials_start_and_its_finish(tmp_path: Path,
+                                                       small_workload: Path) -> None:
+    """A trial whose start was logged but whose record was not is run again on resume,
+    under the same experiment id, and the run ends as an uninterrupted one does."""
+    reference_dir = tmp_path / "reference"
+    subprocess.run(_cmd(reference_dir, small_workload), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    expected = [(r["exp"], r["recipe_id"], r["score"]) for r in _records(reference_dir)]
+
+    run_dir = tmp_path / "killed"
+    caught: list[int] = []
+    _kill_at_boot(_cmd(run_dir, small_workload), 2)
+    for _ in range(6):  # a dry-run trial is short: the kill can land after its record
+        recorded = {int(str(r["exp"])) for r in _records(run_dir)}
+        caught += [exp for exp in _started(run_dir) if exp not in recorded]
+        if caught:
+            break
+        _kill_at_boot(_resume_cmd(run_dir), 1)
+    assert caught, "never killed a trial in flight"
+
+    done = subprocess.run(_resume_cmd(run_dir), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    records = _records(run_dir)
+    assert [(r["exp"], r["recipe_id"], r["score"]) for r in records] == expected
+    started = _started(run_dir)
+    assert started.count(caught[0]) == 2  # started, killed, started again on resume
+    assert sorted(set(started)) == sorted({int(str(r["exp"])) for r in records
+                                           if r["status"] not in ("invalid", "duplicate")})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -14,9 +14,11 @@ from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.values import LaunchFailure, Proposal
 from aevyra_forge.core.workload import load_workload
+from aevyra_forge.engine.executor import LocalExecutor
 from aevyra_forge.engine.sim.engine import SimulatedEngine
-from aevyra_forge.loop.tuner import MAX_ASKS, Engine, Tuner
-from aevyra_forge.space.hardware import gpu_spec
+from aevyra_forge.loop.events import Event, LayerEscalated, ProposalRefused
+from aevyra_forge.loop.tuner import MAX_ASKS, Tuner
+from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import profile
 from aevyra_forge.space.playbook import load_playbook
@@ -38,15 +40,18 @@ class Scripted:
         return next(self.replies, ProposalReply(proposal=None))
 
 
+E = TypeVar("E")
+
+
 class Events:
     def __init__(self) -> None:
-        self.seen: list[tuple[str, dict[str, Any]]] = []
+        self.seen: list[Event] = []
 
-    def event(self, kind: str, **data: Any) -> None:
-        self.seen.append((kind, data))
+    def notify(self, event: Event) -> None:
+        self.seen.append(event)
 
-    def kinds(self, kind: str) -> list[dict[str, Any]]:
-        return [d for k, d in self.seen if k == kind]
+    def of(self, kind: type[E]) -> list[E]:
+        return [e for e in self.seen if isinstance(e, kind)]
 
 
 def _reply(layer: int, **changes: Any) -> ProposalReply:
@@ -56,6 +61,7 @@ def _reply(layer: int, **changes: Any) -> ProposalReply:
 
 def _tuner(tmp_path: Path, workload: Path, proposer: Any, engine: Any = None,
            gpu: str = "H100", **overrides: Any) -> tuple[Tuner, Events]:
+    """A tuner on the simulator; `engine` is (launcher, benchmarker, quality probe)."""
     settings = TuneSettings(model=MODEL_8B, workload=str(workload), llm="builtin",
                             dry_run=True, run_dir=str(tmp_path / ".forge"),
                             **{"repeats": 2, **overrides})
@@ -64,8 +70,13 @@ def _tuner(tmp_path: Path, workload: Path, proposer: Any, engine: Any = None,
     sim = SimulatedEngine(hw, gpu_spec(gpu), space.model, space, seed=1)
     run = RunStore(tmp_path / ".forge").create_run({"model": MODEL_8B, "hardware": gpu})
     events = Events()
-    tuner = Tuner(settings, hw, load_workload(workload), space, load_playbook(),
-                  proposer, engine or Engine(sim, sim, sim), run,
+    loaded = load_workload(workload)
+    launcher, bench, quality = engine or (sim, sim, sim)
+    executor = LocalExecutor(launcher, bench, quality, loaded,
+                             concurrency=settings.concurrency, repeats=settings.repeats,
+                             slo=settings.parsed_slo(), log_path=run.log_path,
+                             log_root=run.path)
+    tuner = Tuner(settings, hw, loaded, space, load_playbook(), proposer, executor, run,
                   space.baseline(MODEL_8B), events)
     return tuner, events
 
@@ -74,7 +85,7 @@ def test_baseline_first_then_one_change_per_experiment(tmp_path: Path,
                                                        small_workload: Path) -> None:
     proposer = Scripted([_reply(1, max_num_seqs=64), _reply(1, max_num_batched_tokens=4096)])
     tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=3)
-    assert tuner.run().startswith("experiment budget")
+    assert tuner.run().reason.startswith("experiment budget")
     recs = tuner.run_log.records()
     assert [r.exp for r in recs] == [0, 1, 2]
     assert recs[0].proposal is None and recs[0].status == "ok" and recs[0].kept
@@ -101,7 +112,7 @@ def test_refused_proposals_cost_no_experiment(tmp_path: Path, small_workload: Pa
     assert [r.status for r in recs] == ["ok", "ok", "ok"]
     assert recs[1].recipe["config"] == {"max_num_seqs": 64}
     assert recs[2].recipe["config"]["max_num_seqs"] == 32
-    reasons = [e["reason"] for e in events.kinds("refused")]
+    reasons = [e.reason for e in events.of(ProposalRefused)]
     assert len(reasons) == 4
     assert "no-op" in reasons[0] and "unknown knob" in reasons[1]
     assert "active layer is 1" in reasons[2]
@@ -127,9 +138,9 @@ def test_repeat_of_a_tried_recipe_is_refused(tmp_path: Path, small_workload: Pat
     tuner.run()
     recs = tuner.run_log.records()
     if recs[1].kept:  # from the new incumbent, max_num_seqs=64 is a no-op
-        assert "no-op" in events.kinds("refused")[0]["reason"]
+        assert "no-op" in events.of(ProposalRefused)[0].reason
     else:
-        assert "repeat of experiment 1" in events.kinds("refused")[0]["reason"]
+        assert "repeat of experiment 1" in events.of(ProposalRefused)[0].reason
     assert recs[2].recipe["config"]["max_num_seqs"] == 32
 
 
@@ -150,9 +161,9 @@ def test_escalation_honours_the_layer_options(tmp_path: Path, small_workload: Pa
 
 def test_layers_converge_and_the_run_ends(tmp_path: Path, small_workload: Path) -> None:
     tuner, events = _tuner(tmp_path, small_workload, Scripted([]), max_experiments=50)
-    why = tuner.run()
+    why = tuner.run().reason
     assert why == "every layer converged"
-    assert [e["layer"] for e in events.kinds("escalate")] == [1, 2, 3]
+    assert [e.layer for e in events.of(LayerEscalated)] == [1, 2, 3]
     assert len(tuner.run_log.records()) == 1
 
 
@@ -176,7 +187,7 @@ def test_failures_become_rows_and_reach_the_strategy(tmp_path: Path,
     launcher = FailingLauncher()
     proposer = Scripted([_reply(1, max_num_seqs=64), _reply(1, max_num_seqs=32)])
     tuner, _ = _tuner(tmp_path, small_workload, proposer,
-                      engine=Engine(launcher, None, None),  # type: ignore[arg-type]
+                      engine=(launcher, None, None),
                       max_experiments=3)
     tuner.run()
     recs = tuner.run_log.records()
@@ -208,7 +219,7 @@ def test_interrupt_tears_down_the_server_and_leaves_the_run_resumable(
     space = KnobSpace(hw, profile(MODEL_8B), simulated=True)
     fake = InterruptingBench(SimulatedEngine(hw, gpu_spec("H100"), space.model, space))
     tuner, _ = _tuner(tmp_path, small_workload, Scripted([]),
-                      engine=Engine(fake, fake, fake.sim))  # type: ignore[arg-type]
+                      engine=(fake, fake, fake.sim))
     with pytest.raises(KeyboardInterrupt):
         tuner.run()
     assert len(fake.stopped) == 1
@@ -219,7 +230,7 @@ def test_interrupt_tears_down_the_server_and_leaves_the_run_resumable(
 def test_time_budget_counts_boot_and_bench(tmp_path: Path, small_workload: Path) -> None:
     tuner, _ = _tuner(tmp_path, small_workload, BuiltinStrategy(), max_hours=0.01,
                       max_experiments=50)
-    why = tuner.run()
+    why = tuner.run().reason
     assert why.startswith("time budget")
     recs = tuner.run_log.records()
     assert sum((r.boot_s or 0) + (r.bench_s or 0) for r in recs) >= 36

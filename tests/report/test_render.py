@@ -18,7 +18,8 @@ from aevyra_forge.core.values import (
     Proposal,
 )
 from aevyra_forge.report.render import render_json, render_table, render_tsv, summarize
-from aevyra_forge.store.run_store import COLUMNS, Run, RunStore
+from aevyra_forge.store.rows import COLUMNS
+from aevyra_forge.store.run_store import Run, RunStore
 
 CONFIG = {"model": "meta-llama/Llama-3.2-1B-Instruct",
           "hardware": "1x NVIDIA H100 80GB HBM3 (80 GiB each)",

@@ -1,5 +1,6 @@
-"""Tests for aevyra_forge.space.knob_space: the registry itself, what each hardware class may touch,
-value checking, applying changes to recipes and checking hand-written recipes."""
+"""Tests for aevyra_forge.space.knob_space: what each hardware class may touch, value
+checking, applying changes to recipes and checking hand-written recipes (the registry's own
+entries are tested in test_registry.py)."""
 
 from __future__ import annotations
 
@@ -13,20 +14,19 @@ from hypothesis import strategies as st
 from aevyra_forge.core.errors import KnobError, RecipeError
 from aevyra_forge.core.recipe import KernelSettings, QuantSettings, Recipe
 from aevyra_forge.core.values import Hardware
-from aevyra_forge.space import hardware
-from aevyra_forge.space import knob_space as knobs
-from aevyra_forge.space.knob_space import ANY, KNOBS, NOT_TUNABLE, REGISTRY, KnobSpace
+from aevyra_forge.space import gpu_catalogue
+from aevyra_forge.space.knob_space import KNOBS, KnobSpace
 from aevyra_forge.space.model_profile import ModelProfile, profile
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 PROFILE: ModelProfile = profile(MODEL)
 
-A100 = hardware.gpu_spec("A100-80GB").hardware()
-H100 = hardware.gpu_spec("H100").hardware()
-T4 = hardware.gpu_spec("T4").hardware()
-L4 = hardware.gpu_spec("L4").hardware()
-A10G = hardware.gpu_spec("A10G").hardware()
-MI300X = hardware.gpu_spec("MI300X").hardware()
+A100 = gpu_catalogue.gpu_spec("A100-80GB").hardware()
+H100 = gpu_catalogue.gpu_spec("H100").hardware()
+T4 = gpu_catalogue.gpu_spec("T4").hardware()
+L4 = gpu_catalogue.gpu_spec("L4").hardware()
+A10G = gpu_catalogue.gpu_spec("A10G").hardware()
+MI300X = gpu_catalogue.gpu_spec("MI300X").hardware()
 CPU = Hardware(device="cpu", cpu_cores=2, memory_gib=24)
 ALL_HW = {"A100": A100, "H100": H100, "T4": T4, "L4": L4, "A10G": A10G, "MI300X": MI300X,
           "CPU": CPU}
@@ -34,53 +34,6 @@ ALL_HW = {"A100": A100, "H100": H100, "T4": T4, "L4": L4, "A10G": A10G, "MI300X"
 
 def space(hw: Hardware, simulated: bool = False) -> KnobSpace:
     return KnobSpace(hw, PROFILE, simulated=simulated)
-
-
-# -- the registry ----------------------------------------------------------------------------
-
-def test_registry_names_unique_and_indexed() -> None:
-    assert len(KNOBS) == len(REGISTRY)
-    assert all(KNOBS[k.name] is k for k in REGISTRY)
-    assert not set(NOT_TUNABLE) & set(KNOBS)
-
-
-@pytest.mark.parametrize("knob", REGISTRY, ids=[k.name for k in REGISTRY])
-def test_registry_entry_is_sane(knob: knobs.Knob) -> None:
-    assert knob.note.strip() and len(knob.note) > 20
-    assert knob.layer in (1, 2, 3)
-    assert knob.default, "every knob needs a default"
-    # a default for every hardware class, directly or through ANY
-    assert ANY in knob.default or {"cpu", "gpu", "gpu_large"} <= set(knob.default)
-    if knob.kind in ("int", "float"):
-        assert knob.low is not None and knob.high is not None and knob.low < knob.high
-        for value in knob.grid:
-            assert isinstance(value, int | float) and not isinstance(value, bool)
-            assert knob.low <= value <= knob.high, value
-        for value in knob.default.values():
-            assert value is None or knob.low <= value <= knob.high  # type: ignore[operator]
-    if knob.kind == "int":
-        assert all(isinstance(v, int) for v in knob.grid)
-    if knob.kind == "choice":
-        assert knob.choices
-        every_choice = {c for opts in knob.choices.values() for c in opts}
-        assert set(knob.grid) <= every_choice
-        for hw_class, value in knob.default.items():
-            options = (knob.choices.get("cpu", knob.choices.get(ANY, ()))
-                       if hw_class == "cpu" else every_choice)
-            assert value is None or value in options, (hw_class, value)
-    if knob.kind == "bool":
-        assert all(isinstance(v, bool) for v in knob.default.values())
-
-
-def test_get_unknown_knob_lists_known_ones() -> None:
-    with pytest.raises(KnobError, match=r"unknown knob 'max_seqs'; known knobs: max_num_seqs"):
-        knobs.get("max_seqs")
-
-
-def test_hw_class_and_fp8() -> None:
-    assert [knobs.hw_class(h) for h in (A100, H100, T4, MI300X, CPU)] == [
-        "gpu", "gpu_large", "gpu", "gpu_huge", "cpu"]
-    assert {n for n, h in ALL_HW.items() if knobs.has_fp8(h)} == {"H100", "L4", "MI300X"}
 
 
 # -- what each hardware may touch ------------------------------------------------------------
@@ -164,7 +117,7 @@ def test_tensor_parallel_needs_several_gpus() -> None:
     assert tp not in space(H100).knobs(1)
     with pytest.raises(KnobError, match="not available"):
         space(H100).check("tensor_parallel_size", 2)
-    two = space(hardware.gpu_spec("H100").hardware(count=2))
+    two = space(gpu_catalogue.gpu_spec("H100").hardware(count=2))
     assert two.available(tp)
     assert two.choices(tp) == (1, 2)
     assert two.check("tensor_parallel_size", 2) == 2
@@ -172,7 +125,7 @@ def test_tensor_parallel_needs_several_gpus() -> None:
         two.check("tensor_parallel_size", 4)
     with pytest.raises(KnobError):
         two.check("tensor_parallel_size", True)  # True == 1, but it is not a GPU count
-    assert space(hardware.gpu_spec("H100").hardware(count=8)).choices(tp) == (1, 2, 4, 8)
+    assert space(gpu_catalogue.gpu_spec("H100").hardware(count=8)).choices(tp) == (1, 2, 4, 8)
 
 
 def test_a_vllm_without_a_flag_hides_its_knob() -> None:
@@ -185,6 +138,23 @@ def test_a_vllm_without_a_flag_hides_its_knob() -> None:
     assert "max_num_seqs" in names and "block_size" in names
     assert "max_num_batched_tokens" not in names
     assert "VLLM_CPU_KVCACHE_SPACE" in names  # env knobs are not vLLM arguments
+
+
+def test_knobs_outside_config_follow_the_vllm_flag_they_render_to() -> None:
+    from aevyra_forge.space.vllm_flags import ArgInfo, VllmArgs
+
+    def vllm(**choices: tuple[str, ...] | None) -> VllmArgs:
+        return VllmArgs(version="0.0.1", args={
+            name: ArgInfo(name, (f"--{name}",), options, None, False)
+            for name, options in choices.items()})
+
+    sp = KnobSpace(H100, PROFILE, simulated=True, vllm=vllm(
+        kv_cache_dtype=("auto", "fp8_e4m3"), compilation_config=None))
+    assert sp.choices(KNOBS["kv_cache_dtype"]) == ("auto", "fp8_e4m3")  # --kv-cache-dtype's
+    assert sp.available(KNOBS["cudagraph_mode"])  # --compilation-config carries it
+    assert len(sp.choices(KNOBS["cudagraph_mode"])) == 5  # the JSON's choices are not listed
+    assert not sp.available(KNOBS["quant_method"])  # this vLLM has no --quantization
+    assert not sp.available(KNOBS["attention_backend"])
 
 
 def test_knobs_by_layer() -> None:

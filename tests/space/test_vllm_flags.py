@@ -10,7 +10,7 @@ import pytest
 
 from aevyra_forge.core.errors import HardwareError
 from aevyra_forge.core.values import Hardware
-from aevyra_forge.space import hardware
+from aevyra_forge.space import gpu_catalogue
 from aevyra_forge.space.knob_space import KNOBS, KnobSpace
 from aevyra_forge.space.model_profile import profile
 from aevyra_forge.space.vllm_flags import VllmArgs, introspect, parse_help
@@ -66,7 +66,7 @@ def test_a_broken_vllm_is_a_hardware_error(tmp_path: Path) -> None:
 
 def test_the_knob_space_follows_this_vllm() -> None:
     vllm = VllmArgs(version="0.32.0+cpu", args=ARGS)
-    gpu = KnobSpace(hardware.gpu_spec("H100").hardware(),
+    gpu = KnobSpace(gpu_catalogue.gpu_spec("H100").hardware(),
                     profile("meta-llama/Llama-3.1-8B-Instruct"), vllm=vllm)
     assert gpu.default(KNOBS["gpu_memory_utilization"]) == 0.92  # not the registry's 0.9
     assert gpu.default(KNOBS["max_num_seqs"]) == 1024  # "None" there: hardware default

@@ -15,16 +15,8 @@ from hypothesis import strategies as st
 
 from aevyra_forge.core.errors import RunLockedError, StoreError
 from aevyra_forge.core.values import BenchMetrics, ExperimentRecord, LatencyStats, Proposal
-from aevyra_forge.store.run_store import (
-    COLUMNS,
-    Run,
-    RunStore,
-    experiment_rows,
-    read_config,
-    read_records,
-    resolve_run_dir,
-    rows_to_tsv,
-)
+from aevyra_forge.store.rows import COLUMNS
+from aevyra_forge.store.run_store import Run, RunStore, read_config, read_records, resolve_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 11, 22, 11, 5, 1, tzinfo=UTC)
@@ -230,27 +222,6 @@ def test_tables_are_written_as_tsv_and_json(store: RunStore) -> None:
     rows = json.loads((run.path / "experiments.json").read_text())
     assert [r["exp"] for r in rows] == [0, 1]
     assert rows[1]["throughput"] is None
-
-
-def test_rows_format_numbers_and_flatten_rationales() -> None:
-    rec = record(3, rationale="raise\tmax_num_seqs\nfor  batching", score=1.23456, kept=True,
-                 accuracy=0.987654, layer=2, metrics=metrics(1234.5678, 456.789),
-                 interval=(0.041, 0.2093))
-    failed = record(4, status="oom", rationale="bigger batch", reason="CUDA OOM\nat boot")
-    base = record(0, reason="vLLM defaults", kept=True)
-    rows = experiment_rows([base, rec, failed])
-    assert list(rows[1]) == list(COLUMNS)
-    assert rows[1] == {"exp": 3, "id": "id000003", "gen": 3, "layer": 2, "score": 1.235,
-                       "throughput": 1234.6, "p99_ms": 456.8, "accuracy": 0.9877,
-                       "kept": True, "status": "ok", "interval": "[+4.1%, +20.9%]",
-                       "slo": "ok", "rationale": "raise max_num_seqs for batching"}
-    assert rows[0]["rationale"] == "vLLM defaults"
-    assert rows[2]["rationale"] == "bigger batch (failed: CUDA OOM at boot)"
-    lines = rows_to_tsv(rows).splitlines()
-    assert lines[2].split("\t") == ["3", "id000003", "3", "2", "1.235", "1234.6", "456.8",
-                                    "0.9877", "yes", "ok", "[+4.1%, +20.9%]", "ok",
-                                    "raise max_num_seqs for batching"]
-    assert lines[3].split("\t")[4:12] == ["-", "-", "-", "-", "no", "oom", "-", "-"]
 
 
 def test_the_lock_is_held_against_a_second_process(store: RunStore) -> None:

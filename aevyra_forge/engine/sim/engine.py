@@ -25,17 +25,16 @@ from aevyra_forge.engine.sim.scheduler import (
     GIB,
     GRAPHS,
     MIB,
-    QUANT,
-    UNKNOWN_QUANT,
     SimPass,
     SimServer,
     SimSettings,
     sim_rng,
 )
-from aevyra_forge.measure.client import median_pass
-from aevyra_forge.space.hardware import GpuSpec
+from aevyra_forge.measure.metrics import median_pass
+from aevyra_forge.space.gpu_catalogue import GpuSpec
 from aevyra_forge.space.knob_space import KNOBS, KnobSpace
 from aevyra_forge.space.model_profile import ModelProfile
+from aevyra_forge.space.quant import facts, is_fp8_kv, method_of_checkpoint
 
 # -- memory at boot ----------------------------------------------------------------------
 NON_TORCH_GIB = 0.6  # CUDA context, cuBLAS / NCCL workspaces, per GPU
@@ -77,11 +76,10 @@ class SimulatedEngine:
         def k(name: str) -> Scalar:
             return self.space.value(recipe, KNOBS[name])
 
-        dtype, eager = str(k("dtype")), bool(k("enforce_eager"))
-        name = (recipe.quant.checkpoint or "").lower()  # a checkpoint's config names its method
-        found = [m for m in ("awq", "gptq", "fp8", "w8a8") if m in name]
-        method = recipe.quant.method if recipe.quant.method != "none" or not found else (
-            "w8a8_int8" if found[0] == "w8a8" else found[0])
+        dtype, eager, method = str(k("dtype")), bool(k("enforce_eager")), str(k("quant_method"))
+        # vLLM reads a checkpoint's method from its config.json; the simulator, from its name
+        if method == "none" and recipe.quant.checkpoint:
+            method = method_of_checkpoint(recipe.quant.checkpoint) or method
         default_backend = ("ROCM_ATTN" if self.spec.vendor == "amd" else
                            "FLASH_ATTN" if self.cc >= 8.0 else "TRITON_ATTN")
         return SimSettings(
@@ -123,9 +121,9 @@ class SimulatedEngine:
         if refused:
             return fail("boot_failed", f"ValueError: {refused}", 12.0)
         elem = 4.0 if s.dtype == "float32" else 2.0  # bytes per activation element
-        bpp = elem if s.method == "none" else QUANT.get(s.method, UNKNOWN_QUANT)[0]
+        bpp = elem if s.method == "none" else facts(s.method).bytes_per_param
         weight_bytes = model.params_b * 1e9 * bpp / s.tp
-        kv_bytes = model.kv_bytes_per_token(1.0 if s.kv_dtype.startswith("fp8") else elem) / s.tp
+        kv_bytes = model.kv_bytes_per_token(1.0 if is_fp8_kv(s.kv_dtype) else elem) / s.tp
         gpu_bytes = (self.hw.gpu_memory_gib or spec.memory_gib) * GIB
         act = s.batched * model.hidden_size * ACT_BYTES * elem / 2 + s.seqs * SAMPLER_BYTES_PER_SEQ
         graphs = (GRAPH_GIB[0] + GRAPH_GIB[1] * model.num_layers) * GIB * GRAPHS[s.mode][2]
@@ -197,9 +195,9 @@ class SimulatedEngine:
         recipe, s = server.recipe, self._settings(server.recipe)
         if recipe.settings() == Recipe(model=recipe.model).settings():
             return 1.0  # the baseline itself
-        score = QUANT.get(s.method, UNKNOWN_QUANT)[2] * (
+        score = facts(s.method).accuracy * (
             DTYPE_ACCURACY if s.dtype != self.native else 1.0) * (
-            FP8_KV_ACCURACY if s.kv_dtype.startswith("fp8") else 1.0)
+            FP8_KV_ACCURACY if is_fp8_kv(s.kv_dtype) else 1.0)
         wobble = float(sim_rng(self.seed, recipe.id, "accuracy").normal(0.0, 1.0))
         if score < 1.0:
             return round(min(1.0, score * (1.0 + 0.001 * wobble)), 5)

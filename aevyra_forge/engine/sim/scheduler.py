@@ -16,18 +16,15 @@ from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.slo import Slo
 from aevyra_forge.core.values import BenchMetrics
 from aevyra_forge.core.workload import CHARS_PER_TOKEN, Workload
-from aevyra_forge.measure.client import RequestResult, aggregate
-from aevyra_forge.space.hardware import GpuSpec
+from aevyra_forge.measure.metrics import RequestResult, aggregate
+from aevyra_forge.space.gpu_catalogue import GpuSpec
 from aevyra_forge.space.model_profile import ModelProfile
+from aevyra_forge.space.quant import facts, is_fp8_kv
 
 GIB, MIB = 1024**3, 1024**2  # bytes
-# method -> (bytes per parameter, linear-layer compute multiplier, accuracy vs bf16); int4
-# carries scales and bf16 embeddings and pays for dequantisation in compute
-QUANT: dict[str, tuple[float, float, float]] = {
-    "none": (2.0, 1.0, 1.0), "fp8": (1.0, 0.5, 0.996), "w8a8_int8": (1.0, 0.5, 0.993),
-    "awq": (0.6, 1.4, 0.978), "gptq": (0.6, 1.4, 0.972)}
-UNKNOWN_QUANT = (1.0, 1.2, 0.99)  # a method this table does not know
-FP8_MARLIN_COMPUTE = 1.1  # weight-only FP8 (Marlin) on GPUs without FP8 tensor cores
+# compute multiplier of an FP8 method on GPUs without FP8 tensor cores, where vLLM runs it
+# weight-only (Marlin); elsewhere the method's own (space/quant.py)
+FP8_MARLIN_COMPUTE = 1.1
 # -- step time ---------------------------------------------------------------------------
 # achieved / datasheet memory bandwidth; Marlin int4 GEMV reaches less of it at small batch
 BW_EFFICIENCY, INT4_BW_EFFICIENCY = 0.7, 0.55
@@ -106,15 +103,15 @@ class SimPass:
         self.s, self.rng, self.cv, self.slo = s, rng, noise_cv, slo
         self.num_blocks, weight_bytes, kv_bytes, _ = server.memory
         # -- step-time coefficients (seconds) --
-        penalty = EAGER_KERNEL_PENALTY if s.eager else 1.0
+        penalty, quant = EAGER_KERNEL_PENALTY if s.eager else 1.0, facts(s.method)
         bw = spec.bandwidth_gbs * 1e9 * (
-            INT4_BW_EFFICIENCY if s.method in ("awq", "gptq") else BW_EFFICIENCY) / penalty
+            INT4_BW_EFFICIENCY if quant.weight_bits == 4 else BW_EFFICIENCY) / penalty
         flops = spec.bf16_tflops * 1e12 * MFU / penalty * (
             FP32_FLOPS_SHARE if s.dtype == "float32" else 1.0)
-        qcompute = (FP8_MARLIN_COMPUTE if s.method == "fp8" and not spec.fp8
-                    else QUANT.get(s.method, UNKNOWN_QUANT)[1])
+        qcompute = (FP8_MARLIN_COMPUTE if quant.fp8_hardware and not spec.fp8
+                    else quant.compute)
         attn = BACKENDS[s.backend][0] * (
-            FP8_KV_SOFT_FACTOR if s.kv_dtype.startswith("fp8") and not spec.fp8 else 1.0)
+            FP8_KV_SOFT_FACTOR if is_fp8_kv(s.kv_dtype) and not spec.fp8 else 1.0)
         base, layers, hidden = STEP_BASE_S + BACKENDS[s.backend][1], model.num_layers, \
             model.hidden_size
         self.weight_s, self.kv_s = weight_bytes / bw, kv_bytes / bw * attn  # per token read

@@ -1,0 +1,122 @@
+"""Running one trial in this process: prepare (reserved for work before a boot, such as
+quantization calibration), boot the server for the trial's recipe, bench it, probe its
+accuracy, and tear it down, whatever happens in between. `Executor.run(trial) ->
+Measurement` is the one seam the loop sees, so the same loop can later hand trials to a
+pool of GPUs or to Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+from aevyra_forge.core.recipe import Recipe, recipe_from_dict
+from aevyra_forge.core.slo import Slo
+from aevyra_forge.core.trial import Measurement, Trial
+from aevyra_forge.core.values import BenchOutcome, LaunchFailure, QualityScore
+from aevyra_forge.core.workload import Workload
+from aevyra_forge.measure.metrics import median_pass
+
+
+class Server(Protocol):
+    """A live server: where it answers, and how long it took to become healthy."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def boot_s(self) -> float: ...
+
+
+S = TypeVar("S", bound=Server)
+S_contra = TypeVar("S_contra", bound=Server, contravariant=True)
+
+
+class Launcher(Protocol[S]):
+    """Boots a server for a recipe (or says why it could not) and tears it down."""
+
+    def launch(self, recipe: Recipe, log_path: Path) -> S | LaunchFailure: ...
+    def stop(self, server: S) -> None: ...
+
+
+class Benchmarker(Protocol[S_contra]):
+    def bench(self, server: S_contra, workload: Workload, concurrency: int,
+              passes: int = 1, slo: Slo | None = None) -> BenchOutcome: ...
+
+
+class QualityProbe(Protocol[S_contra]):
+    """Accuracy against the baseline: `reference` captures the reference config's outputs
+    (kept in its record, so resume has them), `accuracy` scores another config."""
+
+    def reference(self, server: S_contra) -> dict[str, Any] | None: ...
+    def accuracy(self, server: S_contra, reference: dict[str, Any] | None
+                 ) -> QualityScore | None: ...
+
+
+@contextmanager
+def serving(launcher: Launcher[S], recipe: Recipe, log_path: Path
+            ) -> Iterator[S | LaunchFailure]:
+    """A server's whole lifetime as a `with` block: it is stopped on the way out, also
+    when the bench raises or the user interrupts."""
+    launched = launcher.launch(recipe, log_path)
+    if isinstance(launched, LaunchFailure):
+        yield launched
+        return
+    try:
+        yield launched
+    finally:
+        launcher.stop(launched)
+
+
+class LocalExecutor(Generic[S]):
+    """Runs trials one at a time on this host, with the run's fixed measurement settings
+    (concurrency, passes, SLO): every config is measured the same way."""
+
+    def __init__(self, launcher: Launcher[S], benchmarker: Benchmarker[S],
+                 quality: QualityProbe[S], workload: Workload, *, concurrency: int,
+                 repeats: int, slo: Slo | None, log_path: Callable[[int], Path],
+                 log_root: Path) -> None:
+        self.launcher = launcher
+        self.benchmarker = benchmarker
+        self.quality = quality
+        self.workload = workload
+        self.concurrency = concurrency
+        self.repeats = repeats
+        self.slo = slo
+        self.log_path = log_path
+        self.log_root = log_root
+
+    def run(self, trial: Trial) -> Measurement:
+        recipe = recipe_from_dict(trial.recipe, source=f"experiment {trial.exp}")
+        log_path = self.log_path(trial.exp)
+        with serving(self.launcher, recipe, log_path) as server:
+            if isinstance(server, LaunchFailure):
+                return Measurement(status=server.status, reason=server.reason,
+                                   boot_s=server.boot_s, log=self._relative(log_path),
+                                   suggested_max_model_len=server.suggested_max_model_len)
+            outcome = self.benchmarker.bench(server, self.workload, self.concurrency,
+                                             self.repeats, self.slo)
+            quality: QualityScore | None = None
+            captured: dict[str, Any] | None = None
+            if outcome.status == "ok" and trial.capture_reference:
+                captured = self.quality.reference(server)
+                if captured is not None:
+                    quality = QualityScore(agreement=1.0, logprob_shift=0.0)
+            elif outcome.status == "ok":
+                quality = self.quality.accuracy(server, trial.quality_reference)
+            boot_s = server.boot_s
+        metrics = outcome.metrics
+        if metrics is None and outcome.passes:  # a bench cut short keeps what it measured
+            metrics = median_pass(outcome.passes)
+        return Measurement(
+            status=outcome.status, reason=outcome.reason, passes=outcome.passes,
+            metrics=metrics, quality=quality, quality_reference=captured,
+            boot_s=boot_s, bench_s=outcome.bench_s, log=self._relative(log_path))
+
+    def _relative(self, log_path: Path) -> str | None:
+        if not log_path.exists():
+            return None
+        try:
+            return str(log_path.relative_to(self.log_root))
+        except ValueError:
+            return str(log_path)

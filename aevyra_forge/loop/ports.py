@@ -1,0 +1,36 @@
+"""The seams the loop depends on (STYLE habit 2): where trials run and where the run is
+recorded. The proposer's port is agent.Proposer; the observer's is events.Observer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from aevyra_forge.core.trial import Measurement, Trial
+from aevyra_forge.core.values import ExperimentRecord
+
+
+class Executor(Protocol):
+    """Runs one trial to a measurement. Failures of the engine come back as data (a
+    status and a reason); only a bug or an interrupt raises."""
+
+    def run(self, trial: Trial) -> Measurement: ...
+
+
+class RunLog(Protocol):
+    """One run's folder: the trial-start log, the append-only experiment log and the
+    files derived from it."""
+
+    @property
+    def path(self) -> Path: ...
+
+    def start(self, trial: Trial) -> None: ...
+    def started(self) -> list[Trial]: ...
+    def append(self, record: ExperimentRecord) -> None: ...
+    def records(self) -> list[ExperimentRecord]: ...
+    def write_tables(self, records: Sequence[ExperimentRecord]) -> None: ...
+    def write_best(self, recipe_yaml: str) -> None: ...
+    def complete(self, summary: Mapping[str, Any]) -> None: ...
+    def log_path(self, exp: int) -> Path: ...
+    def close(self) -> None: ...

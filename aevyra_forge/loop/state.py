@@ -1,0 +1,89 @@
+"""What the loop knows, derived from the run's records alone: the incumbent and its
+latest passes, the reference measurement and outputs, what was tried and spent, and which
+layer is active. `tune` and `tune resume` build it the same way, by replay."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aevyra_forge.core.recipe import Recipe, recipe_from_dict
+from aevyra_forge.core.settings import TuneSettings
+from aevyra_forge.core.values import BenchMetrics, ExperimentRecord, Layer, takes_the_lead
+
+
+@dataclass
+class LoopState:
+    """The records, folded into what the next decision needs."""
+
+    records: list[ExperimentRecord]
+    baseline: Recipe
+    best: Recipe = field(init=False)
+    best_record: ExperimentRecord | None = field(init=False, default=None)
+    reference: BenchMetrics | None = field(init=False, default=None)
+    quality_reference: dict[str, Any] | None = field(init=False, default=None)
+    best_passes: tuple[BenchMetrics, ...] = field(init=False, default=())
+    best_measured_exp: int = field(init=False, default=0)  # the incumbent's latest boot
+
+    def __post_init__(self) -> None:
+        self.best = self.baseline
+        for rec in self.records:
+            self._absorb(rec)
+
+    @property
+    def best_score(self) -> float | None:
+        return self.best_record.score if self.best_record is not None else None
+
+    def _absorb(self, rec: ExperimentRecord) -> None:
+        if rec.quality_reference is not None and self.quality_reference is None:
+            self.quality_reference = rec.quality_reference
+        if takes_the_lead(rec):
+            if self.reference is None:
+                self.reference = rec.metrics
+            self.best = recipe_from_dict(rec.recipe, source=f"experiment {rec.exp}")
+            self.best_record = rec
+        if rec.recipe_id == self.best.id and (rec.kept or rec.remeasure):
+            self.best_measured_exp = rec.exp
+            if rec.status == "ok" and rec.passes:
+                self.best_passes = rec.passes
+
+    def add(self, rec: ExperimentRecord) -> None:
+        self.records.append(rec)
+        self._absorb(rec)
+
+    @property
+    def next_exp(self) -> int:
+        return len(self.records)
+
+    @property
+    def tried_ids(self) -> frozenset[str]:
+        return frozenset(r.recipe_id for r in self.records if r.status not in
+                         ("invalid", "duplicate"))
+
+    def spent_s(self) -> float:
+        return sum((r.prepare_s or 0.0) + (r.boot_s or 0.0) + (r.bench_s or 0.0)
+                   for r in self.records)
+
+    def spent_usd(self) -> float:
+        return sum(r.llm.cost_usd for r in self.records)
+
+    def active_layer(self, settings: TuneSettings, exhausted: set[int]) -> Layer | None:
+        """The layer to work on: the latest one reached, unless it has converged (patience
+        or its cap spent) or its proposer ran out of ideas; then the next enabled one."""
+        reached = max((r.layer for r in self.records[1:]), default=0)
+        for layer in settings.layers():
+            if layer < reached or layer in exhausted:
+                continue
+            rows = [r for r in self.records[1:] if r.layer == layer]
+            cap = settings.layer_cap(layer)
+            if cap is not None and len(rows) >= cap:
+                continue
+            trailing = 0
+            for r in reversed(rows):
+                if r.kept:
+                    break
+                trailing += 1
+            if trailing >= settings.patience:
+                continue
+            return layer
+        return None

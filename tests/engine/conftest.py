@@ -1,0 +1,67 @@
+"""Shared by the engine tests: tests/data/fake_vllm/vllm, a stand-in for `vllm serve` that
+parses flags like vLLM, prints vLLM's real failure messages, keeps an EngineCore-like child
+in its process group and serves with tests/fake_vllm.py; and checks that processes are gone."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.engine.launcher import VllmLauncher
+
+ROOT = Path(__file__).resolve().parents[2]
+FAKE_BIN = ROOT / "tests" / "data" / "fake_vllm" / "vllm"
+MODEL = "fake/tiny-llama"
+DEADLINE_S = 10.0  # how long a process may take to disappear before a test fails
+
+
+def gone(pid: int) -> bool:
+    """The process no longer runs. A zombie counts as gone: orphans are reparented to an
+    init that, in containers, may never reap them."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def wait_gone(*pids: int) -> bool:
+    """Poll until every pid is gone or the deadline passes (a measurement of how long
+    teardown takes, not a synchronisation)."""
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        if all(gone(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return all(gone(p) for p in pids)
+
+
+@pytest.fixture
+def pidfile(tmp_path: Path) -> Path:
+    return tmp_path / "engine.pid"
+
+
+def make_launcher(pidfile: Path, boot_timeout_s: float = 15.0, **fake_env: str
+                  ) -> VllmLauncher:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_VLLM_")}
+    env.update({"FAKE_VLLM_PIDFILE": str(pidfile), "FAKE_VLLM_TOKEN_DELAY_S": "0.001",
+                **fake_env})
+    return VllmLauncher(str(FAKE_BIN), boot_timeout_s=boot_timeout_s, env=env,
+                        health_poll_s=0.05)
+
+
+def engine_pid(pidfile: Path) -> int:
+    return int(pidfile.read_text())
+
+
+@pytest.fixture
+def recipe() -> Recipe:
+    return Recipe(model=MODEL, config={"max_num_seqs": 64, "enable_prefix_caching": False})

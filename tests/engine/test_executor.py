@@ -1,0 +1,126 @@
+"""One trial in, one measurement out: the local executor on the simulator, with a launcher
+that fails, a bench that is interrupted, and the accuracy reference captured or used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.slo import parse_slo
+from aevyra_forge.core.trial import Trial
+from aevyra_forge.core.values import BenchOutcome, LaunchFailure, QualityScore
+from aevyra_forge.core.workload import Workload, load_workload
+from aevyra_forge.engine.executor import LocalExecutor, serving
+from aevyra_forge.engine.sim.engine import SimServer, SimulatedEngine
+from aevyra_forge.space.gpu_catalogue import gpu_spec
+from aevyra_forge.space.knob_space import KnobSpace
+from aevyra_forge.space.model_profile import profile
+from tests.conftest import MODEL_8B
+
+
+class Watched:
+    """The simulator, with every launch and stop written down."""
+
+    def __init__(self, fail_boot: bool = False, interrupt_bench: bool = False) -> None:
+        hw = gpu_spec("H100").hardware()
+        self.space = KnobSpace(hw, profile(MODEL_8B), simulated=True)
+        self.sim = SimulatedEngine(hw, gpu_spec("H100"), self.space.model, self.space)
+        self.fail_boot = fail_boot
+        self.interrupt_bench = interrupt_bench
+        self.launched: list[str] = []
+        self.stopped: list[str] = []
+        self.references: list[Any] = []
+
+    def launch(self, recipe: Recipe, log_path: Path) -> SimServer | LaunchFailure:
+        if self.fail_boot:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text("ValueError: the estimated maximum model length is 4096\n")
+            return LaunchFailure(status="boot_failed", reason="context too long",
+                                 boot_s=7.0, suggested_max_model_len=4096)
+        server = self.sim.launch(recipe, log_path)
+        assert isinstance(server, SimServer)
+        self.launched.append(server.url)
+        return server
+
+    def stop(self, server: SimServer) -> None:
+        self.stopped.append(server.url)
+
+    def bench(self, server: SimServer, workload: Workload, concurrency: int,
+              passes: int = 1, slo: Any = None) -> BenchOutcome:
+        if self.interrupt_bench:
+            raise KeyboardInterrupt
+        return self.sim.bench(server, workload, concurrency, passes, slo)
+
+    def reference(self, server: SimServer) -> dict[str, Any]:
+        return {"captured from": server.recipe.id}
+
+    def accuracy(self, server: SimServer, reference: dict[str, Any] | None) -> QualityScore:
+        self.references.append(reference)
+        return QualityScore(agreement=0.5)
+
+
+def _executor(tmp_path: Path, engine: Watched, workload: Path) -> LocalExecutor[SimServer]:
+    return LocalExecutor(engine, engine, engine, load_workload(workload), concurrency=4,
+                         repeats=3, slo=parse_slo("ttft_p99<10s"),
+                         log_path=lambda exp: tmp_path / "logs" / f"exp_{exp:03d}.log",
+                         log_root=tmp_path)
+
+
+def _trial(engine: Watched, exp: int = 0, **extra: Any) -> Trial:
+    recipe = engine.space.baseline(MODEL_8B)
+    return Trial(exp=exp, recipe=recipe.to_dict(), recipe_id=recipe.id, layer=1, **extra)
+
+
+def test_a_measured_trial_carries_its_passes_median_and_reference(
+        tmp_path: Path, small_workload: Path) -> None:
+    engine = Watched()
+    m = _executor(tmp_path, engine, small_workload).run(
+        _trial(engine, capture_reference=True))
+    assert m.status == "ok" and len(m.passes) == 3
+    assert m.metrics is not None and m.metrics in m.passes  # the median pass, once
+    assert all(p.goodput is not None for p in m.passes)  # the run's SLO reached the bench
+    assert m.quality_reference == {"captured from": engine.space.baseline(MODEL_8B).id}
+    assert m.quality == QualityScore(agreement=1.0, logprob_shift=0.0)
+    assert m.log == "logs/exp_000.log" and m.boot_s is not None and m.bench_s
+    assert engine.stopped == engine.launched and len(engine.stopped) == 1
+
+
+def test_a_later_trial_is_scored_against_the_reference_it_carries(
+        tmp_path: Path, small_workload: Path) -> None:
+    engine = Watched()
+    reference = {"tokens": [1, 2, 3]}
+    m = _executor(tmp_path, engine, small_workload).run(
+        _trial(engine, exp=4, quality_reference=reference))
+    assert engine.references == [reference]
+    assert m.quality == QualityScore(agreement=0.5) and m.quality_reference is None
+
+
+def test_a_boot_failure_is_a_measurement_with_vllms_suggestion(
+        tmp_path: Path, small_workload: Path) -> None:
+    engine = Watched(fail_boot=True)
+    m = _executor(tmp_path, engine, small_workload).run(_trial(engine, exp=2))
+    assert m.status == "boot_failed" and m.reason == "context too long"
+    assert m.suggested_max_model_len == 4096 and m.boot_s == 7.0
+    assert m.passes == () and m.metrics is None and m.quality is None
+    assert m.log == "logs/exp_002.log"
+    assert engine.stopped == []  # nothing came up, nothing to stop
+
+
+def test_the_server_is_stopped_when_the_bench_is_interrupted(
+        tmp_path: Path, small_workload: Path) -> None:
+    engine = Watched(interrupt_bench=True)
+    with pytest.raises(KeyboardInterrupt):
+        _executor(tmp_path, engine, small_workload).run(_trial(engine))
+    assert engine.stopped == engine.launched and len(engine.stopped) == 1
+
+
+def test_serving_stops_on_the_way_out_of_the_block(tmp_path: Path) -> None:
+    engine = Watched()
+    recipe = engine.space.baseline(MODEL_8B)
+    with pytest.raises(RuntimeError), serving(engine, recipe, tmp_path / "x.log") as server:
+        assert isinstance(server, SimServer)
+        raise RuntimeError("a bug in the bench")
+    assert engine.stopped == engine.launched and len(engine.stopped) == 1
