@@ -2,12 +2,15 @@
 speaks enough of the Anthropic Messages API (POST /v1/messages) and the OpenAI Chat
 Completions API (POST /v1/chat/completions) for the official SDKs. Replies follow a
 script (a good reply, an HTTP error, a hang) and then a responder; every request is
-recorded so tests can read the prompt the agent sent."""
+recorded so tests can read the prompt the agent sent. A hang lasts until the client gives
+up, and the server says when it saw that, so a timeout test needs no sleep."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,9 +42,8 @@ class Fail:
 
 @dataclass(frozen=True)
 class Hang:
-    """Hold the request open (until the server closes) so the client times out."""
-
-    seconds: float = 10.0
+    """Send nothing and hold the request open until the client gives up and closes the
+    connection (or the server closes); the server then sets `FakeProvider.hung_up`."""
 
 
 Step = Reply | Fail | Hang
@@ -114,6 +116,8 @@ class FakeProvider:
         self._script: list[Step] = []
         self._lock = threading.Lock()
         self._closing = threading.Event()
+        self._held: set[socket.socket] = set()  # connections of requests on Hang
+        self.hung_up = threading.Event()  # a client gave up on a held request
         self._server = _Server(("127.0.0.1", 0), _handler_for(self))
         # A short poll interval keeps shutdown (and so each test's teardown) quick.
         self._thread = threading.Thread(target=self._server.serve_forever,
@@ -140,7 +144,12 @@ class FakeProvider:
         self.close()
 
     def close(self) -> None:
-        self._closing.set()  # release hanging handlers first
+        self._closing.set()  # release held requests first
+        with self._lock:
+            held = list(self._held)
+        for conn in held:
+            with contextlib.suppress(OSError):  # wakes the handler blocked reading it
+                conn.shutdown(socket.SHUT_RDWR)
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -153,6 +162,22 @@ class FakeProvider:
         if self.responder is not None:
             return self.responder(rec)
         return Reply(proposal({"max_num_seqs": 512}))
+
+    def _hold(self, conn: socket.socket) -> None:
+        """Block until the client closes `conn` (it timed out) or the server closes."""
+        with self._lock:
+            if self._closing.is_set():
+                return
+            self._held.add(conn)
+        try:
+            conn.recv(1)  # the client sends nothing more: b"" when it hangs up
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._held.discard(conn)
+        if not self._closing.is_set():
+            self.hung_up.set()
 
 
 class _Server(ThreadingHTTPServer):
@@ -183,7 +208,7 @@ def _handler_for(fake: FakeProvider) -> type[BaseHTTPRequestHandler]:
                            body)
             step = fake._next(rec)
             if isinstance(step, Hang):
-                fake._closing.wait(step.seconds)
+                fake._hold(self.connection)
                 self.close_connection = True
                 return
             if isinstance(step, Fail):

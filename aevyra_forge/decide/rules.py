@@ -13,16 +13,14 @@ from statistics import median
 from typing import Literal
 
 from aevyra_forge.core.errors import UsageError
+
+# The objectives and the guard's default factor are the settings', defined in core.settings.
+from aevyra_forge.core.settings import DEFAULT_MAX_LATENCY_REGRESSION, Objective
 from aevyra_forge.core.slo import Slo
 from aevyra_forge.core.values import BenchMetrics, Status
 from aevyra_forge.decide.stats import Interval
 
-Objective = Literal["throughput", "latency", "goodput"]
-OBJECTIVES: tuple[Objective, ...] = ("throughput", "latency", "goodput")
 Gate = Literal["status", "identical", "accuracy", "slo", "latency", "improvement"]
-
-# Chosen with benchmarks/decision_rates.py, like the interval defaults in stats.py.
-DEFAULT_MAX_LATENCY_REGRESSION = 1.5  # factor on the incumbent's p99 E2E and p99 TTFT
 
 
 # -- objectives --------------------------------------------------------------------------

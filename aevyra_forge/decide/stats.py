@@ -14,12 +14,11 @@ from typing import Literal
 
 import numpy as np
 
+# The interval's defaults are the settings' defaults, defined once in core.settings.
+from aevyra_forge.core.settings import DEFAULT_BOOT_CV, DEFAULT_CONFIDENCE
+
 Method = Literal["welch", "bootstrap"]
 
-# Defaults chosen with benchmarks/decision_rates.py (its docstring sums up the table).
-DEFAULT_CONFIDENCE = 0.95  # two-sided; keeping on its lower bound is a 97.5 % one-sided test
-DEFAULT_REPEATS = 5  # bench passes per config
-DEFAULT_BOOT_CV = 0.01  # between-boot CV of a config's mean (fraction): passes cannot see it
 ZERO_FLOOR = 1e-9  # a zero per-pass value counts as this fraction of the largest value
 _DF_STEP = 0.01  # Welch df is rounded down to this step: conservative, and caches quantiles
 

@@ -19,7 +19,6 @@ from aevyra_forge.decide.stats import (
     pooled_noise,
     relative_interval,
 )
-from aevyra_forge.measure.metrics import median_pass
 
 
 @dataclass(frozen=True)
@@ -31,14 +30,15 @@ class Verdict:
 
 
 def judge(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
-          accuracy: float | None, *, reference: BenchMetrics | None,
+          median: BenchMetrics | None, accuracy: float | None, *,
+          reference: BenchMetrics | None,
           incumbent: Sequence[BenchMetrics], incumbent_id: str, best_score: float | None,
           history: Sequence[ExperimentRecord], identical: bool) -> Verdict:
-    """Everything the keep rule needs, from the candidate's passes and the loop's state.
-    With fewer than two passes on either side there is no noise estimate and the plain
-    point rule applies (the report says so)."""
+    """Everything the keep rule needs, from the candidate's passes (and their median,
+    computed once by whoever measured them) and the loop's state. With fewer than two
+    passes on either side there is no noise estimate and the plain point rule applies
+    (the report says so)."""
     slo = s.parsed_slo()
-    median = median_pass(passes) if passes else None
     if status != "ok" or median is None:
         return Verdict(None, decide(status, None, best_score, accuracy,
                                     min_improvement_pct=s.min_improvement_pct,

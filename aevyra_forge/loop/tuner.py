@@ -222,7 +222,7 @@ class Tuner:
     def tell(self, trial: Trial, m: Measurement) -> ExperimentRecord:
         st = self.state
         exp = trial.exp
-        verdict = judge(self.s, m.status, m.passes,
+        verdict = judge(self.s, m.status, m.passes, m.metrics,
                         m.quality.agreement if m.quality else None,
                         reference=st.reference, incumbent=st.best_passes,
                         incumbent_id=st.best.id, best_score=st.best_score,

@@ -1,9 +1,6 @@
 """What one run may tune: the knob registry (registry.py) narrowed to this hardware, this
 model and this vLLM, with validation of proposals, effective values, and applying a
-mutation to a recipe.
-
-Based on vLLM's V1 engine: chunked prefill is always on and prefix caching is on by
-default, so neither is offered as a win (prefix caching can only be turned off)."""
+mutation to a recipe."""
 
 from __future__ import annotations
 
@@ -61,7 +58,7 @@ class KnobSpace:
 
     def choices(self, knob: Knob) -> tuple[Scalar, ...]:
         values = knob.choices_for(self.hw, self.simulated)
-        arg = knob.placement.engine_arg(knob) if knob.placement.carries_value else None
+        arg = knob.placement.value_arg(knob)
         listed = self.vllm.choices(arg) if self.vllm is not None and arg else None
         if listed is not None:  # this vLLM's parser names its choices: stay inside them
             values = tuple(v for v in values if str(v) in listed)
@@ -81,7 +78,7 @@ class KnobSpace:
 
     def default(self, knob: Knob) -> Scalar:
         value = knob.default_for(self.hw)
-        arg = knob.placement.engine_arg(knob) if knob.placement.carries_value else None
+        arg = knob.placement.value_arg(knob)
         if self.vllm is not None and arg is not None and knob.kind != "choice":
             info = self.vllm.args.get(arg)
             parsed = _parse_default(knob, info.default) if info else None

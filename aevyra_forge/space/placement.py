@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -28,7 +28,6 @@ class Placement(ABC):
     same path render once, between the others in recipe.yaml's key order."""
 
     path: tuple[str, ...]
-    carries_value: ClassVar[bool] = True  # its engine argument's value is the knob's value
 
     @abstractmethod
     def key(self, knob: Knob) -> str:
@@ -54,7 +53,13 @@ class Placement(ABC):
     def render(self, recipe: Recipe) -> Rendered:
         """Everything the recipe holds at this place, as argv and environment."""
 
+    def value_arg(self, knob: Knob) -> str | None:
+        """The engine argument whose value is the knob's own, so that its choices and
+        default as this vLLM lists them apply to the knob; None when there is none."""
+        return self.engine_arg(knob)
+
     def unknown(self, key: str, valid: str) -> str:
+        """Why a recipe may not set `key` here; `valid` lists the keys it may set."""
         return f"unknown key '{'.'.join(self.path)}.{key}'; valid keys: {valid}"
 
 
@@ -110,10 +115,12 @@ class CompilationField(_Entry):
     """A field of `kernel.compilation_config`, passed as one JSON `--compilation-config`."""
 
     path: tuple[str, ...] = ("kernel", "compilation_config")
-    carries_value: ClassVar[bool] = False  # the argument is the whole JSON object
 
     def engine_arg(self, knob: Knob) -> str | None:
         return "compilation_config"
+
+    def value_arg(self, knob: Knob) -> str | None:
+        return None  # the argument's value is the whole JSON object
 
     def render(self, recipe: Recipe) -> Rendered:
         config = recipe.kernel.compilation_config
@@ -148,14 +155,15 @@ class EnvVar(_Entry):
 
 @dataclass(frozen=True)
 class RecipeField(Placement):
-    """A field of the recipe's own (`quant.kv_cache_dtype`) with its vLLM flag. `unset`
-    holds the values that leave the choice to vLLM and pass no flag; the first is the
-    field's default, written when the knob returns to its default."""
+    """One of the recipe's own fields (e.g. `quant.kv_cache_dtype`), passed as its own vLLM
+    flag. `unset` holds the values that leave the choice to vLLM and pass no flag; the
+    first is the field's default, written when the knob returns to its default. Any other
+    value counts as set, so that checking a recipe sees (and refuses) an odd one."""
 
     path: tuple[str, ...]
     flag: str
     unset: tuple[ConfigValue, ...]
-    with_checkpoint: bool = True  # passed when a pre-quantized checkpoint is served
+    with_checkpoint: bool = True  # False: ignored while a pre-quantized checkpoint is served
 
     def key(self, knob: Knob) -> str:
         return self.path[-1]

@@ -18,8 +18,8 @@ class QuantMethod:
     weight_bits: int  # bits per quantized weight, before scales
     bytes_per_param: float  # weight memory per parameter, scales and 16-bit layers included
     prequantized: bool  # needs a pre-quantized checkpoint: vLLM cannot quantize it at load
-    fp8_hardware: bool  # fast only with FP8 tensor cores (has_fp8)
-    on_cpu: bool  # served by vLLM's CPU build (every method is served on GPUs)
+    fp8_hardware: bool  # offered only with FP8 tensor cores (has_fp8); else weight-only
+    on_cpu: bool  # served by vLLM's CPU build (GPUs serve every method, fp8 gated)
     compute: float  # simulator: linear-layer compute time relative to bf16
     accuracy: float  # expected teacher-forced agreement with the bf16 baseline's outputs
     name_tag: str | None  # how a checkpoint's name shows the method (the simulator's guess)
@@ -30,11 +30,11 @@ class QuantMethod:
 QUANT_METHODS: dict[str, QuantMethod] = {m.name: m for m in (
     QuantMethod("none", 16, 2.0, prequantized=False, fp8_hardware=False,
                 on_cpu=True, compute=1.0, accuracy=1.0, name_tag=None),
-    # 4-bit weights carry group scales and zero points, the embeddings and lm_head stay
-    # 16-bit, and dequantisation costs compute. The prompt once estimated 0.56 B/param and
-    # the simulator 0.6: a 70B AWQ checkpoint is about 0.56 B/param, an 8B one about 0.7
-    # (its 16-bit embeddings weigh more), so 0.6 is as fair for the models forge tunes,
-    # and keeping the simulator's value keeps dry runs identical.
+    # 4-bit weights carry group scales and zero points (~0.52 B/param at group size 128),
+    # the embeddings and lm_head stay 16-bit, and dequantisation costs compute. The prompt
+    # used to estimate 0.56 B/param and the simulator 0.6. Neither fits every size: a 70B
+    # AWQ checkpoint comes to about 0.56, an 8B one to about 0.7 (its 16-bit embeddings
+    # weigh more). The simulator's 0.6 is kept, so dry runs stay identical.
     QuantMethod("awq", 4, 0.6, prequantized=True, fp8_hardware=False,
                 on_cpu=False, compute=1.4, accuracy=0.978, name_tag="awq"),
     QuantMethod("gptq", 4, 0.6, prequantized=True, fp8_hardware=False,

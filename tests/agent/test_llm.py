@@ -6,7 +6,7 @@ sends, and `tune --dry-run` end to end without the key ever reaching the run fol
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from aevyra_forge.agent import llm as llm_module
 from aevyra_forge.agent.llm import LLMProposer, make_llm_proposer
 from aevyra_forge.agent.pricing import DEFAULT_PRICES, FREE, Price
 from aevyra_forge.agent.prompt import build_prompt
-from aevyra_forge.agent.providers import PROVIDERS, ChatTurn, connect
+from aevyra_forge.agent.providers import PROVIDERS, ChatClient, ChatTurn, Completion, connect
 from aevyra_forge.core.errors import AgentError
 from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.values import ExperimentRecord, Layer, Proposal
@@ -40,6 +40,9 @@ PLAYBOOK = load_playbook()
 GOOD = proposal({"max_num_seqs": 512}, rationale="more sequences per step")
 KEY = "SECRET-TEST-KEY-123"
 BACKOFF_S = 0.01
+# Per-call client timeout: far beyond any scripted reply, so a loaded machine never turns
+# a reply into a timeout; the one timeout test gives up early on purpose (_GivesUpOnce).
+PATIENT_S = 60.0
 
 
 @pytest.fixture
@@ -53,14 +56,35 @@ def wire(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def _proposer(fake: FakeProvider, wire: str, price: Price | None = SONNET,
-              sleeps: list[float] | None = None) -> LLMProposer:
+def _client(fake: FakeProvider, wire: str, timeout_s: float = PATIENT_S) -> ChatClient:
     provider = PROVIDERS["anthropic" if wire == "anthropic" else "openrouter"]
     url = fake.url if wire == "anthropic" else fake.openai_url
-    client = connect(provider, "claude-sonnet-4-6", KEY, url, timeout_s=0.3)
-    return LLMProposer(provider, "claude-sonnet-4-6", client, price,
+    return connect(provider, "claude-sonnet-4-6", KEY, url, timeout_s=timeout_s)
+
+
+def _proposer(fake: FakeProvider, wire: str, price: Price | None = SONNET,
+              sleeps: list[float] | None = None, client: ChatClient | None = None,
+              sleep: Callable[[float], None] | None = None) -> LLMProposer:
+    provider = PROVIDERS["anthropic" if wire == "anthropic" else "openrouter"]
+    return LLMProposer(provider, "claude-sonnet-4-6", client or _client(fake, wire), price,
                        backoff_base_s=BACKOFF_S,
-                       sleep=(sleeps if sleeps is not None else []).append)
+                       sleep=sleep or (sleeps if sleeps is not None else []).append)
+
+
+class _GivesUpOnce:
+    """Two real clients of the fake: the first call goes through one that gives up after
+    a moment, every later call through a patient one. The timeout under test then applies
+    to the held request only, never to the retry, however slow the machine is."""
+
+    def __init__(self, impatient: ChatClient, patient: ChatClient) -> None:
+        self.impatient, self.patient = impatient, patient
+        self.calls = 0
+
+    def complete(self, system: str, turns: Sequence[ChatTurn], max_tokens: int
+                 ) -> Completion:
+        self.calls += 1
+        client = self.impatient if self.calls == 1 else self.patient
+        return client.complete(system, turns, max_tokens)
 
 
 def _ctx(history: tuple[ExperimentRecord, ...] = (), layer: Layer = 1,
@@ -159,9 +183,20 @@ def test_provider_that_stays_down(fake: FakeProvider, wire: str) -> None:
 
 
 def test_timeout_is_retried(fake: FakeProvider, wire: str) -> None:
+    """The fake holds the first request until the client times out and hangs up; the
+    backoff (the injected sleep) returns only once the fake has seen that, so the retry
+    is the second request the fake reads and gets the scripted reply."""
+    sleeps: list[float] = []
+
+    def backoff(seconds: float) -> None:
+        sleeps.append(seconds)
+        assert fake.hung_up.wait(PATIENT_S), "the fake never saw the client give up"
+
     fake.script(Hang(), Reply(GOOD))
-    reply = _proposer(fake, wire).propose(_ctx())
-    assert reply.proposal is not None and len(fake.requests) == 2
+    client = _GivesUpOnce(_client(fake, wire, timeout_s=0.05), _client(fake, wire))
+    reply = _proposer(fake, wire, client=client, sleep=backoff).propose(_ctx())
+    assert reply.proposal is not None and reply.error is None
+    assert sleeps == [BACKOFF_S] and len(fake.requests) == 2
 
 
 def test_rejected_key_stops_with_the_variable(fake: FakeProvider) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from aevyra_forge.core.errors import UsageError
+from aevyra_forge.core.settings import DEFAULT_BOOT_CV
 from aevyra_forge.core.slo import parse_slo
 from aevyra_forge.core.values import BenchMetrics, LatencyStats, Status
 from aevyra_forge.decide.rules import (
@@ -20,7 +21,7 @@ from aevyra_forge.decide.rules import (
     pass_values,
     score,
 )
-from aevyra_forge.decide.stats import DEFAULT_BOOT_CV, Interval, relative_interval
+from aevyra_forge.decide.stats import Interval, relative_interval
 
 
 def _metrics(tps: float, e2e_p99: float = 1000.0, ttft_p99: float = 100.0,

@@ -4,7 +4,6 @@ memory checks, batching, KV pressure, prefix caching, quantization, noise and ti
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -349,16 +348,26 @@ def test_metrics_invariants(tmp_path: Path, outs: list[int], words: int, concurr
         assert m.duration_s > gap * (len(outs) - 1)
 
 
-def test_twenty_experiments_run_in_seconds(tmp_path: Path) -> None:
-    rows = short_rows(50, out=1000, words=120)
-    work = make_workload(tmp_path / "w.jsonl", rows)
-    engine, space = make_engine("A10G", noise_cv=0.03)
+def test_a_twenty_experiment_grid_ranks_the_batch_and_memory_knobs(tmp_path: Path) -> None:
+    """The grid a layer-1 search walks on an A10G (8B, 8k context, 32 clients, long
+    outputs): every experiment delivers every token, and the ranking the keep rule sees
+    follows the bottleneck. With 8 sequences the batch is the limit, whatever the memory;
+    with 32 or more the KV cache is, so throughput climbs with gpu_memory_utilization.
+    (How fast the simulator runs is benchmarks/dry_run_speed.py's business.)"""
+    work = make_workload(tmp_path / "w.jsonl", short_rows(50, out=1000, words=120))
+    engine, space = make_engine("A10G")
     base = space.apply(space.baseline(LLAMA_8B), {"max_model_len": 8192})
-    grid = [{"max_num_seqs": s, "gpu_memory_utilization": u}
-            for s in (8, 32, 64, 256) for u in (0.8, 0.85, 0.9, 0.92, 0.93)]
-    start = time.perf_counter()
-    for changes in grid:
-        server = engine.launch(space.apply(base, changes), tmp_path / "l")
-        if isinstance(server, SimServer):
-            engine.bench(server, work, 32, passes=3)
-    assert time.perf_counter() - start < 10.0
+    utilizations = (0.8, 0.85, 0.9, 0.92, 0.93)
+    tps: dict[tuple[int, float], float] = {}
+    for seqs in (8, 32, 64, 256):
+        for util in utilizations:
+            recipe = space.apply(base, {"max_num_seqs": seqs, "gpu_memory_utilization": util})
+            m = run(engine, recipe, work, 32, tmp_path, passes=3)
+            assert (m.completed, m.failed, m.output_tokens) == (50, 0, 50 * 1000)
+            tps[seqs, util] = m.output_throughput
+    batch_bound = [tps[8, u] for u in utilizations]
+    assert max(batch_bound) < 1.02 * min(batch_bound)
+    for seqs in (32, 64, 256):
+        climb = [tps[seqs, u] for u in utilizations]
+        assert climb == sorted(climb) and climb[-1] > 1.8 * climb[0], (seqs, climb)
+        assert climb[0] > 1.2 * max(batch_bound)

@@ -12,20 +12,11 @@ from hypothesis import strategies as st
 from aevyra_forge.core.errors import RecipeError
 from aevyra_forge.core.recipe import KernelSettings, QuantSettings, Recipe, recipe_from_dict
 from aevyra_forge.space.rendering import render
+from tests.builders import full_recipe
 
 MODEL = "meta-llama/Llama-3.2-1B-Instruct"
 
 
-def full_recipe() -> Recipe:
-    return Recipe(
-        model=MODEL,
-        config={"max_num_seqs": 128, "gpu_memory_utilization": 0.92,
-                "enable_prefix_caching": False, "enforce_eager": True, "max_model_len": None},
-        quant=QuantSettings(kv_cache_dtype="fp8"),
-        kernel=KernelSettings(attention_backend="FLASHINFER",
-                              compilation_config={"cudagraph_mode": "PIECEWISE", "level": 3},
-                              env={"VLLM_CPU_KVCACHE_SPACE": "8"}),
-    )
 
 
 def test_render_full() -> None:

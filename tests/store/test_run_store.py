@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aevyra_forge.core.errors import RunLockedError, StoreError
-from aevyra_forge.core.values import BenchMetrics, ExperimentRecord, LatencyStats, Proposal
+from aevyra_forge.core.values import ExperimentRecord, Proposal
 from aevyra_forge.store.rows import COLUMNS
 from aevyra_forge.store.run_store import Run, RunStore, read_config, read_records, resolve_run_dir
+from tests.builders import metrics, record
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 11, 22, 11, 5, 1, tzinfo=UTC)
@@ -34,31 +35,6 @@ class StepClock:
         current = self.now
         self.now += timedelta(minutes=1)
         return current
-
-
-def metrics(throughput: float = 1000.0, p99: float = 250.0) -> BenchMetrics:
-    return BenchMetrics(completed=50, duration_s=10.0, input_tokens=5000, output_tokens=6400,
-                        request_throughput=5.0, output_throughput=throughput,
-                        total_token_throughput=throughput * 1.8,
-                        e2e_ms=LatencyStats(mean=150.0, p50=140.0, p90=200.0, p99=p99))
-
-
-def record(exp: int, *, status: str = "ok", score: float | None = 1.0, kept: bool = False,
-           rationale: str | None = None, reason: str = "", layer: int = 1,
-           accuracy: float | None = 1.0, **extra: Any) -> ExperimentRecord:
-    proposal = (Proposal(rationale=rationale, layer=layer, changes={"max_num_seqs": 512})
-                if rationale is not None else None)
-    data: dict[str, Any] = dict(
-        exp=exp, recipe={"model": "m", "config": {}}, recipe_id=f"id{exp:06d}",
-        parent_id=None if exp == 0 else "id000000", generation=exp, layer=layer,
-        proposal=proposal, status=status, reason=reason,
-        metrics=metrics() if status == "ok" else None,
-        accuracy=accuracy if status == "ok" else None,
-        score=score if status == "ok" else None, kept=kept,
-        started_at="2026-11-22T11:05:01Z", finished_at="2026-11-22T11:06:01Z",
-    )
-    data.update(extra)
-    return ExperimentRecord.model_validate(data)
 
 
 @pytest.fixture

@@ -1,0 +1,71 @@
+"""Tests for aevyra_forge.loop.state: the incumbent the next verdict is judged against,
+folded from the records. A drift check (the incumbent re-measured on a fresh boot) gives
+the incumbent its latest passes without taking the lead again."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.values import BenchMetrics, ExperimentRecord, Status
+from aevyra_forge.loop.state import LoopState
+from tests.conftest import MODEL_8B
+
+BASELINE = Recipe(model=MODEL_8B)
+CANDIDATE = Recipe(model=MODEL_8B, config={"max_num_seqs": 512})
+WINNER = Recipe(model=MODEL_8B, config={"max_num_seqs": 256})
+
+
+def _passes(*tps: float) -> tuple[BenchMetrics, ...]:
+    return tuple(BenchMetrics(completed=10, duration_s=10.0, input_tokens=100,
+                              output_tokens=int(t * 10), request_throughput=1.0,
+                              output_throughput=t, total_token_throughput=t + 10)
+                 for t in tps)
+
+
+def _row(exp: int, recipe: Recipe, passes: Sequence[BenchMetrics], *, kept: bool = False,
+         remeasure: bool = False, status: Status = "ok", score: float | None = 1.0
+         ) -> ExperimentRecord:
+    return ExperimentRecord(
+        exp=exp, recipe=recipe.to_dict(), recipe_id=recipe.id, parent_id=recipe.parent_id,
+        generation=recipe.generation, layer=1, status=status, passes=tuple(passes),
+        metrics=passes[len(passes) // 2] if passes else None, score=score, kept=kept,
+        remeasure=remeasure, started_at="t", finished_at="t")
+
+
+FIRST = _passes(100.0, 101.0, 99.0)
+AGAIN = _passes(95.0, 96.0, 94.0)
+HISTORY = [_row(0, BASELINE, FIRST, kept=True),
+           _row(1, CANDIDATE, _passes(99.0, 100.0, 98.0), score=0.99)]
+DRIFT_CHECK = _row(2, BASELINE, AGAIN, remeasure=True, score=0.95)
+
+
+def test_a_drift_check_gives_the_incumbent_its_re_measured_passes() -> None:
+    before = LoopState(records=list(HISTORY), baseline=BASELINE)
+    assert before.best_passes == FIRST and before.best_measured_exp == 0
+
+    replayed = LoopState(records=[*HISTORY, DRIFT_CHECK], baseline=BASELINE)
+    live = LoopState(records=list(HISTORY), baseline=BASELINE)
+    live.add(DRIFT_CHECK)
+    for state in (replayed, live):  # tune and tune resume see the same incumbent
+        assert state.best.id == BASELINE.id
+        assert state.best_passes == AGAIN
+        assert state.best_measured_exp == 2
+        # a drift check is not a keep: the lead, its score and the reference stay put
+        assert state.best_score == 1.0
+        assert state.reference == FIRST[1]
+
+
+def test_a_failed_drift_check_keeps_the_last_measured_passes() -> None:
+    crashed = _row(2, BASELINE, (), remeasure=True, status="crash", score=None)
+    state = LoopState(records=[*HISTORY, crashed], baseline=BASELINE)
+    assert state.best.id == BASELINE.id and state.best_passes == FIRST
+
+
+def test_a_new_keep_replaces_the_incumbent_and_its_passes() -> None:
+    won = _passes(120.0, 121.0, 119.0)
+    records = [*HISTORY, DRIFT_CHECK, _row(3, WINNER, won, kept=True, score=1.2)]
+    state = LoopState(records=records, baseline=BASELINE)
+    assert state.best.id == WINNER.id
+    assert state.best_passes == won and state.best_measured_exp == 3
+    assert state.best_score == 1.2
