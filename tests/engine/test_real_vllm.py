@@ -228,7 +228,8 @@ def test_the_baseline_measured_twice_is_not_kept(vllm_bin: str, tiny_model: Path
     first, second = boots
     assert first.status == second.status == "ok"
     settings = TuneSettings(model=str(tiny_model), workload=str(workload), device="cpu")
-    verdict = judge(settings, "ok", second.passes, None, reference=first.metrics,
+    verdict = judge(settings, "ok", second.passes, second.metrics, None,
+                    reference=first.metrics,
                     incumbent=first.passes, incumbent_id="baseline", best_score=1.0,
                     history=[], identical=False)
     assert verdict.interval is not None
@@ -236,3 +237,34 @@ def test_the_baseline_measured_twice_is_not_kept(vllm_bin: str, tiny_model: Path
     FIGURES["a_a"] = {"decision": verdict.decision.reason,
                       "pass_tok_s": [[round(m.output_throughput, 1) for m in b.passes]
                                      for b in boots]}
+
+
+def test_a_server_key_in_the_environment_is_sent(vllm_bin: str, tiny_model: Path,
+                                                 workload: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """VLLM_API_KEY in the user's environment makes real vLLM refuse /v1 without it: the
+    readiness check, the bench and the accuracy probe send it; the provider's key never
+    reaches the server, and the server's key never reaches its log."""
+    from aevyra_forge.measure.accuracy import VllmQualityProbe
+
+    monkeypatch.setenv("VLLM_API_KEY", "engine-test-key")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "not-for-vllm")
+    wl = load_workload(workload)
+    launcher = VllmLauncher(vllm_bin, boot_timeout_s=300)
+    log = tmp_path / "exp.log"
+    server = launcher.launch(_recipe(tiny_model, enforce_eager=True), log)
+    assert not isinstance(server, LaunchFailure), server
+    try:
+        refused = httpx.get(server.url + "/v1/models").status_code
+        outcome = VllmBenchmarker().bench(server, wl, concurrency=2)
+        reference = VllmQualityProbe(wl, samples=2).reference(server)
+        environ = Path(f"/proc/{server.process.pid}/environ").read_bytes().split(b"\0")
+    finally:
+        launcher.stop(server)
+    assert refused == 401
+    assert outcome.status == "ok", outcome.reason
+    assert outcome.metrics is not None and outcome.metrics.failed == 0
+    assert reference is not None
+    assert b"VLLM_API_KEY=engine-test-key" in environ
+    assert not [e for e in environ if e.startswith(b"ANTHROPIC_API_KEY=")]
+    assert "engine-test-key" not in log.read_text()
