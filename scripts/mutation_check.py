@@ -66,6 +66,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         "rec.recipe_id == self.best.id and rec.kept",
         "tests/loop/test_state.py::"
         "test_a_drift_check_gives_the_incumbent_its_re_measured_passes"),
+    Mutation(
+        "failed-request-config-judged-ok", "aevyra_forge/decide/*.py",
+        'if status != "ok" or median is None or not healthy(measured):',
+        'if status != "ok" or median is None:',
+        "tests/decide/test_verdict.py::"
+        "test_an_ok_measurement_with_too_many_failed_requests_is_never_kept"),
+    Mutation(
+        "failed-request-record-takes-the-lead", "aevyra_forge/core/*.py",
+        "    return healthy(record.passes or (record.metrics,))\n",
+        "    return True\n",
+        "tests/loop/test_state.py::"
+        "test_a_kept_record_whose_requests_failed_never_takes_the_lead"),
 )
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -62,11 +62,18 @@ class FakeConfig:
     #                                   as a preemption (a stand-in for --max-num-seqs)
     die_after_requests: int | None = None  # script only: os._exit on the request after N
     on_die: Callable[[], None] | None = None  # runs instead of os._exit (script hooks)
+    error_after_requests: int | None = None  # generation requests after the first N answer
+    #                                          HTTP 500, like vLLM after its engine died
+    on_error: Callable[[], None] | None = None  # runs once, at the first such 500
+    stall_after_tokens: int | None = None  # once this many tokens were generated in all,
+    #                                        streams stop sending tokens without closing
     vocab_size: int = 512  # the toy model's vocabulary (ids 0..15 are special tokens)
     logit_noise: float = 0.0  # std of a fixed perturbation added to the toy model's
     #                           logits: 0 is the reference model, >0 a lossy config
     decode_noise: float = 0.0  # the same, in greedy generation only: decode kernels that
     #                            differ slightly from the prefill ones
+    api_key: str | None = None  # like vLLM's --api-key: /v1 answers 401 without the
+    #                             header "Authorization: Bearer <key>"
 
 
 @dataclass
@@ -77,6 +84,7 @@ class Recorded:
     path: str
     body: dict[str, Any] | None
     arrived_s: float
+    headers: dict[str, str] = field(default_factory=dict)  # names in lower case
 
 
 @dataclass
@@ -185,8 +193,8 @@ class FakeLm:
         return out
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            503: "Service Unavailable"}
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
 def count_words(text: str) -> int:
@@ -345,7 +353,13 @@ class FakeVllm:
             except json.JSONDecodeError:
                 await _send(writer, 400, _error_json("malformed JSON body", 400), keep_alive)
                 return keep_alive
-        self.requests.append(Recorded(method, path, body, time.perf_counter()))
+        self.requests.append(Recorded(method, path, body, time.perf_counter(), headers))
+        key = self.config.api_key
+        if key and path.startswith("/v1") and headers.get("authorization") != f"Bearer {key}":
+            # vLLM's AuthenticationMiddleware: /v1 only, /health and /metrics stay open
+            await _send(writer, 401, json.dumps({"error": "Unauthorized"}).encode(),
+                        keep_alive)
+            return keep_alive
         try:
             await self._route(method, path, body, writer, keep_alive)
         except HttpError as exc:
@@ -504,6 +518,12 @@ class FakeVllm:
         if cfg.die_after_requests is not None and \
                 self.generation_requests > cfg.die_after_requests:
             (cfg.on_die or _die)()
+        if cfg.error_after_requests is not None and \
+                self.generation_requests > cfg.error_after_requests:
+            if self.generation_requests == cfg.error_after_requests + 1 and cfg.on_error:
+                cfg.on_error()
+            raise HttpError(500, "EngineCore encountered an issue. See stack trace (above) "
+                                 "for the root cause.")
         chat = path.endswith("chat/completions")
         n_prompt, n_out = self._validate(body, chat)
         if not body.get("stream"):
@@ -536,6 +556,10 @@ class FakeVllm:
                 await _flush(writer, out)
                 await asyncio.sleep(cfg.first_token_delay_s)
             while generated < n_out:
+                if cfg.stall_after_tokens is not None and \
+                        c.generation_tokens >= cfg.stall_after_tokens:
+                    await _flush(writer, out)
+                    await asyncio.Event().wait()  # a hung engine: the stream stays open
                 if generated and not instant:
                     await asyncio.sleep(cfg.token_delay_s)
                 k = min(per_chunk, n_out - generated)

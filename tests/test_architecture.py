@@ -14,10 +14,14 @@ MAX_MODULE_LINES = 400
 # Bottom to top. `testing` ships helpers (the tiny model) and depends on nothing of ours.
 LAYERS: list[str] = ["core", "testing", "space", "measure", "engine", "decide", "agent",
                      "store", "loop", "report", "cli"]
-TOP_LEVEL_MODULES = {"__init__", "__main__", "cli"}
-# Entry points that talk to a terminal: the CLI, and `python -m
+TOP_LEVEL_MODULES = {"__init__", "__main__"}
+# Entry points that talk to a terminal: the CLI package, and `python -m
 # aevyra_forge.testing.tinymodel`, which runs under the vLLM environment's Python.
 COMMAND_LINES = ("cli", "__main__", "testing.tinymodel")
+
+
+def _prints_allowed(module: str) -> bool:
+    return module in COMMAND_LINES or module.startswith("cli.")
 RANK = {name: i for i, name in enumerate(LAYERS)}
 
 
@@ -61,8 +65,6 @@ def test_every_module_lives_in_a_known_package() -> None:
 def test_every_package_states_its_job() -> None:
     for name in LAYERS:
         init = PACKAGE / name / "__init__.py"
-        if name == "cli":
-            continue
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc, f"{init} opens with no docstring saying what the package is for"
 
@@ -85,7 +87,7 @@ def test_modules_stay_small() -> None:
 
 def test_only_cli_prints() -> None:
     for name, path in _modules().items():
-        if name in COMMAND_LINES:
+        if _prints_allowed(name):
             continue
         tree = ast.parse(path.read_text())
         calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)

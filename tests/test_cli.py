@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -177,3 +178,137 @@ def test_bad_choices_name_the_option(tmp_path: Path, small_workload: Path,
     code, _, err = _run(["tune", "--dry-run", "--workload", str(small_workload)], capsys)
     _one_line_error(code, err, "tune needs --model")
     assert not (tmp_path / ".forge").exists()
+
+
+# -- rough edges --------------------------------------------------------------------------
+
+def test_version_and_a_bare_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from aevyra_forge import __version__
+
+    code, out, err = _run(["--version"], capsys)
+    assert (code, out.strip(), err) == (0, f"aevyra-forge {__version__}", "")
+    for argv in ([], ["playbook"]):
+        code, out, err = _run(argv, capsys)
+        assert code == 0 and "Usage" in out and "error" not in err, (argv, err)
+
+
+def test_a_bad_run_dir_is_one_line(tmp_path: Path, small_workload: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    for bad in (a_file, a_file / "below"):
+        argv = _tune(tmp_path, small_workload)
+        argv[argv.index("--run-dir") + 1] = str(bad)
+        code, _, err = _run(argv, capsys)
+        _one_line_error(code, err, f"--run-dir {bad}", "is a file, not a folder")
+    assert a_file.read_text() == "not a folder\n"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_run_dir_nobody_can_create_is_one_line(tmp_path: Path, small_workload: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    argv = _tune(tmp_path, small_workload)
+    argv[argv.index("--run-dir") + 1] = "/proc/forge-test"  # refused even to root
+    code, _, err = _run(argv, capsys)
+    _one_line_error(code, err, "/proc/forge-test")
+
+
+# -- an objective that fits the trace -----------------------------------------------------
+
+def test_timestamped_trace_needs_a_latency_or_goodput_objective(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "timed.jsonl"
+    trace.write_text("".join(json.dumps({"prompt": f"request {i}", "arrival_offset_s": i / 2,
+                                         "expected_output_tokens": 32}) + "\n"
+                             for i in range(3)))
+    code, _, err = _run(_tune(tmp_path, trace), capsys)
+    _one_line_error(code, err, str(trace), "timestamped", "--objective latency",
+                    "--objective goodput")
+    assert not (tmp_path / ".forge").exists()
+    code, _, err = _run(_tune(tmp_path, trace, "--objective", "latency",
+                              "--max-experiments", "1"), capsys)
+    assert code == 0, err
+    # the default --concurrency 8 is above the trace's 3 requests: said, not refused
+    assert "note: --concurrency 8 is above the trace's 3 requests" in " ".join(err.split())
+
+
+# -- resume from anywhere, with amendments --------------------------------------------------
+
+def _config(store: Path) -> dict[str, Any]:
+    (config,) = (store / "runs").glob("*/config.json")
+    data: dict[str, Any] = json.loads(config.read_text())
+    return data
+
+
+def test_resume_from_another_directory_with_amendments(
+        tmp_path: Path, small_workload: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from aevyra_forge.agent import llm as llm_module
+    from tests.fake_provider import Fail, FakeProvider
+
+    monkeypatch.setattr(llm_module, "BACKOFF_BASE_S", 0.0)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "trace.jsonl").write_bytes(small_workload.read_bytes())
+    monkeypatch.chdir(work)
+    with FakeProvider(lambda rec: Fail(503)) as fake:  # the API is down all night
+        code, _, err = _run(["tune", "--dry-run", "--gpu", "A100-80GB", "--model", MODEL_8B,
+                             "--workload", "trace.jsonl", "--llm", "openai/gpt-4o-mini",
+                             "--llm-base-url", fake.openai_url, "--llm-api-key", "k",
+                             "--run-dir", ".forge", "--max-experiments", "4",
+                             "--repeats", "2"], capsys)
+    store = work / ".forge"
+    assert code == 1
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    for needle in ("unreachable after 4 tries", f"aevyra-forge tune resume --run-dir {store}",
+                   "--llm builtin"):
+        assert needle in line, line
+    settings = _config(store)["settings"]
+    assert settings["workload"] == str(work / "trace.jsonl")  # absolute, as resolved
+    assert settings["run_dir"] == str(store)
+
+    monkeypatch.chdir(tmp_path)  # elsewhere: the relative --workload still resolves
+    code, _, err = _run(["tune", "resume", "--run-dir", str(store), "--llm", "builtin",
+                         "--max-experiments", "6", "--max-hours", "2"], capsys)
+    assert code == 0, err
+    assert "amended: --llm openai/gpt-4o-mini -> builtin" in " ".join(err.split())
+    config = _config(store)
+    (amendment,) = config["amendments"]
+    assert amendment["old"] == {"llm": "openai/gpt-4o-mini", "max_experiments": 4,
+                                "max_hours": 12.0}
+    assert amendment["new"] == {"llm": "builtin", "max_experiments": 6, "max_hours": 2.0}
+    assert len(amendment["at"]) == len("20261122T110501Z")
+    assert config["settings"] == settings  # the settings the run started with, kept
+    (run,) = (store / "runs").glob("0*")
+    assert len((run / "experiments.jsonl").read_text().splitlines()) == 6
+
+
+def test_resume_refuses_what_would_change_the_measurement(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for option in ("--model", "--workload", "--device", "--repeats", "--concurrency",
+                   "--objective"):
+        code, _, err = _run(["tune", "resume", "--run-dir", str(tmp_path), option, "x"],
+                            capsys)
+        _one_line_error(code, err, f"No such option: {option}")
+    code, out, _ = _run(["tune", "resume", "--help"], capsys)
+    assert code == 0
+    for flag in ("--llm", "--llm-base-url", "--max-experiments", "--max-hours",
+                 "--max-dollars"):
+        assert flag in out
+    assert "what is measured" in " ".join(out.split())
+
+
+def test_resume_names_a_missing_or_changed_workload(
+        tmp_path: Path, small_workload: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(_tune(tmp_path, small_workload, "--max-experiments", "2"), capsys)
+    assert code == 0, err
+    (run,) = (tmp_path / ".forge" / "runs").glob("0*")
+    (run / "completed.json").unlink()  # as if interrupted
+    small_workload.write_text(small_workload.read_text() + '{"prompt": "one more"}\n')
+    code, _, err = _run(["tune", "resume", "--run-dir", str(tmp_path / ".forge")], capsys)
+    _one_line_error(code, err, str(small_workload), "changed since run")
+    assert "--workload" not in err
+    small_workload.unlink()
+    code, _, err = _run(["tune", "resume", "--run-dir", str(tmp_path / ".forge")], capsys)
+    _one_line_error(code, err, str(small_workload), "is gone", "put it back")
+    assert "--workload" not in err

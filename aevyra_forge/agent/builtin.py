@@ -23,7 +23,7 @@ from aevyra_forge.core.values import ExperimentRecord, Proposal, Scalar
 from aevyra_forge.space.knob_space import KNOBS, Knob
 from aevyra_forge.space.playbook import first_moves
 
-FAILED = frozenset({"crash", "boot_failed", "oom", "timeout"})
+FAILED = frozenset({"crash", "boot_failed", "oom", "timeout", "hung", "request_error"})
 PRIOR_SD = 0.10  # prior uncertainty of a move's effect, as log score ratio (~10 %)
 SHRINK = 1.0  # pseudo-observations pulling an estimate towards "no effect"
 BANDWIDTH = 1.0  # kernel width in grid steps

@@ -125,8 +125,9 @@ class LLMProposer:
                 last = str(exc)
                 if attempt + 1 < self.max_tries:
                     self.sleep(self.delay(attempt, exc.retry_after_s))
+        # The CLI adds how to resume: it knows the run's folder.
         raise AgentError(f"{self.name} unreachable after {self.max_tries} tries (last: "
-                         f"{last}); the run is resumable: aevyra-forge tune resume")
+                         f"{last})")
 
     def delay(self, attempt: int, retry_after_s: float | None) -> float:
         """Exponential backoff, at least what the server asked for, capped."""

@@ -1,13 +1,25 @@
 """Every `tune` setting in one model: its name, type, default and help text (the `tune`
 command's options are generated from these fields), persisted in config.json so that
-`tune resume` runs with exactly the settings the run started with (never an API key)."""
+`tune resume` runs with exactly the settings the run started with (never an API key),
+changed only by the amendments resume may make (the agent and the budgets)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 from aevyra_forge.core.errors import UsageError
 from aevyra_forge.core.slo import Slo, parse_slo
@@ -32,15 +44,24 @@ DEFAULT_MAX_LATENCY_REGRESSION = 1.5  # factor on the incumbent's p99 E2E and p9
 class Cli:
     """How a setting appears as a `tune` option, beyond what its field states (the option
     is `--` plus the name with dashes; type, default and help come from the field).
-    `path`: parsed as a filesystem path, stored as text. `envvar`: read when the option is
-    absent. `option=False`: no option at all; only a config.json sets it."""
+    `path`: parsed as a filesystem path, stored as absolute text (so `tune resume` works
+    from any directory). `envvar`: read when the option is absent. `option=False`: no
+    option at all; only a config.json sets it. `amendable`: `tune resume` may change it,
+    because it does not alter what is measured (the agent, the budgets)."""
 
     path: bool = False
     envvar: str | None = None
     option: bool = True
+    amendable: bool = False
 
 
 AS_PATH = Cli(path=True)
+AMENDABLE = Cli(amendable=True)
+
+
+def cli_of(field: FieldInfo) -> Cli:
+    """How a setting appears on the command line (its Cli annotation, or the default)."""
+    return next((m for m in field.metadata if isinstance(m, Cli)), Cli())
 
 
 class TuneSettings(BaseModel):
@@ -50,16 +71,20 @@ class TuneSettings(BaseModel):
     workload: Annotated[str, AS_PATH] = Field(description="Workload JSONL (required).")
     device: Device = Field("cuda", description="What vLLM runs on.")
     concurrency: int = Field(8, ge=1, le=4096, description="Requests in flight.")
-    llm: str = Field(DEFAULT_LLM, description="PROVIDER/MODEL, or builtin (offline).")
-    llm_base_url: str | None = Field(
+    llm: Annotated[str, AMENDABLE] = Field(
+        DEFAULT_LLM, description="PROVIDER/MODEL, or builtin (offline).")
+    llm_base_url: Annotated[str | None, AMENDABLE] = Field(
         None, description="OpenAI- (or Anthropic-) compatible server for --llm, e.g. a "
                           "local vLLM's http://host:8000/v1.")
     llm_prices: Annotated[str | None, AS_PATH] = Field(
         None, description="YAML/JSON prices, model: {input: USD, output: USD} per million "
                           "tokens.")
-    max_experiments: int = Field(50, ge=1, description="Experiment budget.")
-    max_hours: float = Field(12.0, gt=0, description="Time budget in hours.")
-    max_dollars: float | None = Field(None, ge=0, description="LLM spend cap, USD.")
+    max_experiments: Annotated[int, AMENDABLE] = Field(
+        50, ge=1, description="Experiment budget.")
+    max_hours: Annotated[float, AMENDABLE] = Field(
+        12.0, gt=0, description="Time budget in hours.")
+    max_dollars: Annotated[float | None, AMENDABLE] = Field(
+        None, ge=0, description="LLM spend cap, USD.")
     accuracy_floor: float = Field(0.99, ge=0, le=1, description="Minimum accuracy vs baseline.")
     min_improvement_pct: float = Field(1.0, ge=0, description="Keep only above this gain.")
     max_config_experiments: int | None = Field(
@@ -115,6 +140,17 @@ class TuneSettings(BaseModel):
     # config.json keeps the string.
     _slo: Slo | None = PrivateAttr(None)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute_paths(cls, data: Any) -> Any:
+        # Stored absolute so that config.json means the same files from any directory.
+        if not isinstance(data, Mapping):
+            return data
+        paths = {name: data.get(name, cls.model_fields[name].default)
+                 for name in PATH_SETTINGS}  # defaults too: .forge is relative
+        return {**data, **{name: os.path.abspath(os.path.expanduser(value))
+                           for name, value in paths.items() if isinstance(value, str) and value}}
+
     @model_validator(mode="after")
     def _objective(self) -> TuneSettings:
         # a bad --slo fails here, with the grammar in the message
@@ -150,3 +186,19 @@ class TuneSettings(BaseModel):
 
     def layer_cap(self, layer: int) -> int | None:
         return {1: self.max_config_experiments, 2: self.max_quant_experiments}.get(layer)
+
+
+PATH_SETTINGS = frozenset(name for name, field in TuneSettings.model_fields.items()
+                          if cli_of(field).path)
+AMENDABLE_SETTINGS = tuple(name for name, field in TuneSettings.model_fields.items()
+                           if cli_of(field).amendable)
+
+
+def validated(values: Mapping[str, Any]) -> TuneSettings:
+    """The settings, or the first validation error as one line naming the option."""
+    try:
+        return TuneSettings.model_validate(dict(values))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "option"
+        raise UsageError(f"{name}: {first['msg']}") from None

@@ -17,11 +17,23 @@ LAYER_NAMES: dict[int, str] = {1: "config", 2: "quant", 3: "kernel"}
 
 Device = Literal["cuda", "rocm", "cpu"]
 
-Status = Literal["ok", "crash", "boot_failed", "invalid", "oom", "timeout", "duplicate"]
-"""`ok` measured; `crash` the server died; `boot_failed` it never became healthy (bad
+Status = Literal["ok", "crash", "boot_failed", "invalid", "oom", "timeout", "hung",
+                 "request_error", "duplicate"]
+"""`ok` measured, with at most MAX_FAILED_REQUEST_SHARE of its requests failed; `crash` the
+server died or answered server errors (5xx); `boot_failed` it never became healthy (bad
 argument, context too long); `oom` out of memory at boot or under load; `timeout` the boot
-or bench deadline passed; `invalid` the proposal was refused before booting; `duplicate`
-the proposal repeated a tried recipe."""
+or bench deadline passed; `hung` the server stopped producing tokens with requests in
+flight (the stall watchdog, or requests timing out); `request_error` too many requests were
+refused by the server as the client's fault (4xx, e.g. prompt + max_tokens over
+max_model_len, or an output cut short); `invalid` the proposal was refused before booting;
+`duplicate` the proposal repeated a tried recipe."""
+
+MAX_FAILED_REQUEST_SHARE = 0.01  # fraction of timed requests, over all passes
+"""The most a measurement may lose to failed requests and still count. Failed requests
+are not just slower: they shed load (their tokens are never generated), so a config that
+fails some of them can look faster than one that serves them all. 1 % keeps that effect
+under the default --min-improvement-pct (1 %) while tolerating a rare transient failure
+on long workloads; on a workload of fewer than 100 requests one failure is too many."""
 
 Scalar = int | float | bool | str | None
 
@@ -163,9 +175,28 @@ class ExperimentRecord(Frozen):
     llm: LLMUsage = LLMUsage()
 
 
+def failed_request_share(passes: Sequence[BenchMetrics]) -> float:
+    """The share of timed requests that failed, over all passes (0.0 with none sent)."""
+    failed = sum(m.failed for m in passes)
+    sent = failed + sum(m.completed for m in passes)
+    return failed / sent if sent else 0.0
+
+
+def healthy(passes: Sequence[BenchMetrics]) -> bool:
+    """Whether a measurement counts: it served requests and failed at most
+    MAX_FAILED_REQUEST_SHARE of them. Bench adapters classify by it and the keep rule and
+    the loop's lead refuse what fails it, so a log written before the rule cannot
+    bring a failing config back as the incumbent either."""
+    return any(m.completed for m in passes) and \
+        failed_request_share(passes) <= MAX_FAILED_REQUEST_SHARE
+
+
 def takes_the_lead(record: ExperimentRecord) -> bool:
-    """Whether this record made its recipe the incumbent: kept, with a measurement."""
-    return record.kept and record.metrics is not None
+    """Whether this record made its recipe the incumbent: kept, measured `ok`, and
+    healthy (the first such record becomes the reference every score is relative to)."""
+    if not record.kept or record.status != "ok" or record.metrics is None:
+        return False
+    return healthy(record.passes or (record.metrics,))
 
 
 def best_record(records: Sequence[ExperimentRecord]) -> ExperimentRecord | None:
@@ -187,9 +218,11 @@ class LaunchFailure(Frozen):
 
 class BenchOutcome(Frozen):
     """The result of benchmarking a live server. `status` is `ok` when the bench ran to
-    completion (individual request failures are counted in metrics), `crash` when the
-    server died, `timeout` when the whole-bench deadline passed, `oom` when the server ran
-    out of memory under load."""
+    completion and stayed `healthy` (the few failed requests it allows are counted in
+    metrics); `crash` when the server died or answered 5xx, `oom` when it ran out of
+    memory under load, `hung` when it stopped producing tokens, `request_error` when too
+    many requests were refused as the client's fault, `timeout` when the whole-bench
+    deadline passed. Metrics and passes are kept whatever the status, for the audit."""
 
     status: Status
     reason: str = ""

@@ -1,34 +1,38 @@
 """The workload trace (SPEC §3): one request per JSONL line, prompt or chat messages,
-with expected output tokens, optional arrival offsets and free metadata; plus the
-statistics the agent and the simulator reason with."""
+with expected output tokens, optional arrival offsets and free metadata (each line in one
+of the formats of core.trace_formats); plus the statistics the agent and the simulator
+reason with."""
 
 from __future__ import annotations
 
 import bisect
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from aevyra_forge.core.errors import WorkloadError
+from aevyra_forge.core.trace_formats import (  # re-exported: the workload's vocabulary
+    CHARS_PER_TOKEN as CHARS_PER_TOKEN,
+)
+from aevyra_forge.core.trace_formats import (
+    DEFAULT_OUTPUT_TOKENS as DEFAULT_OUTPUT_TOKENS,
+)
+from aevyra_forge.core.trace_formats import (
+    UNSENT_KEYS,
+    RequestLine,
+    from_conversation,
+)
+from aevyra_forge.core.trace_formats import Message as Message
+from aevyra_forge.core.trace_formats import estimate_tokens as estimate_tokens
 
-DEFAULT_OUTPUT_TOKENS = 128
-CHARS_PER_TOKEN = 4.0  # rough English/code average for Llama-class tokenizers
 CHAT_TOKENS_PER_MESSAGE = 4  # role markers the chat template adds
 _PREFIX_CHUNK_CHARS = 64  # first chunk compared when measuring a shared prefix
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
 
 
 class Request(BaseModel):
@@ -59,39 +63,6 @@ class Request(BaseModel):
     def input_tokens(self) -> int:
         extra = CHAT_TOKENS_PER_MESSAGE * len(self.messages) if self.messages else 0
         return estimate_tokens(self.text) + extra
-
-
-class _Line(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    prompt: str | None = None
-    messages: list[Message] | None = None
-    expected_output_tokens: int = DEFAULT_OUTPUT_TOKENS
-    arrival_offset_s: float | None = None
-
-    @field_validator("expected_output_tokens", mode="before")
-    @classmethod
-    def _int_tokens(cls, v: Any) -> Any:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError("must be a whole number")
-        if v < 1:
-            raise ValueError("must be at least 1")
-        return v
-
-    @field_validator("arrival_offset_s", mode="before")
-    @classmethod
-    def _offset(cls, v: Any) -> Any:
-        if v is None:
-            return v
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise ValueError("must be a number of seconds")
-        if v < 0:
-            raise ValueError("must not be negative")
-        return v
-
-
-def estimate_tokens(text: str) -> int:
-    return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
 
 
 class TokenStats(BaseModel):
@@ -141,6 +112,7 @@ class Workload(BaseModel):
     path: str
     sha256: str
     requests: tuple[Request, ...]
+    notes: tuple[str, ...] = ()  # what the user should know about how it was read
 
     @cached_property
     def stats(self) -> WorkloadStats:
@@ -238,15 +210,26 @@ def load_workload(path: Path) -> Workload:
         raise WorkloadError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     # JSONL lines end at "\n" only: str.splitlines would also split inside JSON strings
     # that carry U+2028, U+0085 and friends unescaped (json.dumps(ensure_ascii=False)).
-    requests = [req for n, line in enumerate(text.split("\n"), start=1)
-                if (req := _parse_line(path, n, line)) is not None]
-    if not requests:
+    parsed = [got for n, line in enumerate(text.split("\n"), start=1)
+              if (got := _parse_line(path, n, line)) is not None]
+    if not parsed:
         raise WorkloadError(f"{path}: no requests; add one JSON object per line")
+    requests = tuple(req for req, _ in parsed)
+    unsent = sum(any(r.metadata.get(key) is not None for key in UNSENT_KEYS)
+                 for r in requests)
+    estimated = sum(guessed for _, guessed in parsed)
+    notes = [f"{path}: {unsent} requests carry {'/'.join(UNSENT_KEYS)}, which the replay "
+             "does not send (kept as metadata): their prompts are shorter than in "
+             "production"] if unsent else []
+    notes += [f"{path}: {estimated} conversations take their output length from the "
+              f"recorded reply (about {CHARS_PER_TOKEN:g} characters a token)"
+              ] if estimated else []
     return Workload(path=str(path), sha256=hashlib.sha256(raw).hexdigest(),
-                    requests=tuple(requests))
+                    requests=requests, notes=tuple(notes))
 
 
-def _parse_line(path: Path, n: int, line: str) -> Request | None:
+def _parse_line(path: Path, n: int, line: str) -> tuple[Request, bool] | None:
+    """The line's request and whether its output length was estimated (None: blank)."""
     if not line.strip():
         return None
     where = f"{path}:{n}"
@@ -259,22 +242,30 @@ def _parse_line(path: Path, n: int, line: str) -> Request | None:
         raise WorkloadError(f"{where}: JSON nested too deeply; a request is one flat "
                             "object with 'prompt' or 'messages'") from None
     if not isinstance(obj, dict):
-        raise WorkloadError(f"{where}: expected a JSON object with 'prompt' or 'messages'")
+        raise WorkloadError(f"{where}: expected a JSON object with 'prompt', 'messages' or "
+                            "'conversations'")
+    shapes = [key for key in ("prompt", "messages", "conversations") if obj.get(key) is not None]
+    if len(shapes) != 1:
+        raise WorkloadError(f"{where}: give exactly one of 'prompt' (a string), 'messages' "
+                            "(a list of {role, content}) or 'conversations' (ShareGPT "
+                            "turns {from, value})")
+    estimated = False
     try:
-        parsed = _Line.model_validate(obj)
+        if shapes == ["conversations"]:
+            obj, estimated = from_conversation(obj)
+        parsed = RequestLine.model_validate(obj)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         raise WorkloadError(f"{where}: {loc}: {err['msg']}") from None
-    if (parsed.prompt is None) == (parsed.messages is None):
-        raise WorkloadError(f"{where}: give exactly one of 'prompt' (a string) or "
-                            "'messages' (a list of {role, content})")
+    except ValueError as exc:
+        raise WorkloadError(f"{where}: {exc}") from None
     if parsed.prompt is not None and not parsed.prompt.strip():
         raise WorkloadError(f"{where}: prompt is empty")
     if parsed.messages is not None and not parsed.messages:
         raise WorkloadError(f"{where}: messages is empty")
     return Request(line=n, prompt=parsed.prompt,
                    messages=tuple(parsed.messages) if parsed.messages is not None else None,
-                   expected_output_tokens=parsed.expected_output_tokens,
+                   expected_output_tokens=parsed.output_tokens_given() or DEFAULT_OUTPUT_TOKENS,
                    arrival_offset_s=parsed.arrival_offset_s,
-                   metadata=dict(parsed.model_extra or {}))
+                   metadata=dict(parsed.model_extra or {})), estimated

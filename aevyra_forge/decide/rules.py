@@ -105,14 +105,16 @@ def decide(status: Status, candidate: float | None, best: float | None,
            accuracy: float | None, *, min_improvement_pct: float, accuracy_floor: float,
            same_settings_as_best: bool = False, interval: Interval | None = None,
            slo_violations: Sequence[str] = (), latency: Sequence[str] = (),
-           incumbent_meets_slo: bool = True) -> Decision:
+           incumbent_meets_slo: bool = True, reference_note: str = "") -> Decision:
     """Keep a config only when it measured (`status` ok), differs from the incumbent,
     stays at or above the accuracy floor (when accuracy was measured), breaks no SLO term,
     passes the latency guard (`latency`: latency_regressions' output) and beats the
     incumbent: the `interval`'s lower bound above +min_improvement_pct, or without an
     interval the point score `candidate` above `best` by that much. The first measured
-    config becomes the reference whatever its SLO status; a candidate that meets the SLO
-    replaces an incumbent that breaks it."""
+    config becomes the reference whatever its SLO status (`reference_note` says why it
+    is not the baseline, when it is not); a candidate that meets the SLO replaces an
+    incumbent that breaks it. A status other than `ok` (a crash, a hang, failed requests)
+    is never kept, so it never becomes the reference either."""
     if status != "ok" or candidate is None:
         return Decision(False, f"not measured ({status})", "status")
     if same_settings_as_best:
@@ -122,7 +124,8 @@ def decide(status: Status, candidate: float | None, best: float | None,
                         "accuracy")
     if best is None:
         note = f" (breaks SLO: {'; '.join(slo_violations)})" if slo_violations else ""
-        return Decision(True, f"first successful measurement becomes the reference{note}")
+        return Decision(True, f"first healthy measurement becomes the reference"
+                              f"{reference_note}{note}")
     if slo_violations:
         return Decision(False, f"breaks SLO: {'; '.join(slo_violations)}", "slo", interval)
     if not incumbent_meets_slo:

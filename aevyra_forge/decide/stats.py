@@ -6,6 +6,7 @@ earlier configs and between-boot noise estimated from re-measurements."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,6 +21,13 @@ from aevyra_forge.core.settings import DEFAULT_BOOT_CV, DEFAULT_CONFIDENCE
 Method = Literal["welch", "bootstrap"]
 
 ZERO_FLOOR = 1e-9  # a zero per-pass value counts as this fraction of the largest value
+MAX_RATIO = 100.0
+"""The widest candidate/incumbent ratio an interval reports: its bounds stay within
+[1/100, 100], i.e. -99 % to +9,900 %. Beyond that the figures describe a broken
+measurement (a pass at or near zero, a spread of orders of magnitude), not a tuning
+change; a runtime OOM against a zero-throughput incumbent once printed +6.3e55 %.
+Such bounds are clipped and the interval says so. No keep decision changes: a bound at
++9,900 % or -99 % is already far outside any --min-improvement-pct."""
 _DF_STEP = 0.01  # Welch df is rounded down to this step: conservative, and caches quantiles
 
 
@@ -32,9 +40,12 @@ class Interval:
     low: float
     high: float
     confidence: float
+    clipped: bool = False  # a figure went beyond MAX_RATIO and was clipped to it
 
     def __str__(self) -> str:
-        return f"{_pct(self.point)} [{_pct(self.low)}, {_pct(self.high)}]"
+        note = (f" (clipped at {MAX_RATIO:g}x: a pass at or near zero, or a huge spread)"
+                if self.clipped else "")
+        return f"{_pct(self.point)} [{_pct(self.low)}, {_pct(self.high)}]{note}"
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,8 @@ def relative_interval(candidate: Sequence[float], incumbent: Sequence[float], *,
     boots of one config differ by about this CV in their means), once per side.
     `noise`, when given, pools earlier configs' pass-to-pass spread with this pair's
     (equal variance on the log scale), which narrows the interval a lot at n=3.
-    With one pass on each side and no `noise`, the interval is unbounded."""
+    With one pass on each side and no `noise`, the interval is unbounded; finite figures
+    beyond MAX_RATIO either way are clipped to it (`clipped`)."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if method not in ("welch", "bootstrap"):
@@ -120,8 +132,14 @@ def relative_interval(candidate: Sequence[float], incumbent: Sequence[float], *,
     else:
         half = _welch_half_width(x, y, 1 - alpha / 2, noise, boot_var)
         low, high = diff - half, diff + half
-    return Interval(point=math.expm1(diff), low=math.expm1(low), high=math.expm1(high),
-                    confidence=confidence)
+    limit = math.log(MAX_RATIO)
+    clipped = any(math.isfinite(v) and abs(v) > limit for v in (diff, low, high))
+
+    def bounded(v: float) -> float:  # infinite stays infinite: no noise estimate at all
+        return math.expm1(max(-limit, min(limit, v)) if math.isfinite(v) else v)
+
+    return Interval(point=bounded(diff), low=bounded(low), high=bounded(high),
+                    confidence=confidence, clipped=clipped)
 
 
 def _logs(candidate: Sequence[float], incumbent: Sequence[float]
@@ -136,7 +154,7 @@ def _logs(candidate: Sequence[float], incumbent: Sequence[float]
         return [0.0] * len(c), [0.0] * len(b)
     # A pass that produced nothing (zero goodput) becomes a huge outlier on the log scale:
     # the interval widens instead of the log failing.
-    floor = ZERO_FLOOR * top
+    floor = max(ZERO_FLOOR * top, sys.float_info.min)  # a subnormal top would floor at 0
     return [math.log(max(v, floor)) for v in c], [math.log(max(v, floor)) for v in b]
 
 

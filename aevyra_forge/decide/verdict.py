@@ -10,7 +10,14 @@ from dataclasses import dataclass
 
 from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.slo import Slo, check_passes
-from aevyra_forge.core.values import BenchMetrics, ExperimentRecord, Status
+from aevyra_forge.core.values import (
+    MAX_FAILED_REQUEST_SHARE,
+    BenchMetrics,
+    ExperimentRecord,
+    Status,
+    failed_request_share,
+    healthy,
+)
 from aevyra_forge.decide.rules import Decision, decide, latency_regressions, pass_values, score
 from aevyra_forge.decide.stats import (
     Interval,
@@ -37,12 +44,14 @@ def judge(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
     """Everything the keep rule needs, from the candidate's passes (and their median,
     computed once by whoever measured them) and the loop's state. With fewer than two
     passes on either side there is no noise estimate and the plain point rule applies
-    (the report says so)."""
+    (the report says so). A measurement is judged only when it is `ok` and healthy (at
+    most MAX_FAILED_REQUEST_SHARE of its requests failed), whatever its adapter said; a
+    baseline that is not says so, and the first healthy config becomes the reference."""
     slo = s.parsed_slo()
-    if status != "ok" or median is None:
-        return Verdict(None, decide(status, None, best_score, accuracy,
-                                    min_improvement_pct=s.min_improvement_pct,
-                                    accuracy_floor=s.accuracy_floor), None, ())
+    measured = tuple(passes) or ((median,) if median is not None else ())
+    if status != "ok" or median is None or not healthy(measured):
+        return Verdict(None, _unmeasured(s, status, measured, best_score, accuracy,
+                                         baseline=not history), None, ())
     value = score(median, reference or median, s.objective, slo)
     violations = tuple(check_passes(passes, slo)) if slo else ()
     interval: Interval | None = None
@@ -62,8 +71,37 @@ def judge(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
                       min_improvement_pct=s.min_improvement_pct,
                       accuracy_floor=s.accuracy_floor, same_settings_as_best=identical,
                       interval=interval, slo_violations=violations, latency=latency,
-                      incumbent_meets_slo=incumbent_ok)
+                      incumbent_meets_slo=incumbent_ok,
+                      reference_note=_why_not_the_baseline(history))
     return Verdict(value, decision, interval, violations)
+
+
+def _unmeasured(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
+                best_score: float | None, accuracy: float | None, *, baseline: bool
+                ) -> Decision:
+    """The refusal of a measurement that does not count."""
+    if status == "ok":  # an adapter's `ok` with too many failed requests: still refused
+        share = failed_request_share(passes)
+        decision = Decision(False, f"{share:.0%} of requests failed (at most "
+                                   f"{MAX_FAILED_REQUEST_SHARE:.0%} allowed)", "status")
+    else:
+        decision = decide(status, None, best_score, accuracy,
+                          min_improvement_pct=s.min_improvement_pct,
+                          accuracy_floor=s.accuracy_floor)
+    if baseline:
+        return Decision(False, f"{decision.reason}: vLLM's defaults cannot serve this "
+                               "workload here; the run continues from the first healthy "
+                               "config", decision.gate)
+    return decision
+
+
+def _why_not_the_baseline(history: Sequence[ExperimentRecord]) -> str:
+    """Why the reference is not experiment 0, when it is not (its record comes first)."""
+    if not history:
+        return ""
+    first = history[0]
+    what = first.status if first.status != "ok" else "failed requests"
+    return f" (the baseline, vLLM's defaults, was not healthy: experiment {first.exp} {what})"
 
 
 def _pass_noise(s: TuneSettings, slo: Slo | None, history: Sequence[ExperimentRecord],

@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from aevyra_forge import __version__
-from aevyra_forge.agent import Proposer, make_proposer
-from aevyra_forge.core.errors import StoreError, UsageError
-from aevyra_forge.core.recipe import Recipe, load_recipe
-from aevyra_forge.core.settings import TuneSettings
+from aevyra_forge.agent import PROPOSERS, Proposer, make_proposer
+from aevyra_forge.core.errors import RecipeError, StoreError, UsageError
+from aevyra_forge.core.recipe import Recipe, load_recipe, recipe_from_dict
+from aevyra_forge.core.redact import is_redacted, redact_urls
+from aevyra_forge.core.settings import (
+    AMENDABLE_SETTINGS,
+    PATH_SETTINGS,
+    TuneSettings,
+    validated,
+)
 from aevyra_forge.core.values import Hardware
 from aevyra_forge.core.workload import Workload, load_workload
 from aevyra_forge.engine.executor import (
@@ -37,7 +44,12 @@ from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import profile
 from aevyra_forge.space.playbook import Playbook, ensure_valid, load_playbook
 from aevyra_forge.space.vllm_flags import introspect
-from aevyra_forge.store.run_store import RunStore, read_config, resolve_run_dir
+from aevyra_forge.store.run_store import (
+    RunStore,
+    logged_recipes,
+    read_config,
+    resolve_run_dir,
+)
 
 DEFAULT_SIM_GPU = {"cuda": "A100-80GB", "rocm": "MI300X"}
 
@@ -141,9 +153,11 @@ def _baseline(settings: TuneSettings, space: KnobSpace) -> Recipe:
 
 def start(settings: TuneSettings, observer: Observer, api_key: str | None = None) -> Tuner:
     """A new run: everything is checked before the run folder is created."""
+    _check_store_root(Path(settings.run_dir))
     workload, playbook = _inputs(settings)
+    notes = [*workload.notes, *_fit(settings, workload)]  # shown once inputs are checked
     proposer = _proposer(settings, api_key)
-    notes: list[str] = list(getattr(proposer, "notes", ()))  # shown once inputs are checked
+    notes += getattr(proposer, "notes", ())
     hw = resolve_hardware(settings, notes.append)
     space = knob_space(settings, hw, lambda text: observer.notify(Note(text)))
     baseline = _baseline(settings, space)
@@ -163,11 +177,32 @@ def start(settings: TuneSettings, observer: Observer, api_key: str | None = None
                  _executor(settings, hw, space, workload, run), run, baseline, observer)
 
 
-def resume(run_dir: Path, observer: Observer, api_key: str | None = None) -> Tuner:
-    """Resume the newest interrupted run under a store root, or the given run folder."""
+def resume(run_dir: Path, observer: Observer, api_key: str | None = None,
+           amendments: Mapping[str, Any] | None = None) -> Tuner:
+    """Resume the newest interrupted run under a store root, or the given run folder, with
+    the amendments recorded so far plus `amendments` (settings of AMENDABLE_SETTINGS only:
+    the agent and the budgets), which are recorded in the run before it goes on."""
     target = _resumable(run_dir)
     config = read_config(target)
-    settings = TuneSettings.model_validate(config["settings"])
+    recorded = dict(config["settings"])
+    for amendment in config.get("amendments", []):
+        recorded.update(amendment["new"])
+    changes = {name: value for name, value in (amendments or {}).items()
+               if recorded.get(name) != value}
+    if unknown := sorted(set(changes) - set(AMENDABLE_SETTINGS)):
+        raise UsageError(f"tune resume cannot change {', '.join(unknown)}: it would change "
+                         "what is measured; start a new run")
+    settings = validated({**recorded, **changes})
+    if settings.llm not in PROPOSERS and is_redacted(settings.llm_base_url):
+        raise UsageError(f"run {target.name} was started with a credential in --llm-base-url, "
+                         "which is never stored; pass the URL again: aevyra-forge tune "
+                         "resume --llm-base-url URL")
+    for name in sorted(PATH_SETTINGS - {"run_dir"}):
+        value = getattr(settings, name)
+        if value and not Path(value).exists():
+            raise UsageError(f"{value}: the {name.replace('_', ' ')} file run {target.name} "
+                             "started with is gone; put it back there to resume, or start "
+                             "a new run")
     workload, playbook = _inputs(settings)
     if workload.sha256 != config["workload"]["sha256"]:
         raise UsageError(f"{settings.workload}: the workload changed since run "
@@ -175,11 +210,66 @@ def resume(run_dir: Path, observer: Observer, api_key: str | None = None) -> Tun
     hw = Hardware.model_validate(config["hardware_detail"])
     proposer = _proposer(settings, api_key)
     space = knob_space(settings, hw, lambda text: observer.notify(Note(text)))
+    _vet_log(target, space, settings.model)
     run = RunStore(target.parent.parent).open_run(target)
     observer.notify(Note(f"resuming {target} ({len(run.records())} experiments recorded)"))
+    for text in run.dropped:
+        observer.notify(Note(text))
+    if changes:
+        run.amend({name: recorded.get(name) for name in changes}, changes)
+        observer.notify(Note("amended: " + ", ".join(
+            f"--{name.replace('_', '-')} {redact_urls(recorded.get(name))} -> "
+            f"{redact_urls(value)}"
+            for name, value in changes.items())))
     return Tuner(settings, hw, workload, space, playbook, proposer,
                  _executor(settings, hw, space, workload, run), run,
                  _baseline(settings, space), observer)
+
+
+def _check_store_root(path: Path) -> None:
+    """Fail before any work when --run-dir cannot hold runs: a file, or a place this user
+    cannot write to."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--run-dir {path}: {existing} is a file, not a folder; pass a "
+                         "folder (default .forge)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--run-dir {path}: {existing} is not writable by you; pass a "
+                         "folder you can write to")
+
+
+def _fit(settings: TuneSettings, workload: Workload) -> list[str]:
+    """Whether the objective and the concurrency suit this trace: refused when they cannot
+    measure anything, a note when they waste nothing but the user's intent."""
+    stats = workload.stats
+    if stats.open_loop and settings.objective == "throughput":
+        raise UsageError(
+            f"{settings.workload}: a timestamped trace (arrival_offset_s) offers a fixed "
+            "load, so throughput equals it in every experiment; score --objective latency, "
+            "or --objective goodput with --slo")
+    if settings.concurrency > stats.count:
+        return [f"--concurrency {settings.concurrency} is above the trace's {stats.count} "
+                f"requests: at most {stats.count} are ever in flight; lower it or use a "
+                "longer trace"]
+    return []
+
+
+def _vet_log(run_dir: Path, space: KnobSpace, model: str) -> None:
+    """Every recipe the run's logs hold passes the checks a --recipe file does (known
+    knobs, values this vLLM accepts, allow-listed environment) and serves this run's
+    model: whoever can write the log must not get flags or variables past them."""
+    for where, data in logged_recipes(run_dir):
+        try:
+            recipe = space.check_recipe(recipe_from_dict(data, source=where), where)
+        except RecipeError as exc:
+            raise StoreError(f"{exc}; a resume replays only what --recipe would accept: "
+                             "if the line was edited, delete it or restore the log from a "
+                             "backup; if vLLM changed, reinstall the version the run started "
+                             "with") from None
+        if recipe.model != model:
+            raise StoreError(f"{where}: the recipe serves {recipe.model!r}, but this run "
+                             f"tunes {model!r}; the line was edited: delete it or restore "
+                             "the log from a backup, then retry")
 
 
 def _resumable(path: Path) -> Path:

@@ -9,7 +9,13 @@ from typing import Any
 
 from aevyra_forge.core.recipe import Recipe, recipe_from_dict
 from aevyra_forge.core.settings import TuneSettings
-from aevyra_forge.core.values import BenchMetrics, ExperimentRecord, Layer, takes_the_lead
+from aevyra_forge.core.values import (
+    BenchMetrics,
+    ExperimentRecord,
+    Layer,
+    healthy,
+    takes_the_lead,
+)
 
 
 @dataclass
@@ -44,7 +50,7 @@ class LoopState:
             self.best_record = rec
         if rec.recipe_id == self.best.id and (rec.kept or rec.remeasure):
             self.best_measured_exp = rec.exp
-            if rec.status == "ok" and rec.passes:
+            if rec.status == "ok" and healthy(rec.passes):  # failed requests never judge
                 self.best_passes = rec.passes
 
     def add(self, rec: ExperimentRecord) -> None:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from aevyra_forge.core.errors import ForgeError
 from aevyra_forge.core.values import QualityScore
 from aevyra_forge.core.workload import Request, Workload
+from aevyra_forge.measure.client import auth_headers
 
 DEFAULT_SAMPLES = 8
 DEFAULT_MAX_TOKENS = 32  # reference continuation length per sample, in tokens
@@ -123,7 +124,8 @@ def sample_requests(workload: Workload, n: int = DEFAULT_SAMPLES, seed: int = 0
 def capture_reference(url: str, model: str, requests: Sequence[Request],
                       max_tokens: int = DEFAULT_MAX_TOKENS, timeout_s: float = TIMEOUT_S,
                       max_prompt_tokens: int = MAX_PROMPT_TOKENS, *,
-                      transport: httpx.BaseTransport | None = None) -> Reference:
+                      transport: httpx.BaseTransport | None = None,
+                      api_key: str | None = None) -> Reference:
     """Greedy-generate up to `max_tokens` (and no more than the request expects) for each
     request on the baseline server, then teacher-force the result for its log-probs and
     top-1 tokens.
@@ -140,7 +142,7 @@ def capture_reference(url: str, model: str, requests: Sequence[Request],
     lines: list[int] = []
     notes: list[str] = []
     try:
-        with _client(url, model, timeout_s, transport) as server:
+        with _client(url, model, timeout_s, transport, api_key) as server:
             limit = server.max_model_len()
             for req in requests:
                 want = min(max_tokens, req.expected_output_tokens)
@@ -179,7 +181,8 @@ def capture_reference(url: str, model: str, requests: Sequence[Request],
 
 
 def score_against(url: str, model: str, ref: Reference, timeout_s: float = TIMEOUT_S, *,
-                  transport: httpx.BaseTransport | None = None) -> Accuracy:
+                  transport: httpx.BaseTransport | None = None,
+                  api_key: str | None = None) -> Accuracy:
     """Teacher-force every reference sample through the candidate server. A sample longer
     than this server's max_model_len is scored on the continuation prefix that fits (or
     skipped when none does), and noted. Never raises for a server-side failure: the
@@ -188,7 +191,7 @@ def score_against(url: str, model: str, ref: Reference, timeout_s: float = TIMEO
     agree = positions = samples = 0
     shift = 0.0
     try:
-        with _client(url, model, timeout_s, transport) as server:
+        with _client(url, model, timeout_s, transport, api_key) as server:
             limit = server.max_model_len()
             for i, (ids, cont, base) in enumerate(zip(ref.prompts, ref.continuations,
                                                       ref.logprobs, strict=True)):
@@ -311,10 +314,10 @@ class _Server:
 
 
 @contextmanager
-def _client(url: str, model: str, timeout_s: float,
-            transport: httpx.BaseTransport | None) -> Iterator[_Server]:
+def _client(url: str, model: str, timeout_s: float, transport: httpx.BaseTransport | None,
+            api_key: str | None = None) -> Iterator[_Server]:
     """`transport` replaces the network (tests answer with httpx.MockTransport)."""
-    with httpx.Client(transport=transport) as http:
+    with httpx.Client(transport=transport, headers=auth_headers(api_key)) as http:
         yield _Server(http, url, model, timeout_s)
 
 
@@ -362,7 +365,8 @@ class VllmQualityProbe:
 
     def reference(self, server: Any) -> dict[str, Any] | None:
         try:
-            ref = capture_reference(server.url, server.served_model, self.requests)
+            ref = capture_reference(server.url, server.served_model, self.requests,
+                                    api_key=getattr(server, "api_key", None))
         except QualityError:
             return None
         return ref.model_dump(mode="json")
@@ -371,7 +375,8 @@ class VllmQualityProbe:
         if reference is None:
             return None
         acc = score_against(server.url, server.served_model,
-                            Reference.model_validate(reference))
+                            Reference.model_validate(reference),
+                            api_key=getattr(server, "api_key", None))
         if not acc.ok:
             return QualityScore(agreement=0.0, positions=0)
         return QualityScore(agreement=acc.agreement, logprob_shift=acc.logprob_shift,

@@ -40,6 +40,22 @@ class BenchConfig:
     slo: Slo | None = None  # per-request bounds for goodput
 
 
+@dataclass
+class Progress:
+    """What a stall watchdog watches while a bench runs: how many requests are in flight,
+    and when (on the bench clock) the latest token arrived or, after an idle spell, the
+    first request of a busy one was sent."""
+
+    in_flight: int = 0
+    last_token_s: float = 0.0
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The header a server started with an API key (vLLM's --api-key / VLLM_API_KEY)
+    demands on /v1; none without a key."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def request_payload(req: Request, model: str, salt: str | None) -> tuple[str, dict[str, Any]]:
     """The endpoint path and JSON body for one request: greedy, fixed length, streamed."""
     body: dict[str, Any] = {
@@ -86,19 +102,26 @@ def _token_bearing(chunk: Mapping[str, Any]) -> bool:
 
 async def send_request(transport: httpx.AsyncBaseTransport, base_url: str, path: str,
                        body: Mapping[str, Any], timeout_s: float, clock: Clock,
-                       start_offset_s: float = 0.0) -> RequestResult:
+                       start_offset_s: float = 0.0,
+                       headers: Mapping[str, str] | None = None, *,
+                       progress: Progress | None = None) -> RequestResult:
     """Stream one request and time it. Never raises for a server-side failure.
 
     It talks to an httpx transport directly: the client layer above it (URL merging,
     auth, cookies, redirects, hooks) is nothing a benchmark needs and cost a fifth of the
     request rate. `timeout_s` bounds the whole request (httpx's own timeout only bounds
-    each read, which a slow but steady stream never trips)."""
-    request = httpx.Request("POST", base_url + path, json=body,
+    each read, which a slow but steady stream never trips). `progress`, when given, is
+    told about the request and each of its tokens."""
+    request = httpx.Request("POST", base_url + path, json=body, headers=headers,
                             extensions={"timeout": httpx.Timeout(timeout_s).as_dict()})
     result = RequestResult(start_s=start_offset_s)
     sent = clock()
     last = sent
     chunks = 0
+    if progress is not None:
+        if progress.in_flight == 0:  # a stall is counted from when work was pending
+            progress.last_token_s = sent
+        progress.in_flight += 1
     try:
         async with asyncio.timeout(timeout_s), _response(transport, request) as resp:
             if resp.status_code != 200:
@@ -131,6 +154,8 @@ async def send_request(transport: httpx.AsyncBaseTransport, base_url: str, path:
                         token, usage = _token_bearing(chunk), chunk.get("usage")
                     if token:
                         now = clock()
+                        if progress is not None:
+                            progress.last_token_s = now
                         if chunks == 0:
                             result.ttft_s = now - sent
                         else:
@@ -149,6 +174,9 @@ async def send_request(transport: httpx.AsyncBaseTransport, base_url: str, path:
     except ValueError:  # bad JSON, bad UTF-8, a non-numeric usage count
         result.error = "malformed stream chunk"
         return result
+    finally:
+        if progress is not None:
+            progress.in_flight -= 1
     if chunks == 0:
         result.error = "no tokens received"
         return result
@@ -189,7 +217,8 @@ def _error_message(text: str) -> str:
 
 async def run_pass(transports: Sequence[httpx.AsyncBaseTransport], base_url: str,
                    model: str, requests: Sequence[Request], timeout_s: float, clock: Clock,
-                   salt: str | None) -> tuple[list[RequestResult], float]:
+                   salt: str | None, headers: Mapping[str, str] | None = None, *,
+                   progress: Progress | None = None) -> tuple[list[RequestResult], float]:
     """One replay: closed loop with one request in flight per transport, or open loop at
     the arrival offsets (capped by the number of transports) when the trace has them.
     Returns the results in trace order and the pass duration."""
@@ -203,7 +232,8 @@ async def run_pass(transports: Sequence[httpx.AsyncBaseTransport], base_url: str
             for i in pending:
                 path, body = request_payload(requests[i], model, salt)
                 results[i] = await send_request(transport, base_url, path, body, timeout_s,
-                                                clock, clock() - start)
+                                                clock, clock() - start, headers,
+                                                progress=progress)
 
         await asyncio.gather(*(worker(t) for t in transports))
         return [r for r in results if r is not None], clock() - start
@@ -220,7 +250,7 @@ async def run_pass(transports: Sequence[httpx.AsyncBaseTransport], base_url: str
         try:
             path, body = request_payload(req, model, salt)
             return await send_request(transport, base_url, path, body, timeout_s, clock,
-                                      clock() - start)
+                                      clock() - start, headers, progress=progress)
         finally:
             idle.put_nowait(transport)
 
@@ -245,10 +275,14 @@ async def bench_passes(base_url: str, model: str, workload: Workload, config: Be
                        clock: Clock = time.perf_counter,
                        transport: httpx.AsyncBaseTransport | None = None,
                        scrape: Callable[[], Awaitable[dict[str, float]]] | None = None,
+                       api_key: str | None = None, progress: Progress | None = None
                        ) -> list[BenchMetrics]:
     """Warm up, then replay the workload `config.passes` times, each under its own cache
     salt. The whole bench is bounded by `config.bench_timeout_s` (asyncio.TimeoutError).
-    `transport` (a test double) replaces the HTTP connections when given."""
+    `transport` (a test double) replaces the HTTP connections when given; `api_key` is
+    sent with every request when the server demands one; `progress` is kept up to date
+    for a stall watchdog."""
+    headers = auth_headers(api_key)
     # One transport, holding one keep-alive connection, per request in flight: a shared
     # pool scans every connection for every queued request, which made one pool the
     # bottleneck at high concurrency (64 req/s at 64 in flight on an instant server).
@@ -266,13 +300,15 @@ async def bench_passes(base_url: str, model: str, workload: Workload, config: Be
             if config.warmup_requests:
                 await run_pass(transports[:config.warmup_requests], base_url, model,
                                warmup_requests(config.warmup_requests, 0),
-                               config.request_timeout_s, clock, f"forge-warmup-{run_id}")
+                               config.request_timeout_s, clock, f"forge-warmup-{run_id}",
+                               headers, progress=progress)
             out = []
             for k in range(config.passes):
                 before = await scrape() if scrape else {}
                 results, duration = await run_pass(
                     transports, base_url, model, workload.requests,
-                    config.request_timeout_s, clock, f"forge-{run_id}-pass{k}")
+                    config.request_timeout_s, clock, f"forge-{run_id}-pass{k}", headers,
+                    progress=progress)
                 after = await scrape() if scrape else {}
                 out.append(aggregate(results, duration, counter_deltas(before, after),
                                      slo=config.slo))

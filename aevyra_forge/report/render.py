@@ -1,133 +1,91 @@
 """`aevyra-forge report`: what a run found, read from its store without taking the lock, as
-a summary plus the experiments table, rendered for a terminal (rich), TSV or JSON. Returns
-strings and renderables; cli.py prints them."""
+a summary plus the experiments table, rendered for a terminal (rich), TSV, JSON, Markdown
+or HTML from the one report model (model.py). Returns strings and renderables; cli.py
+prints them."""
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from aevyra_forge.core.values import ExperimentRecord, best_record
-from aevyra_forge.store.rows import COLUMNS, experiment_rows, format_cell, rows_to_tsv
-from aevyra_forge.store.run_store import read_config, read_records, resolve_run_dir
+from aevyra_forge.core.errors import UsageError
+from aevyra_forge.report.model import Report, RunSummary, build_report
+from aevyra_forge.store.rows import COLUMNS, format_cell, rows_to_tsv
+
+__all__ = ["FORMATS", "REPORT_HTML", "RunSummary", "as_report", "render_json", "render_table",
+           "render_text", "render_tsv", "summarize"]
+
+FORMATS = ("table", "tsv", "json", "md", "html")
+REPORT_HTML = "report.html"  # the morning report, written into the run folder
 
 _STATUS_STYLE = {"ok": "green", "duplicate": "dim", "invalid": "yellow"}  # others: red
 
 
-class RunSummary(BaseModel):
-    """The headline figures of one run. `best_*` describe the incumbent as the loop defines
-    it (core.values.best_record: the latest record that took the lead); they are None
-    when nothing was kept (then `note` says why)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    run_dir: str
-    model: str
-    hardware: str
-    experiments: int
-    baseline_throughput: float | None  # output tokens/s
-    best_exp: int | None
-    best_score: float | None
-    best_recipe_id: str | None
-    best_generation: int | None
-    best_throughput: float | None  # output tokens/s
-    best_p99_ms: float | None  # E2E latency p99, milliseconds
-    layers_reached: list[int]
-    statuses: dict[str, int]
-    completed: bool
-    llm_cost_usd: float
-    note: str
-
-
 def summarize(run_dir: Path) -> RunSummary:
-    path = resolve_run_dir(run_dir)
-    return _summary(path, read_config(path), read_records(path))
+    return build_report(run_dir).summary
 
 
-def render_tsv(run_dir: Path) -> str:
-    return rows_to_tsv(experiment_rows(read_records(resolve_run_dir(run_dir))))
+def as_report(source: Report | Path) -> Report:
+    """The report model, computed once by the caller or here from a run folder."""
+    return source if isinstance(source, Report) else build_report(source)
 
 
-def render_json(run_dir: Path) -> str:
-    path = resolve_run_dir(run_dir)
-    records = read_records(path)
-    doc = {"summary": _summary(path, read_config(path), records).model_dump(mode="json"),
-           "experiments": experiment_rows(records)}
+def render_text(source: Report | Path, format: str) -> str:
+    """The report as text in one of FORMATS other than the terminal table."""
+    report = as_report(source)
+    if format == "tsv":
+        return render_tsv(report)
+    if format == "json":
+        return render_json(report)
+    if format == "md":
+        from aevyra_forge.report.markdown import render_md
+
+        return render_md(report)
+    if format == "html":  # matplotlib loads only for the page that draws charts
+        from aevyra_forge.report.html import render_html
+
+        return render_html(report)
+    raise UsageError(f"--format {format}: expected one of {', '.join(FORMATS)} (table "
+                     "prints to the terminal only)")
+
+
+def render_tsv(source: Report | Path) -> str:
+    return rows_to_tsv(as_report(source).table)
+
+
+def render_json(source: Report | Path) -> str:
+    report = as_report(source)
+    doc = {"summary": report.summary.model_dump(mode="json"), "experiments": report.table}
     return json.dumps(doc, indent=2) + "\n"
 
 
-def render_table(run_dir: Path) -> Group:
+def render_table(source: Report | Path) -> Group:
     """A summary panel over the experiments table, rationales included."""
-    path = resolve_run_dir(run_dir)
-    records = read_records(path)
-    summary = _summary(path, read_config(path), records)
-    rows = experiment_rows(records)
-    for row, rec in zip(rows, records, strict=True):  # the table also says why it was decided
-        if rec.decision and rec.decision not in row["rationale"]:
-            row["rationale"] = f"{row['rationale']} -> {rec.decision}"
-    return Group(_panel(summary), _table(rows))
-
-
-def _summary(path: Path, config: dict[str, Any],
-             records: Sequence[ExperimentRecord]) -> RunSummary:
-    baseline = next((r for r in records if r.exp == 0), None)
-    baseline_tp = (baseline.metrics.output_throughput
-                   if baseline is not None and baseline.status == "ok" and baseline.metrics
-                   else None)
-    best = best_record(records)
-    metrics = best.metrics if best is not None else None
-    return RunSummary(
-        run_dir=str(path),
-        model=str(config.get("model", "?")),
-        hardware=str(config.get("hardware", "?")),
-        experiments=len(records),
-        baseline_throughput=baseline_tp,
-        best_exp=best.exp if best else None,
-        best_score=best.score if best else None,
-        best_recipe_id=best.recipe_id if best else None,
-        best_generation=best.generation if best else None,
-        best_throughput=metrics.output_throughput if metrics else None,
-        best_p99_ms=metrics.e2e_ms.p99 if metrics else None,
-        layers_reached=sorted({r.layer for r in records}),
-        statuses=dict(Counter(r.status for r in records).most_common()),
-        completed=(path / "completed.json").exists(),
-        llm_cost_usd=round(sum(r.llm.cost_usd for r in records), 6),
-        note=_note(records, baseline, best),
-    )
-
-
-def _note(records: Sequence[ExperimentRecord], baseline: ExperimentRecord | None,
-          best: ExperimentRecord | None) -> str:
-    if not records:
-        return "no experiments recorded yet"
-    if best is not None:
-        if best.exp == 0:
-            return "no change beat the baseline; vLLM's defaults are the best recipe found"
-        return f"best is experiment {best.exp} (recipe {best.recipe_id})"
-    if baseline is not None and baseline.status != "ok":
-        why = f": {baseline.reason}" if baseline.reason else ""
-        return (f"the baseline failed ({baseline.status}{why}) and no experiment was kept; "
-                "check the baseline's log under logs/")
-    return "no experiment was kept"
+    report = as_report(source)
+    rows = [dict(row) for row in report.table]
+    for row, exp in zip(rows, report.experiments, strict=True):  # also say why it was decided
+        if exp.decision and exp.decision not in row["rationale"]:
+            row["rationale"] = f"{row['rationale']} -> {exp.decision}"
+    return Group(_panel(report), _table(rows))
 
 
 def _fmt(value: float | None, spec: str, unit: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{unit}"
 
 
-def _panel(s: RunSummary) -> Panel:
+def _panel(report: Report) -> Panel:
+    s = report.summary
     speedup = (f" ({s.best_throughput / s.baseline_throughput:.2f}x baseline)"
                if s.best_throughput and s.baseline_throughput else "")
-    state = "completed" if s.completed else "not completed (resumable)"
+    state = (f"completed: {report.stop_reason}" if s.completed and report.stop_reason
+             else "completed" if s.completed else "not completed (resumable)")
     statuses = ", ".join(f"{k} {v}" for k, v in s.statuses.items()) or "-"
     lines = [
         f"model       {s.model}",
@@ -142,6 +100,8 @@ def _panel(s: RunSummary) -> Panel:
         f"LLM cost    ${s.llm_cost_usd:.{2 if s.llm_cost_usd >= 1 else 3}f}",
         s.note,
     ]
+    if report.best is not None and report.best.deploy_command:
+        lines.insert(-1, f"deploy      {report.best.deploy_command}")
     return Panel(Text("\n".join(lines)), title="aevyra-forge run", expand=False)
 
 

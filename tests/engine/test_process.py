@@ -31,11 +31,13 @@ def test_terminate_group_escalates_to_sigkill() -> None:
 
 
 FORGE_STAND_IN = """\
-import sys, time
+import os, sys, time
 from pathlib import Path
 from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.engine.launcher import VllmLauncher
-launcher = VllmLauncher(sys.argv[1], boot_timeout_s=20.0, health_poll_s=0.05)
+# the whole environment: the fake vllm is steered by FAKE_VLLM_* variables
+launcher = VllmLauncher(sys.argv[1], boot_timeout_s=20.0, health_poll_s=0.05,
+                        env=os.environ)
 server = launcher.launch(Recipe(model="fake/m"), Path(sys.argv[2]))
 print(server.process.pid, flush=True)
 if sys.argv[3] == "exit":

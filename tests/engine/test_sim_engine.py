@@ -279,7 +279,12 @@ def test_requests_longer_than_max_model_len_fail_as_http_400(tmp_path: Path) -> 
     engine, space = make_engine("A100-80GB")
     recipe = space.apply(space.baseline(LLAMA_8B), {"max_model_len": 1024})
     rows = [*short_rows(5, out=32), {"prompt": "x" * 4000, "expected_output_tokens": 64}]
-    metrics = run(engine, recipe, make_workload(tmp_path / "w.jsonl", rows), 4, tmp_path)
+    outcome = engine.bench(boot(engine, recipe, tmp_path),
+                           make_workload(tmp_path / "w.jsonl", rows), 4)
+    # classified like a real server's bench: never `ok`, the failed request named
+    assert outcome.status == "request_error" and outcome.metrics is not None
+    assert outcome.reason.startswith("1 of 6 requests failed (17%), first: HTTP 400: ")
+    metrics = outcome.metrics
     assert metrics.completed == 5 and metrics.failed == 1
     assert any("max_model_len" in reason for reason in metrics.failure_reasons)
     assert metrics.output_tokens == 5 * 32

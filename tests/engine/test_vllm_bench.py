@@ -1,11 +1,13 @@
 """Tests for aevyra_forge.engine.vllm_bench against tests/data/fake_vllm/vllm (see
-conftest.py): a bench of a live server, and a server dying in the middle of one."""
+conftest.py): a bench of a live server, and its failures classified: a server dying in
+the middle of one, answering 500s, refusing requests, stalling, timing out."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.values import BenchOutcome
 from aevyra_forge.core.workload import Message, Request, Workload
 from aevyra_forge.engine.launcher import VllmServer
 from aevyra_forge.engine.vllm_bench import VllmBenchmarker
@@ -58,3 +60,58 @@ def test_server_dying_mid_bench_is_a_crash(tmp_path: Path, pidfile: Path) -> Non
     assert not gone(child)  # the orphaned engine still holds the "GPU" ...
     launcher.stop(server)
     assert gone(child)  # ... until the group is torn down
+
+
+def _bench(tmp_path: Path, pidfile: Path, workload: Workload | None = None,
+           benchmarker: VllmBenchmarker | None = None, **fake_env: str) -> BenchOutcome:
+    launcher = make_launcher(pidfile, **fake_env)
+    server = launcher.launch(Recipe(model=MODEL), tmp_path / "exp.log")
+    assert isinstance(server, VllmServer), server
+    try:
+        bench = benchmarker or VllmBenchmarker(request_timeout_s=10.0, warmup_requests=1)
+        return bench.bench(server, workload or small_workload(), 2)
+    finally:
+        launcher.stop(server)
+
+
+def test_a_server_answering_500_after_a_runtime_oom_is_oom_not_ok(tmp_path: Path,
+                                                                   pidfile: Path) -> None:
+    """Every request after the first three answers HTTP 500 while the server lives on:
+    the bench finishes, but the measurement is the engine's OOM, with its root cause."""
+    outcome = _bench(tmp_path, pidfile, FAKE_VLLM_500_AFTER_N_REQUESTS="3")
+    assert outcome.status == "oom", outcome.reason
+    assert outcome.reason.startswith("9 of 11 requests failed (82%), first: HTTP 500: "
+                                     "EngineCore encountered an issue")
+    assert "log: out of memory: torch.OutOfMemoryError: CUDA out of memory" in outcome.reason
+    assert outcome.metrics is not None and outcome.metrics.failed == 9  # kept for the audit
+
+
+def test_requests_over_the_context_are_a_request_error(tmp_path: Path, pidfile: Path
+                                                       ) -> None:
+    reqs = small_workload().requests
+    poisoned = (*reqs[:5], reqs[5].model_copy(update={"prompt": "POISON-PILL now"}),
+                *reqs[6:])
+    workload = Workload(path="mem.jsonl", sha256="1" * 64, requests=poisoned)
+    outcome = _bench(tmp_path, pidfile, workload)
+    assert outcome.status == "request_error"
+    assert outcome.reason.startswith("1 of 11 requests failed (9%), first: HTTP 400: ")
+
+
+def test_a_server_that_stops_producing_tokens_is_hung(tmp_path: Path, pidfile: Path
+                                                      ) -> None:
+    """The watchdog, not the 10 s request timeout, ends the bench: the limit is tiny and
+    checked often, so the test is quick without asserting on how long it took."""
+    watchdog = VllmBenchmarker(request_timeout_s=600.0, warmup_requests=1,
+                               stall_timeout_s=0.2, watch_interval_s=0.02)
+    outcome = _bench(tmp_path, pidfile, benchmarker=watchdog,
+                     FAKE_VLLM_STALL_AFTER_N_TOKENS="40", FAKE_VLLM_TOKEN_DELAY_S="0.001")
+    assert outcome.status == "hung", outcome.reason
+    assert outcome.reason.startswith("server stopped producing tokens: none for ")
+    assert "request(s) in flight (stall limit 0.2 s)" in outcome.reason
+
+
+def test_requests_that_time_out_are_hung(tmp_path: Path, pidfile: Path) -> None:
+    slow = VllmBenchmarker(request_timeout_s=0.2, warmup_requests=0)
+    outcome = _bench(tmp_path, pidfile, benchmarker=slow, FAKE_VLLM_TOKEN_DELAY_S="5")
+    assert outcome.status == "hung", outcome.reason
+    assert outcome.reason == "11 of 11 requests failed (100%), first: timeout after 0.2 s"

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import MODEL_8B
+import pytest
+
+from tests.conftest import MODEL_8B, run_cli
 
 BUDGET = 16
 
@@ -146,3 +149,277 @@ def test_sigkill_between_a_trials_start_and_its_finish(tmp_path: Path,
     assert started.count(caught[0]) == 2  # started, killed, started again on resume
     assert sorted(set(started)) == sorted({int(str(r["exp"])) for r in records
                                            if r["status"] not in ("invalid", "duplicate")})
+
+
+# -- detached runs: SIGHUP -----------------------------------------------------------------
+
+LONG = 200  # a budget the run cannot spend before the test has sent its signal
+
+
+def _long_cmd(run_dir: Path, workload: Path) -> list[str]:
+    cmd = _cmd(run_dir, workload)
+    cmd[cmd.index("--max-experiments") + 1] = str(LONG)
+    cmd[cmd.index("--patience") + 1] = str(LONG)
+    return cmd
+
+
+def _until_first_experiment(proc: subprocess.Popen[str], budget: int) -> None:
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if f"/{budget} " in line:
+            return
+    raise AssertionError("the run printed no experiment line")
+
+
+def test_sighup_with_the_reader_gone_exits_130(tmp_path: Path, small_workload: Path) -> None:
+    """A dropped SSH session: the terminal's reader goes away, then SIGHUP arrives. The run
+    stops as on Ctrl-C (exit 130, resumable), whichever the process meets first."""
+    run_dir = tmp_path / "forge"
+    proc = subprocess.Popen(_long_cmd(run_dir, small_workload), stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    _until_first_experiment(proc, LONG)
+    assert proc.stderr is not None and proc.stdout is not None
+    proc.stderr.close()
+    proc.stdout.close()
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait() == 130
+    (run,) = sorted((run_dir / "runs").glob("0*"))
+    assert not (run / "completed.json").exists()
+    assert 1 <= len(_records(run_dir)) < LONG
+    done = subprocess.run([*_resume_cmd(run_dir), "--max-experiments", "3"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def _nohup(cmd: list[str]) -> list[str]:
+    nohup = shutil.which("nohup")
+    if nohup is None:
+        pytest.skip("no nohup on PATH")
+    return [nohup, *cmd]
+
+
+def test_sighup_under_nohup_is_ignored(tmp_path: Path, small_workload: Path) -> None:
+    """`nohup aevyra-forge tune ... &`: SIGHUP stays ignored and the run finishes."""
+    run_dir = tmp_path / "forge"
+    proc = subprocess.Popen(_nohup(_cmd(run_dir, small_workload)), stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    _until_first_experiment(proc, BUDGET)
+    proc.send_signal(signal.SIGHUP)
+    assert proc.stderr is not None
+    rest = proc.stderr.read()
+    assert proc.wait() == 0, rest
+    assert len(_records(run_dir)) == BUDGET
+
+
+def test_nohup_run_outlives_its_reader(tmp_path: Path, small_workload: Path) -> None:
+    """Under nohup, a reader that goes away (`nohup aevyra-forge tune ... | tee log` and
+    the session drops) only silences the run: it finishes and records everything."""
+    run_dir = tmp_path / "forge"
+    proc = subprocess.Popen(_nohup(_cmd(run_dir, small_workload)), stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    _until_first_experiment(proc, BUDGET)
+    assert proc.stderr is not None and proc.stdout is not None
+    proc.stderr.close()
+    proc.stdout.close()
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait() == 0
+    (run,) = sorted((run_dir / "runs").glob("0*"))
+    assert (run / "completed.json").exists()
+    assert len(_records(run_dir)) == BUDGET
+
+
+# -- the log is validated like user input; secrets are not stored -----------------------------
+
+def _finished_run(tmp_path: Path, workload: Path, capsys: pytest.CaptureFixture[str],
+                  experiments: int = 3) -> Path:
+    """A dry run of `experiments`, made resumable again (completed.json removed)."""
+    code, _, err = run_cli(["tune", "--dry-run", "--gpu", "A100-80GB", "--model", MODEL_8B,
+                            "--workload", str(workload), "--llm", "builtin", "--run-dir",
+                            str(tmp_path / ".forge"), "--max-experiments",
+                            str(experiments)], capsys)
+    assert code == 0, err
+    (run,) = (tmp_path / ".forge" / "runs").glob("0*")
+    (run / "completed.json").unlink()
+    return run
+
+
+def _one_line_error(code: int, err: str) -> str:
+    assert code == 1
+    (line,) = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err
+    return line
+
+
+@pytest.mark.parametrize(("where", "key", "value", "says"), [
+    ("config", "trust_remote_code", True, "trust_remote_code"),
+    ("config", "download_dir", "/tmp/elsewhere", "download_dir"),
+    ("env", "LD_PRELOAD", "/tmp/evil.so", "LD_PRELOAD"),
+])
+def test_resume_refuses_a_logged_recipe_that_recipe_would_refuse(
+        tmp_path: Path, small_workload: Path, capsys: pytest.CaptureFixture[str],
+        where: str, key: str, value: object, says: str) -> None:
+    run = _finished_run(tmp_path, small_workload, capsys)
+    path = run / "experiments.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    rec = json.loads(lines[1])
+    if where == "config":
+        rec["recipe"]["config"][key] = value
+    else:
+        rec["recipe"].setdefault("kernel", {}).setdefault("env", {})[key] = value
+    rec["kept"] = True
+    lines[1] = json.dumps(rec) + "\n"
+    path.write_text("".join(lines))
+    before = path.read_bytes()
+    code, _, err = run_cli(["tune", "resume", "--run-dir", str(tmp_path / ".forge")], capsys)
+    line = _one_line_error(code, err)
+    assert f"{path}:2: " in line and says in line, line
+    assert "delete it or restore the log from a backup" in line
+    assert path.read_bytes() == before
+    assert not list((run / "logs").glob("exp_003*"))  # nothing was booted
+
+
+def test_resume_refuses_a_logged_recipe_for_another_model(
+        tmp_path: Path, small_workload: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _finished_run(tmp_path, small_workload, capsys)
+    path = run / "trials.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    start = json.loads(lines[0])
+    start["recipe"]["model"] = "someone/evil-model"
+    lines[0] = json.dumps(start) + "\n"
+    path.write_text("".join(lines))
+    code, _, err = run_cli(["tune", "resume", "--run-dir", str(tmp_path / ".forge")], capsys)
+    line = _one_line_error(code, err)
+    assert f"{path}:1: the recipe serves 'someone/evil-model'" in line
+
+
+def test_resume_reports_a_duplicated_experiment(
+        tmp_path: Path, small_workload: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _finished_run(tmp_path, small_workload, capsys)
+    path = run / "experiments.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join([lines[0], lines[1], lines[1], *lines[2:]]))
+    code, _, err = run_cli(["tune", "resume", "--run-dir", str(tmp_path / ".forge")], capsys)
+    line = _one_line_error(code, err)
+    assert f"{path}:3: experiment 1 is recorded twice (also on line 2)" in line
+
+
+def test_resume_says_what_a_torn_last_line_dropped(
+        tmp_path: Path, small_workload: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _finished_run(tmp_path, small_workload, capsys, experiments=3)
+    path = run / "experiments.jsonl"
+    with open(path, "ab") as fh:
+        fh.write(b'{"exp": 3, "recipe": {"mo')
+    code, _, err = run_cli(["tune", "resume", "--run-dir", str(tmp_path / ".forge"),
+                            "--max-experiments", "4"], capsys)
+    assert code == 0, err
+    assert "dropped 25 bytes after the last complete line" in " ".join(err.split())
+    assert [json.loads(ln)["exp"] for ln in path.read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def test_a_credential_in_the_llm_url_is_never_written(
+        tmp_path: Path, small_workload: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from aevyra_forge.agent import llm as llm_module
+    from tests.fake_provider import Fail, FakeProvider
+
+    monkeypatch.setattr(llm_module, "BACKOFF_BASE_S", 0.0)
+    store = tmp_path / ".forge"
+    with FakeProvider(lambda rec: Fail(503)) as fake:
+        secret_url = fake.openai_url.replace("http://", "http://me:s3cret-pw@")
+        code, _, err = run_cli(["tune", "--dry-run", "--gpu", "A100-80GB", "--model",
+                                MODEL_8B, "--workload", str(small_workload), "--llm",
+                                "openai/gpt-4o-mini", "--llm-base-url", secret_url,
+                                "--llm-api-key", "k", "--run-dir", str(store),
+                                "--max-experiments", "2"], capsys)
+        assert code == 1  # the provider is down: the run stops, resumable
+        (run,) = (store / "runs").glob("0*")
+        config = json.loads((run / "config.json").read_text())
+        assert config["settings"]["llm_base_url"] == fake.openai_url.replace(
+            "http://", "http://REDACTED@")
+        code, _, err = run_cli(["tune", "resume", "--run-dir", str(store)], capsys)
+        line = _one_line_error(code, err)
+        assert "credential in --llm-base-url, which is never stored" in line
+        assert "tune resume --llm-base-url URL" in line
+        code, _, err = run_cli(["tune", "resume", "--run-dir", str(store), "--llm-base-url",
+                                secret_url], capsys)
+        assert code == 1 and "unreachable" in err  # still down, asked at the URL again
+    assert "s3cret-pw" not in err
+    (amendment,) = json.loads((run / "config.json").read_text())["amendments"]
+    assert amendment["new"]["llm_base_url"] == config["settings"]["llm_base_url"]
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert b"s3cret-pw" not in path.read_bytes(), path
+
+
+# -- resume with amendments ------------------------------------------------------------------
+
+class _Quiet:
+    def notify(self, event: object) -> None:
+        del event
+
+
+def test_amendments_are_recorded_once_and_kept_on_later_resumes(tmp_path: Path,
+                                                                small_workload: Path) -> None:
+    from aevyra_forge.core.errors import UsageError
+    from aevyra_forge.core.settings import TuneSettings
+    from aevyra_forge.loop import session
+
+    store = tmp_path / "forge"
+    settings = TuneSettings(model=MODEL_8B, workload=str(small_workload), llm="builtin",
+                            run_dir=str(store), dry_run=True, gpu="A100-80GB")
+    session.start(settings, _Quiet()).run_log.close()  # a run interrupted before exp 0
+    (config_path,) = store.glob("runs/0*/config.json")
+
+    def amendments() -> list[dict[str, object]]:
+        return list(json.loads(config_path.read_text()).get("amendments", []))
+
+    tuner = session.resume(store, _Quiet(), amendments={"max_experiments": 9,
+                                                         "max_dollars": 1.5})
+    tuner.run_log.close()
+    assert (tuner.s.max_experiments, tuner.s.max_dollars) == (9, 1.5)
+    (first,) = amendments()
+    assert (first["old"], first["new"]) == ({"max_experiments": 50, "max_dollars": None},
+                                            {"max_experiments": 9, "max_dollars": 1.5})
+    tuner = session.resume(store, _Quiet())  # no options: the amended values hold
+    tuner.run_log.close()
+    assert (tuner.s.max_experiments, tuner.s.max_dollars) == (9, 1.5)
+    tuner = session.resume(store, _Quiet(), amendments={"max_experiments": 9})
+    tuner.run_log.close()
+    assert len(amendments()) == 1  # the same value again changes nothing
+    tuner = session.resume(store, _Quiet(), amendments={"max_experiments": 12})
+    tuner.run_log.close()
+    assert tuner.s.max_experiments == 12
+    assert [a["new"] for a in amendments()] == [{"max_experiments": 9, "max_dollars": 1.5},
+                                               {"max_experiments": 12}]
+    assert amendments()[1]["old"] == {"max_experiments": 9}
+    with pytest.raises(UsageError, match=r"^--max-hours: "):
+        session.resume(store, _Quiet(), amendments={"max_hours": -1.0})
+    with pytest.raises(UsageError, match="cannot change repeats"):
+        session.resume(store, _Quiet(), amendments={"repeats": 2})
+    assert len(amendments()) == 2  # refused amendments leave no trace
+
+
+def test_sighup_with_the_terminal_hung_up_exits_130(tmp_path: Path,
+                                                    small_workload: Path) -> None:
+    """An SSH session's terminal goes away (its writes answer EIO), then SIGHUP: exit 130."""
+    import pty
+
+    run_dir = tmp_path / "forge"
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(_long_cmd(run_dir, small_workload), stdin=subprocess.DEVNULL,
+                            stdout=follower, stderr=follower,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    os.close(follower)
+    seen = b""
+    while b"L1 baseline" not in seen:  # the first experiment (a terminal gets colours)
+        chunk = os.read(leader, 4096)  # blocks until the run writes; EOF raises OSError
+        assert chunk, seen
+        seen += chunk
+    os.close(leader)  # the terminal hangs up: the run's next write fails with EIO
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait() == 130
+    (run,) = sorted((run_dir / "runs").glob("0*"))
+    assert not (run / "completed.json").exists()

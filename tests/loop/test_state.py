@@ -69,3 +69,23 @@ def test_a_new_keep_replaces_the_incumbent_and_its_passes() -> None:
     assert state.best.id == WINNER.id
     assert state.best_passes == won and state.best_measured_exp == 3
     assert state.best_score == 1.2
+
+
+def test_a_kept_record_whose_requests_failed_never_takes_the_lead() -> None:
+    """A log written before failed requests were classified: exp 0 is `ok` and kept with
+    every request answering HTTP 500. Replayed, it is neither the reference nor the best;
+    the first healthy kept record is both. Without the failures it would lead."""
+    failing = tuple(m.model_copy(update={"failed": 10, "completed": 0,
+                                         "failure_reasons": {"HTTP 500: boom": 10}})
+                    for m in _passes(100.0, 101.0, 99.0))
+    healthy = _row(1, WINNER, _passes(90.0, 91.0, 89.0), kept=True)
+    state = LoopState(records=[_row(0, BASELINE, failing, kept=True), healthy],
+                      baseline=BASELINE)
+    assert state.reference == healthy.metrics
+    assert state.best == WINNER and state.best_record == healthy
+    assert state.best_passes == healthy.passes
+    alone = LoopState(records=[_row(0, BASELINE, failing, kept=True)], baseline=BASELINE)
+    assert alone.reference is None and alone.best_passes == ()  # nothing to judge against
+    control = LoopState(records=[_row(0, BASELINE, FIRST, kept=True), healthy],
+                        baseline=BASELINE)
+    assert control.reference == FIRST[1]

@@ -307,3 +307,44 @@ def test_an_accuracy_below_the_floor_is_reverted(tmp_path: Path, small_workload:
     awq = tuner.run_log.records()[1]
     assert awq.accuracy is not None and awq.accuracy < 0.99
     assert not awq.kept and "below floor" in awq.decision
+
+
+class FailsFirstBench:
+    """The simulator, except that its first bench answered every request with HTTP 500
+    and was still reported `ok` (what the bench adapter did before issue #10)."""
+
+    def __init__(self, sim: SimulatedEngine) -> None:
+        self.sim = sim
+        self.calls = 0
+
+    def bench(self, server: Any, workload: Any, concurrency: int, passes: int = 1,
+              slo: Any = None) -> Any:
+        self.calls += 1
+        outcome = self.sim.bench(server, workload, concurrency, passes, slo)
+        if self.calls > 1:
+            return outcome
+        failed = tuple(m.model_copy(update={
+            "failed": m.completed + m.failed, "completed": 0, "output_tokens": 0,
+            "failure_reasons": {"HTTP 500: EngineCore encountered an issue": m.completed}})
+            for m in outcome.passes)
+        return outcome.model_copy(update={"passes": failed, "metrics": failed[0]})
+
+
+def test_a_baseline_whose_requests_failed_is_not_the_reference(tmp_path: Path,
+                                                              small_workload: Path) -> None:
+    hw = gpu_spec("H100").hardware()
+    space = KnobSpace(hw, profile(MODEL_8B), simulated=True)
+    sim = SimulatedEngine(hw, gpu_spec("H100"), space.model, space, seed=1)
+    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(1, max_num_seqs=32)])
+    tuner, _ = _tuner(tmp_path, small_workload, proposer,
+                      engine=(sim, FailsFirstBench(sim), sim), max_experiments=3)
+    tuner.run()
+    recs = tuner.run_log.records()
+    assert not recs[0].kept and "vLLM's defaults cannot serve this workload" in \
+        recs[0].decision
+    assert recs[1].kept and recs[1].decision.startswith(
+        "first healthy measurement becomes the reference (the baseline, vLLM's defaults, "
+        "was not healthy: experiment 0 failed requests)")
+    assert tuner.state.reference == recs[1].metrics
+    assert tuner.state.best.id == recs[1].recipe_id
+    assert proposer.contexts[0].best_score is None

@@ -420,3 +420,16 @@ def _engine_workload() -> Workload:
             reqs.append(Request(line=i + 1, prompt=f"Story {i}: once upon a time, a "
                                 "scheduler measured every token", expected_output_tokens=32))
     return Workload(path="engine.jsonl", sha256="0" * 64, requests=tuple(reqs))
+
+
+def test_a_server_with_an_api_key_is_probed_with_it() -> None:
+    with FakeVllm(FakeConfig(length_policy="clamp", api_key="k-9")) as server:
+        with pytest.raises(QualityError, match="HTTP 401"):
+            capture_reference(server.url, MODEL, REQUESTS[:2])
+        ref = capture_reference(server.url, MODEL, REQUESTS[:2], api_key="k-9")
+        assert score_against(server.url, MODEL, ref).error.endswith(
+            "answered HTTP 401: Unauthorized")
+        asked = len(server.requests)
+        assert score_against(server.url, MODEL, ref, api_key="k-9").agreement == 1.0
+        assert {r.headers.get("authorization") for r in server.requests[asked:]} == {
+            "Bearer k-9"}

@@ -18,6 +18,7 @@ from aevyra_forge.core.workload import Message, Request, Workload
 from aevyra_forge.measure.client import (
     WARMUP_OUTPUT_TOKENS,
     BenchConfig,
+    auth_headers,
     bench_passes,
     request_payload,
     run_pass,
@@ -380,3 +381,19 @@ def test_the_fast_path_only_skips_chunks_the_parser_would_count(
         assert _token_bearing(chunk)
         assert "error" not in chunk and not chunk.get("usage")
     assert not _quick_token(json.dumps(chunk).encode())  # spaced JSON: the full parser
+
+
+def test_a_server_with_an_api_key_gets_it_on_every_request() -> None:
+    reqs = workload(completion(1, 5, 3), chat(2, "hello there", 3))
+    config = BenchConfig(concurrency=2, warmup_requests=1)
+    with FakeVllm(FakeConfig(model=MODEL, api_key="k-123")) as server:
+        [without] = asyncio.run(bench_passes(server.url, MODEL, reqs, config))
+        asked = len(server.requests)
+        [with_key] = asyncio.run(bench_passes(server.url, MODEL, reqs, config,
+                                              api_key="k-123"))
+        sent = {r.headers.get("authorization") for r in server.requests[asked:]}
+    assert (without.completed, without.failed) == (0, 2)
+    assert set(without.failure_reasons) == {"HTTP 401: Unauthorized"}
+    assert (with_key.completed, with_key.failed) == (2, 0)
+    assert sent == {"Bearer k-123"}  # warm-up included
+    assert auth_headers(None) == {} and auth_headers("") == {}

@@ -164,3 +164,13 @@ def test_table_renders_summary_and_rationales(tmp_path: Path) -> None:
 def test_report_on_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="neither a forge store nor a run folder"):
         summarize(tmp_path)
+
+
+def test_table_panel_says_why_it_stopped_and_how_to_deploy(tmp_path: Path) -> None:
+    with make_run(tmp_path, HISTORY) as run:
+        run.complete({"reason": "experiment budget spent (5)"})
+    console = Console(record=True, width=250, file=io.StringIO())
+    console.print(render_table(run.path))
+    out = console.export_text()
+    assert "completed: experiment budget spent (5)" in out
+    assert "deploy      " in out and "vllm serve m" in out

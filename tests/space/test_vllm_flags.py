@@ -3,6 +3,7 @@ per-version cache (through a fake `vllm` executable), and the knob space narrowe
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -13,7 +14,13 @@ from aevyra_forge.core.values import Hardware
 from aevyra_forge.space import gpu_catalogue
 from aevyra_forge.space.knob_space import KNOBS, KnobSpace
 from aevyra_forge.space.model_profile import profile
-from aevyra_forge.space.vllm_flags import VllmArgs, introspect, parse_help
+from aevyra_forge.space.vllm_flags import (
+    VllmArgs,
+    interpreter,
+    introspect,
+    parse_help,
+    vllm_version,
+)
 
 HELP = Path(__file__).parents[1] / "data" / "vllm" / "serve_help_all_0.32.0+cpu.txt"
 ARGS = parse_help(HELP.read_text())
@@ -78,3 +85,52 @@ def test_the_knob_space_follows_this_vllm() -> None:
     trimmed = {k: v for k, v in ARGS.items() if k != "max_num_batched_tokens"}
     lacking = KnobSpace(cpu.hw, cpu.model, vllm=VllmArgs("0.32.0+cpu", trimmed))
     assert "max_num_batched_tokens" not in {k.name for k in lacking.knobs(1)}
+
+
+@pytest.mark.parametrize(("shebang", "expected"), [
+    ("#!/opt/venv/bin/python3\n", ["/opt/venv/bin/python3"]),
+    ("#!/opt/venv/bin/python3.11 -sE\n", ["/opt/venv/bin/python3.11", "-sE"]),
+    ("#!/usr/bin/env python3\n", ["/usr/bin/env", "python3"]),
+    ("#!/usr/bin/env -S python3 -u\n", ["/usr/bin/env", "python3", "-u"]),
+    ("#!/bin/sh\n", None),
+    ("#!/usr/bin/env bash\n", None),
+    ("#!/usr/bin/env -i python3\n", None),
+    ("#!\n", None),
+    ("import vllm\n", None),
+])
+def test_the_interpreter_is_read_from_the_shebang(tmp_path: Path, shebang: str,
+                                                  expected: list[str] | None) -> None:
+    script = tmp_path / "vllm"
+    script.write_text(shebang + "print('hi')\n")
+    assert interpreter(str(script)) == expected
+    assert interpreter(str(tmp_path / "absent")) is None
+
+
+@pytest.mark.parametrize("shebang", ["#!/usr/bin/env python3", "#!/usr/bin/env -S python3 -u"])
+def test_an_env_launcher_is_asked_through_its_interpreter(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shebang: str) -> None:
+    """pip's launchers in some environments start with `#!/usr/bin/env python3`: the
+    version comes from that python (found on PATH), never from a slow `vllm --version`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    seen = tmp_path / "python.argv"
+    python = bin_dir / "python3"
+    python.write_text(f"""#!/bin/sh
+echo "$@" > {seen}
+for a in "$@"; do [ "$a" = "-c" ] && {{ echo 0.32.0+cpu; exit 0; }}; done
+exit 3
+""")
+    python.chmod(0o755)
+    vllm = bin_dir / "vllm"
+    vllm.write_text(f"{shebang}\nraise SystemExit('vllm itself must not run')\n")
+    vllm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert vllm_version(str(vllm)) == "0.32.0+cpu"
+    assert seen.read_text().startswith("-u -c " if "-u" in shebang else "-c ")
+
+
+def test_a_cache_that_cannot_be_written_costs_only_time(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would go")
+    args = introspect(str(_fake_vllm(tmp_path)), cache_dir=blocked / "cache")
+    assert args.accepts("max_num_seqs")

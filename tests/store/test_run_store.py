@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,9 +16,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aevyra_forge.core.errors import RunLockedError, StoreError
+from aevyra_forge.core.trial import Trial
 from aevyra_forge.core.values import ExperimentRecord, Proposal
 from aevyra_forge.store.rows import COLUMNS
-from aevyra_forge.store.run_store import Run, RunStore, read_config, read_records, resolve_run_dir
+from aevyra_forge.store.run_store import (
+    Run,
+    RunStore,
+    logged_recipes,
+    read_config,
+    read_records,
+    resolve_run_dir,
+)
 from tests.builders import metrics, record
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,7 +191,7 @@ def test_failed_atomic_write_keeps_the_old_file_and_no_temp(
             raise OSError("disk full")
 
         monkeypatch.setattr(os, "replace", broken_replace)
-        with pytest.raises(OSError, match="disk full"):
+        with pytest.raises(StoreError, match=r"disk full while writing best_recipe\.yaml"):
             run.write_best("model: new\n")
         monkeypatch.undo()
         assert (run.path / "best_recipe.yaml").read_text() == "model: old\n"
@@ -318,7 +328,7 @@ def records_strategy(draw: st.DrawFn) -> ExperimentRecord:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(records_strategy(), max_size=6))
+@given(st.lists(records_strategy(), max_size=6, unique_by=lambda r: r.exp))
 def test_any_records_round_trip(recs: list[ExperimentRecord]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         with RunStore(Path(tmp), clock=StepClock()).create_run(CONFIG) as run:
@@ -334,3 +344,168 @@ def test_any_records_round_trip(recs: list[ExperimentRecord]) -> None:
 def test_run_can_be_constructed_only_on_an_existing_folder(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="run folder not found"):
         Run(tmp_path / "nope", {})
+
+
+# -- a log that is wrong is reported, not repaired -------------------------------------------
+
+def trial(exp: int) -> Trial:
+    return Trial(exp=exp, recipe={"model": "m", "config": {}}, recipe_id=f"id{exp:06d}",
+                 layer=1)
+
+
+def test_an_experiment_recorded_twice_is_refused_with_its_line(store: RunStore) -> None:
+    with store.create_run(CONFIG) as run:
+        for i in (0, 1, 1, 2):  # a duplicated line, as an edit or a sync might leave
+            run.append(record(i))
+    path = run.path / "experiments.jsonl"
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match=r"experiments\.jsonl:3: experiment 1 is recorded "
+                                         r"twice \(also on line 2\).*delete one"):
+        store.open_run(run.path)
+    with pytest.raises(StoreError, match=r"experiments\.jsonl:3: experiment 1"):
+        read_records(run.path)
+    assert path.read_bytes() == before
+
+
+def test_a_log_cut_in_the_middle_is_reported_not_truncated_further(store: RunStore) -> None:
+    with store.create_run(CONFIG) as run:
+        for i in range(5):
+            run.start(trial(i))
+            run.append(record(i))
+    path = run.path / "experiments.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    cut = b"".join(lines[:2]) + lines[2][:40]  # cut inside line 3: 2, 3 and 4 are gone
+    path.write_bytes(cut)
+    with pytest.raises(StoreError, match=r"experiments\.jsonl: no record of experiments "
+                                         r"2, 3, which trials\.jsonl says were run before others: "
+                                         r"the log was cut after line 2; restore"):
+        store.open_run(run.path)
+    assert path.read_bytes() == cut
+
+
+def test_a_torn_last_line_is_still_a_crash_and_says_what_it_dropped(store: RunStore
+                                                                     ) -> None:
+    with store.create_run(CONFIG) as run:
+        run.start(trial(0))
+        run.append(record(0))
+        run.start(trial(1))
+    exps, trials = run.path / "experiments.jsonl", run.path / "trials.jsonl"
+    with open(exps, "ab") as fh:
+        fh.write(record(1).model_dump_json().encode()[:30])  # killed writing record 1
+    with open(trials, "ab") as fh:
+        fh.write(b'{"exp": 2, "reci')  # and, say, a torn start on the other log
+    with store.open_run(run.path) as resumed:
+        assert [d.split(": ", 1)[1] for d in resumed.dropped] == [
+            "dropped 30 bytes after the last complete line (a write cut off by a crash)",
+            "dropped 16 bytes after the last complete line (a write cut off by a crash)"]
+        resumed.start(trial(1))
+        resumed.append(record(1))
+        assert [t.exp for t in resumed.started()] == [0, 1, 1]
+        assert [r.exp for r in resumed.records()] == [0, 1]
+
+
+def test_logged_recipes_name_their_file_and_line(store: RunStore) -> None:
+    with store.create_run(CONFIG) as run:
+        run.start(trial(0))
+        run.append(record(0))
+        assert [(where.rsplit("/", 1)[1], recipe["model"])
+                for where, recipe in logged_recipes(run.path)] == [
+            ("experiments.jsonl:1", "m"), ("trials.jsonl:1", "m")]
+
+
+# -- OS errors are user errors -----------------------------------------------------------------
+
+def _failing(errno_: int, real: Callable[..., Any], after: int = 0) -> Callable[..., Any]:
+    """`real`, which raises OSError(errno_) from its call number `after` on."""
+    calls = [0]
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] > after:
+            raise OSError(errno_, os.strerror(errno_))
+        return real(*args, **kwargs)
+    return call
+
+
+def test_a_full_disk_while_appending_is_one_line_and_the_run_resumes(
+        store: RunStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    with store.create_run(CONFIG) as run:
+        run.append(record(0))
+        path = run.path / "experiments.jsonl"
+        before = path.read_bytes()
+        real_write = os.write
+
+        def half_then_full(fd: int, data: bytes) -> int:  # a part lands, then ENOSPC
+            if len(data) > 10:
+                return real_write(fd, data[:10])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "write", half_then_full)
+        with pytest.raises(StoreError) as info:
+            run.append(record(1))
+        monkeypatch.undo()
+        message = str(info.value)
+        assert "\n" not in message
+        assert message.startswith(f"{path}: no space left on the device while appending "
+                                  "to experiments.jsonl; free some space, then run "
+                                  "`aevyra-forge tune resume`")
+        assert path.read_bytes() == before  # the half line was taken back
+    with store.open_run(run.path) as resumed:
+        assert resumed.dropped == []
+        resumed.append(record(1))
+        assert [r.exp for r in resumed.records()] == [0, 1]
+
+
+def test_a_failed_fsync_is_a_store_error_and_keeps_the_old_file(
+        store: RunStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    with store.create_run(CONFIG) as run:
+        run.write_best("model: old\n")
+        monkeypatch.setattr(os, "fsync", _failing(errno.ENOSPC, os.fsync))
+        with pytest.raises(StoreError, match=r"no space left on the device while writing "
+                                             r"best_recipe\.yaml; free some space"):
+            run.write_best("model: new\n")
+        monkeypatch.undo()
+        assert (run.path / "best_recipe.yaml").read_text() == "model: old\n"
+
+
+@pytest.mark.parametrize(("code", "says"), [
+    (errno.EROFS, "the file system is read-only while creating the run store; remount it"),
+    (errno.EACCES, "permission denied while creating the run store; give this user write"),
+    (errno.ENOSPC, "no space left on the device while creating the run store; free some"),
+])
+def test_a_store_that_cannot_be_created_is_one_line(
+        store: RunStore, monkeypatch: pytest.MonkeyPatch, code: int, says: str) -> None:
+    monkeypatch.setattr(os, "mkdir", _failing(code, os.mkdir))
+    with pytest.raises(StoreError) as info:
+        store.create_run(CONFIG)
+    assert says in str(info.value) and str(info.value).endswith("then retry")
+
+
+def test_a_lock_that_cannot_be_taken_is_one_line(
+        store: RunStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    with store.create_run(CONFIG) as run:
+        run.append(record(0))
+    real_open = os.open
+
+    def no_lock(path: Any, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_lock)
+    with pytest.raises(StoreError, match=r"\.lock: the file system is read-only while "
+                                         r"taking the run's lock; remount it read-write"):
+        store.open_run(run.path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_a_read_only_run_folder_is_one_line(store: RunStore) -> None:
+    with store.create_run(CONFIG) as run:
+        run.append(record(0))
+    (run.path / ".lock").chmod(0o444)
+    run.path.chmod(0o555)
+    try:
+        with pytest.raises(StoreError, match="permission denied while taking the run's"):
+            store.open_run(run.path)
+    finally:
+        run.path.chmod(0o755)

@@ -20,6 +20,7 @@ from aevyra_forge.core.values import (
     Status,
 )
 from aevyra_forge.core.workload import Workload
+from aevyra_forge.engine.failures import request_failures
 from aevyra_forge.engine.sim.scheduler import (
     BACKENDS,
     GIB,
@@ -180,7 +181,10 @@ class SimulatedEngine:
                     f" running sequences: gpu_memory_utilization={server.settings.util} leaves "
                     f"{headroom / GIB:.2f} GiB outside vLLM's budget; lower it")
             done.append(metrics)
-        return BenchOutcome(status="ok", metrics=median_pass(done), passes=tuple(done),
+        # Failed requests are classified as for a real server (engine.failures).
+        status, reason = request_failures(done) or ("ok", "")
+        return BenchOutcome(status=status, reason=reason, metrics=median_pass(done),
+                            passes=tuple(done),
                             bench_s=round(sum(m.duration_s for m in done), 3))
 
     def reference(self, server: SimServer) -> dict[str, object]:
