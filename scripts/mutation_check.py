@@ -78,6 +78,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    return True\n",
         "tests/loop/test_state.py::"
         "test_a_kept_record_whose_requests_failed_never_takes_the_lead"),
+    Mutation(
+        "lossy-change-kept-without-accuracy", "aevyra_forge/decide/*.py",
+        "    if accuracy is None and output_changes and best is not None:\n",
+        "    if False:\n",
+        "tests/decide/test_rules.py::"
+        "test_a_change_that_can_alter_outputs_needs_an_accuracy_figure"),
 )
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -74,6 +74,8 @@ class FakeConfig:
     #                            differ slightly from the prefill ones
     api_key: str | None = None  # like vLLM's --api-key: /v1 answers 401 without the
     #                             header "Authorization: Bearer <key>"
+    refuse_prompt_logprobs: bool = False  # HTTP 400 for any request with prompt_logprobs,
+    #                                       like a vLLM or config that cannot teacher-force
 
 
 @dataclass
@@ -439,6 +441,9 @@ class FakeVllm:
             raise HttpError(400, f"max_tokens must be at least 1, got {n_out}.",
                             "max_tokens")
         top = body.get("prompt_logprobs")
+        if top is not None and self.config.refuse_prompt_logprobs:
+            raise HttpError(400, "prompt_logprobs is not supported by this server (fake).",
+                            "prompt_logprobs")
         if top is not None and (not isinstance(top, int) or top < 0):
             raise HttpError(400, "`prompt_logprobs` must be a positive value or -1.",
                             "prompt_logprobs")

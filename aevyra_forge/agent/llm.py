@@ -1,5 +1,6 @@
 """The LLM-backed proposer: builds the prompt, calls the provider with bounded retries,
-sends an invalid reply back with the exact error, and counts every token and dollar.
+sends an invalid reply back with the exact error (both capped, as is what the log keeps
+of each reply), and counts every token and dollar.
 It never raises on a bad reply (that becomes ProposalReply.error, an `invalid` row); it
 raises BudgetExceeded before a call that could cross --max-dollars, and AgentError when
 the provider stays down, which ends the run resumably."""
@@ -24,7 +25,13 @@ from aevyra_forge.agent.providers import (
     parse_spec,
     resolve_key,
 )
-from aevyra_forge.agent.reply import ReplyError, parse_reply
+from aevyra_forge.agent.reply import (
+    MAX_ECHOED_REPLY_CHARS,
+    MAX_STORED_REPLY_CHARS,
+    ReplyError,
+    clip,
+    parse_reply,
+)
 from aevyra_forge.core.errors import AgentError
 from aevyra_forge.core.values import LLMUsage
 from aevyra_forge.core.workload import estimate_tokens
@@ -83,12 +90,13 @@ class LLMProposer:
                                      error=f"{error}; then {why}")
             completion = self._call(prompt.system, turns)
             usage = _add(usage, self._usage(prompt.system, turns, completion))
-            texts.append(completion.text)
+            texts.append(clip(completion.text, MAX_STORED_REPLY_CHARS))
             try:
                 proposal = parse_reply(completion.text, ctx.space, ctx.layer)
             except ReplyError as exc:
-                error = str(exc)
-                turns += [ChatTurn("assistant", completion.text.strip() or "(empty reply)"),
+                error = clip(str(exc), MAX_ECHOED_REPLY_CHARS)
+                echoed = clip(completion.text.strip(), MAX_ECHOED_REPLY_CHARS)
+                turns += [ChatTurn("assistant", echoed or "(empty reply)"),
                           ChatTurn("user", f"That reply was refused: {error}. Reply again "
                                            "with one corrected JSON object and nothing "
                                            "else.")]

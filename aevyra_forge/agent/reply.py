@@ -19,6 +19,11 @@ from aevyra_forge.space.knob_space import KNOBS, KnobSpace
 MAX_KNOBS_PER_PROPOSAL = 2  # one knob, or two that only make sense together
 MAX_REPLY_CHARS = 100_000  # a longer reply is not a proposal
 MAX_CANDIDATES = 64  # '{' positions tried when the object is buried in prose
+# A proposal is a few hundred characters. What the log keeps of one reply, and what of a
+# refused reply (or of its error) goes back to the LLM, are capped: a rambling 200 kB
+# reply was once stored whole and resent, 112k input tokens for one row.
+MAX_STORED_REPLY_CHARS = 4000
+MAX_ECHOED_REPLY_CHARS = 1000
 # Anything naming what is served rather than how: forge decides the model, never the LLM.
 MODEL_KEYS = frozenset({"model", "model_path", "model_name", "served_model_name",
                         "checkpoint", "quant_checkpoint", "tokenizer", "download_dir",
@@ -32,6 +37,14 @@ _FIELDS = ("rationale", "layer", "changes", "expected_effect")
 
 class ReplyError(ValueError):
     """The reply cannot be used; the message says exactly why, for the LLM to fix."""
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to its first `limit` characters, saying that it was cut and by how
+    much (the LLM, and whoever audits the log, must not mistake it for the whole)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}\n[cut: {len(text) - limit} of {len(text)} characters not shown]"
 
 
 def extract_json(text: str) -> dict[str, Any]:

@@ -120,24 +120,51 @@ def tune_resume(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="Store root (its latest run) or a run.")],
+    run_dirs: Annotated[list[Path], typer.Argument(
+        metavar="RUN_DIR [RUN_B]", help="Store root (its latest run) or a run; a second "
+                                        "one compares the two side by side.")],
     format: Annotated[str, typer.Option("--format", help=" | ".join(FORMATS))] = "table",
     run: Annotated[int | None, typer.Option("--run", help="Run number under the root.")]
     = None,
     output: Annotated[Path | None, typer.Option(
         "--output", help="Write to this file instead of stdout (not for table).")] = None,
+    gpu_price: Annotated[float | None, typer.Option(
+        "--gpu-price", min=0.01, metavar="USD_PER_HOUR",
+        help="USD per GPU-hour for the cost estimate; overrides the run's --gpu-price and "
+             "the dated price table.")] = None,
 ) -> None:
     """Print a run's summary and experiment table (md: for a pull request; html: the
-    self-contained morning report with charts)."""
+    self-contained morning report with charts). Given two runs (A B): B against A, side
+    by side: same workload or not, the best recipes and their diff, the headline figures."""
+    if len(run_dirs) > 2:
+        raise UsageError(f"report takes one run, or two to compare, not {len(run_dirs)}; "
+                         "e.g. aevyra-forge report .forge/runs/001_* .forge/runs/002_*")
     if format not in FORMATS:
         raise UsageError(f"--format {format}: expected one of {', '.join(FORMATS)}")
     if format == "table" and output is not None:
         raise UsageError("--output writes tsv, json, md or html; add --format html (or md)")
-    target = _pick_run(run_dir, run)
-    if format == "table":
-        Console(width=max(out.width, 160)).print(render_table(target))
+    if len(run_dirs) == 2:
+        if run is not None:
+            raise UsageError("--run picks a run under one store root; to compare two runs "
+                             "pass their folders (.forge/runs/NNN_...)")
+        from aevyra_forge.report import compare as cmp
+        from aevyra_forge.report.model import build_report
+
+        if format not in cmp.FORMATS:  # before reading the runs: the cheaper mistake first
+            raise UsageError(f"--format {format}: comparing two runs writes "
+                             f"{', '.join(cmp.FORMATS)}")
+        comparison = cmp.compare(*(build_report(d, gpu_price) for d in run_dirs))
+        if format == "table":
+            Console(width=max(out.width, 120)).print(cmp.render_compare_table(comparison))
+            return
+        text = cmp.render_compare(comparison, format)
+    elif format == "table":
+        # a terminal's own width (the table lays itself out for it); a file or pipe: wide
+        Console(width=out.width if out.is_terminal else 160).print(
+            render_table(_pick_run(run_dirs[0], run), gpu_price))
         return
-    text = render_text(target, format)
+    else:
+        text = render_text(_pick_run(run_dirs[0], run), format, gpu_price)
     if output is None:
         sys.stdout.write(text)
         return

@@ -6,26 +6,34 @@ the closing summary."""
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.status import Status
 
 from aevyra_forge.cli.console import err, out
 from aevyra_forge.core.errors import AgentError
-from aevyra_forge.core.values import LAYER_NAMES, ExperimentRecord
+from aevyra_forge.core.values import LAYER_NAMES, ExperimentRecord, takes_the_lead
 from aevyra_forge.loop.events import (
     Event,
     LayerEscalated,
     Note,
     Observer,
+    Planned,
     ProposalRefused,
+    RunFinished,
     RunOutcome,
+    RunStarted,
     TrialFinished,
+    TrialPhase,
     TrialStarted,
 )
+from aevyra_forge.loop.plan import Plan
 from aevyra_forge.report import export
 from aevyra_forge.report.render import REPORT_HTML, render_text
 
@@ -37,29 +45,93 @@ EXIT_INTERRUPTED = 130
 
 
 class ProgressPrinter:
-    """Renders the loop's events as one line per experiment, with a running summary."""
+    """Renders the loop's events: one line per experiment when it ends (with the run's
+    elapsed time, its ETA from the plan and the best so far), and the running trial's
+    phase, as a live status line on a terminal and as plain lines elsewhere (a log file
+    under nohup shows where the run is). Experiments are numbered by their recorded id,
+    as in the report."""
 
-    def __init__(self, console: Console, budget: int, verbose: bool) -> None:
+    def __init__(self, console: Console, budget: int, verbose: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.console = console
         self.budget = budget
         self.verbose = verbose
+        self.clock = clock
+        self.started = clock()
+        self.plan: Plan | None = None
+        self.done = 0  # experiments recorded
+        self.spent_s = 0.0  # their measured time, as the time budget counts it
+        self.best: ExperimentRecord | None = None
+        self.status: Status | None = None  # the live phase line, on a terminal
 
     def notify(self, event: Event) -> None:
-        c = self.console
+        c = self  # every line through print(): never re-wrapped
         match event:
             case Note(text=text):
-                c.print(f"[cyan]note[/]: {text}")
+                c.print(f"[cyan]note[/]: {escape(text)}")
+            case RunStarted(recorded=recorded, spent_s=spent_s):
+                self.done, self.spent_s = recorded, spent_s
+            case Planned(plan=plan):
+                self.plan = plan
+                c.print(f"[cyan]note[/]: {plan.note()}")
             case TrialStarted(trial=trial) if self.verbose:
                 c.print(f"[dim]exp {trial.exp}: booting recipe {trial.recipe_id}...[/]")
+            case TrialPhase(exp=exp, phase=phase, detail=detail):
+                self.phase(exp, f"{phase} {detail}".strip())
             case TrialFinished(record=record):
-                c.print(experiment_line(record, self.budget))
+                self.end_phase()
+                self.done += 1
+                self.spent_s += ((record.prepare_s or 0.0) + (record.boot_s or 0.0)
+                                 + (record.bench_s or 0.0))
+                if takes_the_lead(record):
+                    self.best = record
+                c.print(f"{experiment_line(record)}  {self.summary()}")
             case ProposalRefused(reason=reason):
                 c.print(f"[yellow]  proposal refused[/] ({reason}); asking again")
             case LayerEscalated(layer=layer, why=why):
                 c.print(f"[magenta]layer {layer} ({LAYER_NAMES[layer]}) done:[/] {why}")
+            case RunFinished():
+                self.end_phase()
+
+    def print(self, line: str) -> None:
+        """One line as it is: a log file or pipe gets it whole (a terminal wraps it
+        itself), so a command or path in it can be pasted back."""
+        self.console.print(line, soft_wrap=True)
+
+    def phase(self, exp: int, what: str) -> None:
+        text = f"{_clock(self.clock() - self.started)} exp {exp}: {what}"
+        if not self.console.is_terminal:
+            self.print(f"[dim]{text}[/]")
+        elif self.status is None:
+            self.status = self.console.status(text)
+            self.status.start()
+        else:
+            self.status.update(text)
+
+    def end_phase(self) -> None:
+        """Stop the live phase line (a run that ended or was interrupted)."""
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+    def summary(self) -> str:
+        """Elapsed time, experiments done, the ETA (once a plan is known) and the best."""
+        parts = [f"{_clock(self.clock() - self.started)}",
+                 f"{self.done}/{self.budget} done"]
+        if self.plan is not None:
+            parts.append(f"ETA ~{_clock(self.plan.eta_s(self.done, self.spent_s))}")
+        if self.best is not None:
+            parts.append(f"best exp {self.best.exp} ({self.best.score or 0:.3f})")
+        return "[dim]\\[" + ", ".join(parts) + "][/]"
 
 
-def experiment_line(rec: ExperimentRecord, budget: int) -> str:
+def _clock(seconds: float) -> str:
+    """h:mm:ss."""
+    whole = int(max(0.0, seconds))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def experiment_line(rec: ExperimentRecord) -> str:
     layer = f"L{rec.layer}"
     if rec.remeasure:
         what = "incumbent again (drift check)"
@@ -68,9 +140,10 @@ def experiment_line(rec: ExperimentRecord, budget: int) -> str:
     else:
         what = ", ".join(f"{k}={v}" for k, v in rec.proposal.changes.items())
     if rec.status == "ok" and rec.metrics is not None:
-        mark = "[green]kept[/]" if rec.kept else "[dim]reverted[/]"
+        mark = ("[green]kept[/]" if rec.kept
+                else f"[dim]reverted[/] ({escape(rec.decision or 'no reason recorded')})")
         acc = f" acc {rec.accuracy:.3f}" if rec.accuracy is not None else ""
-        gain = (f"  gain [{rec.interval[0] * 100:+.1f}%, {rec.interval[1] * 100:+.1f}%]"
+        gain = (f"  gain \\[{rec.interval[0] * 100:+.1f}%, {rec.interval[1] * 100:+.1f}%]"
                 if rec.interval and all(abs(x) != float("inf") for x in rec.interval)
                 else "")
         slo = "  [red]breaks SLO[/]" if rec.slo_violations else ""
@@ -78,8 +151,8 @@ def experiment_line(rec: ExperimentRecord, budget: int) -> str:
                 f"{rec.metrics.e2e_ms.p99:7.0f} ms  score {rec.score or 0:.3f}{gain}{acc}"
                 f"{slo}  {mark}")
     else:
-        body = f"[red]{rec.status}[/]: {rec.reason[:100]}"
-    return f"[bold]{rec.exp + 1:>3}/{budget}[/] {layer} {what:<40} {body}"
+        body = f"[red]{rec.status}[/]: {escape(rec.reason[:100])}"
+    return f"[bold]exp {rec.exp:>3}[/] {layer} {escape(what):<40} {body}"
 
 
 def install_signal_handlers() -> None:
@@ -125,6 +198,7 @@ def run_tuner(starter: Callable[[Observer], Tuner], verbose: bool, run_hint: str
         raise AgentError(f"{exc}; the run is resumable: aevyra-forge tune resume --run-dir "
                          f"{run_hint} (add --llm builtin to go on offline)") from None
     finally:
+        printer.end_phase()
         tuner.run_log.close()  # release the run's lock even when the loop failed
     print_finish(outcome, deployment, dry_run=tuner.s.dry_run)
 
@@ -143,19 +217,21 @@ def write_report(run: RunLog) -> None:
 def print_finish(outcome: RunOutcome, deployment: export.Deployment, dry_run: bool) -> None:
     best = outcome.best
     score = outcome.best_score
-    out.print(f"finished: {outcome.reason}")
-    out.print(f"best recipe {best.id} (generation {best.generation}), score "
-              f"{score:.3f}" if score is not None else "no configuration could be measured")
-    out.print(f"best recipe: {outcome.run_dir / 'best_recipe.yaml'}")
-    out.print(f"report:      {outcome.run_dir / REPORT_HTML} (or aevyra-forge report "
-              f"{outcome.run_dir})", soft_wrap=True, markup=False, highlight=False)
-    out.print(f"deploy:      {export.render_cmd(deployment).strip()}", soft_wrap=True,
-              markup=False, highlight=False)
-    out.print(f"             saved as {outcome.run_dir / 'deploy.sh'}; for containers: "
-              f"aevyra-forge export {outcome.run_dir} --as docker|compose|k8s|helm-values",
-              soft_wrap=True, markup=False, highlight=False)
+    say(f"finished: {outcome.reason}")
+    say(f"best recipe {best.id} (generation {best.generation}), score "
+        f"{score:.3f}" if score is not None else "no configuration could be measured")
+    say(f"best recipe: {outcome.run_dir / 'best_recipe.yaml'}")
+    say(f"report:      {outcome.run_dir / REPORT_HTML} (or aevyra-forge report "
+        f"{outcome.run_dir})")
+    say(f"deploy:      {export.render_cmd(deployment).strip()}")
+    say(f"             saved as {outcome.run_dir / 'deploy.sh'}; for containers: "
+        f"aevyra-forge export {outcome.run_dir} --as docker|compose|k8s|helm-values")
     if dry_run and best.quant.method != "none" and best.quant.checkpoint is None:
-        out.print(f"note: simulated result; deploying it needs a {best.quant.method} "
-                  f"checkpoint of {best.model}")
+        say(f"note: simulated result; deploying it needs a {best.quant.method} "
+            f"checkpoint of {best.model}")
 
 
+def say(text: str) -> None:
+    """One line of the closing summary, never re-wrapped: paths and commands in it are
+    pasted back into a shell, also from a log file."""
+    out.print(text, soft_wrap=True, markup=False, highlight=False)

@@ -102,10 +102,20 @@ class TuneSettings(BaseModel):
     vllm_bin: Annotated[str | None, Cli(envvar="FORGE_VLLM_BIN")] = Field(
         None, description="The vllm executable (default: the one on PATH).")
     dry_run: bool = Field(False, description="Use the simulator.")
+    # Amendable: whether to tune beside another process is the user's call on each start.
+    allow_busy_gpu: Annotated[bool, AMENDABLE] = Field(
+        False, description="Tune even when the GPU already holds another process's memory "
+                           "(its load distorts the measurements).")
     gpu: str | None = Field(None, description="GPU to simulate with --dry-run.")
+    gpu_price: float | None = Field(
+        None, gt=0, description="USD per GPU-hour for the report's cost per million tokens "
+                                "(default: a dated on-demand price table for known GPUs).")
     recipe: Annotated[str | None, AS_PATH] = Field(
         None, description="Start from this recipe.yaml.")
     seed: int = Field(0, description="Seed for the builtin strategy/simulator.")
+    sample: int | None = Field(
+        None, ge=1, description="Replay a representative sample of this many requests of "
+                                "the trace (stratified by length and prefix; by --seed).")
     patience: int = Field(
         4, ge=1, description="Non-improving experiments before a layer converges.")
     # Runs written before the rename stored "passes".

@@ -124,13 +124,22 @@ class Proposal(Frozen):
     expected_effect: str = ""
 
 
+AccuracyMethod = Literal["teacher_forced", "greedy_match"]
+"""How accuracy was measured: `teacher_forced` (the baseline's greedy tokens forced through
+the candidate, top-1 agreement per position) or `greedy_match` (the fallback when the
+server refuses prompt_logprobs: the share of the baseline's greedy tokens the candidate's
+own greedy output reproduces before its first divergence)."""
+
+
 class QualityScore(Frozen):
-    """A config's outputs against the baseline's: teacher-forced top-1 agreement with the
-    baseline's greedy tokens (1.0 = identical) and the mean log-probability shift."""
+    """A config's outputs against the baseline's: agreement with the baseline's greedy
+    tokens by `method` (1.0 = identical) and, teacher-forced, the mean log-probability
+    shift."""
 
     agreement: float
     logprob_shift: float | None = None
     positions: int = 0
+    method: AccuracyMethod = "teacher_forced"
 
 
 class LLMUsage(Frozen):
@@ -155,7 +164,8 @@ class ExperimentRecord(Frozen):
     reason: str = ""
     metrics: BenchMetrics | None = None  # the median pass
     passes: tuple[BenchMetrics, ...] = ()  # every bench pass, for noise-aware decisions
-    accuracy: float | None = None  # teacher-forced agreement with the baseline
+    accuracy: float | None = None  # agreement with the baseline's outputs
+    accuracy_method: AccuracyMethod | None = None  # None: not measured (or an older log)
     logprob_shift: float | None = None  # mean log-prob change of the baseline's tokens
     score: float | None = None
     interval: tuple[float, float] | None = None  # CI of the relative gain vs the incumbent

@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -114,6 +115,33 @@ class Workload(BaseModel):
     requests: tuple[Request, ...]
     notes: tuple[str, ...] = ()  # what the user should know about how it was read
 
+    def sample(self, n: int, seed: int) -> Workload:
+        """A representative `n`-request subsample, the same for the same seed: requests
+        are grouped by input-length and output-length quartile and by prefix group (the
+        prompts sharing their first characters with another), each group gives its
+        proportional share (largest remainders first), and the chosen requests keep their
+        trace order and arrival offsets. The whole trace when `n` covers it."""
+        reqs = self.requests
+        if n >= len(reqs):
+            return self
+        strata: dict[tuple[int, int, str], list[int]] = {}
+        for i, key in enumerate(_strata(reqs)):
+            strata.setdefault(key, []).append(i)
+        groups = sorted(strata.values())
+        quotas = [len(g) * n / len(reqs) for g in groups]
+        counts = [int(q) for q in quotas]
+        by_remainder = sorted(range(len(groups)), key=lambda g: (counts[g] - quotas[g], g))
+        for g in by_remainder[:n - sum(counts)]:
+            counts[g] += 1
+        rng = np.random.default_rng(seed)
+        chosen = sorted(int(i) for g, k in zip(groups, counts, strict=True) if k
+                        for i in rng.choice(g, size=k, replace=False))
+        # a new model, not model_copy: that would carry the cached stats of the whole trace
+        return Workload(path=self.path, sha256=self.sha256,
+                        requests=tuple(reqs[i] for i in chosen),
+                        notes=(*self.notes, f"{self.path}: replaying a stratified sample of "
+                                            f"{n} of its {len(reqs)} requests (seed {seed})"))
+
     @cached_property
     def stats(self) -> WorkloadStats:
         reqs = self.requests
@@ -129,6 +157,19 @@ class Workload(BaseModel):
             shared_prefix_fraction=shared_prefix_fraction([r.text for r in reqs]),
             open_loop=open_loop, duration_s=duration, offered_rps=rps,
         )
+
+
+def _strata(reqs: Sequence[Request]) -> list[tuple[int, int, str]]:
+    """Each request's stratum: its input and output length quartiles and its prefix group
+    (the first chunk of its prompt when another prompt starts the same way, else "")."""
+    ins = np.asarray([r.input_tokens for r in reqs], dtype=float)
+    outs = np.asarray([r.expected_output_tokens for r in reqs], dtype=float)
+    in_q = np.searchsorted(np.percentile(ins, [25, 50, 75]), ins, side="right")
+    out_q = np.searchsorted(np.percentile(outs, [25, 50, 75]), outs, side="right")
+    heads = [r.text[:_PREFIX_CHUNK_CHARS] for r in reqs]
+    shared = {h for h, k in Counter(heads).items() if k > 1}
+    return [(int(a), int(b), h if h in shared else "")
+            for a, b, h in zip(in_q, out_q, heads, strict=True)]
 
 
 def shared_prefix_fraction(texts: Sequence[str]) -> float:

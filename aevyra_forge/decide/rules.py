@@ -1,8 +1,9 @@
 """Pure keep/revert rules. A config's per-pass objective value (higher is better) is
 normalised to the reference measurement (the baseline), so a score of 1.0 means "as good
-as the baseline"; a config is kept only when it measured, stays above the accuracy floor,
-meets the SLO, passes the latency guard, and the interval of its gain over the incumbent
-(stats.py) has a lower bound that clears the threshold."""
+as the baseline"; a config is kept only when it measured, stays above the accuracy floor
+(and has an accuracy figure at all when it changed what can alter outputs), meets the
+SLO, passes the latency guard, and the interval of its gain over the incumbent (stats.py)
+has a lower bound that clears the threshold."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from statistics import median
 from typing import Literal
 
 from aevyra_forge.core.errors import UsageError
+from aevyra_forge.core.recipe import Recipe
 
 # The objectives and the guard's default factor are the settings', defined in core.settings.
 from aevyra_forge.core.settings import DEFAULT_MAX_LATENCY_REGRESSION, Objective
 from aevyra_forge.core.slo import Slo
 from aevyra_forge.core.values import BenchMetrics, Status
 from aevyra_forge.decide.stats import Interval
+from aevyra_forge.space.registry import REGISTRY
 
 Gate = Literal["status", "identical", "accuracy", "slo", "latency", "improvement"]
 
@@ -59,6 +62,28 @@ def score(metrics: BenchMetrics, reference: BenchMetrics, objective: Objective =
     """The objective relative to the reference (1.0 = as good as the baseline)."""
     ref = objective_value(reference, objective, slo)
     return objective_value(metrics, objective, slo) / ref if ref > 0 else 0.0
+
+
+# -- changes that can alter outputs ---------------------------------------------------
+
+# Layer-1 knobs that change the numbers the model computes, not only how they are batched.
+OUTPUT_ALTERING_CONFIG = frozenset({"dtype"})
+
+
+def output_changes(reference: Recipe, candidate: Recipe) -> list[str]:
+    """What `candidate` changes, relative to the config whose outputs are the accuracy
+    reference, that can alter the model's outputs rather than only its speed: the model
+    served (a quantized checkpoint), every quantization (layer 2) and kernel (layer 3)
+    knob, and the layer-1 knobs in OUTPUT_ALTERING_CONFIG. Such a change is kept only with
+    an accuracy figure. Read from each knob's declaration, so a new knob is covered by the
+    layer it declares."""
+    out = ["model"] if reference.serve_model != candidate.serve_model else []
+    for knob in REGISTRY:
+        if knob.layer == 1 and knob.name not in OUTPUT_ALTERING_CONFIG:
+            continue
+        if knob.placement.read(reference, knob) != knob.placement.read(candidate, knob):
+            out.append(knob.name)
+    return out
 
 
 # -- latency guard -----------------------------------------------------------------------
@@ -105,9 +130,11 @@ def decide(status: Status, candidate: float | None, best: float | None,
            accuracy: float | None, *, min_improvement_pct: float, accuracy_floor: float,
            same_settings_as_best: bool = False, interval: Interval | None = None,
            slo_violations: Sequence[str] = (), latency: Sequence[str] = (),
-           incumbent_meets_slo: bool = True, reference_note: str = "") -> Decision:
+           incumbent_meets_slo: bool = True, reference_note: str = "",
+           output_changes: Sequence[str] = ()) -> Decision:
     """Keep a config only when it measured (`status` ok), differs from the incumbent,
-    stays at or above the accuracy floor (when accuracy was measured), breaks no SLO term,
+    stays at or above the accuracy floor (when accuracy was measured; a config with
+    `output_changes` (rules.output_changes) needs the figure), breaks no SLO term,
     passes the latency guard (`latency`: latency_regressions' output) and beats the
     incumbent: the `interval`'s lower bound above +min_improvement_pct, or without an
     interval the point score `candidate` above `best` by that much. The first measured
@@ -121,6 +148,10 @@ def decide(status: Status, candidate: float | None, best: float | None,
         return Decision(False, "identical to the incumbent", "identical")
     if accuracy is not None and accuracy < accuracy_floor:
         return Decision(False, f"accuracy {accuracy:.4f} below floor {accuracy_floor}",
+                        "accuracy")
+    if accuracy is None and output_changes and best is not None:
+        return Decision(False, f"no accuracy figure: {', '.join(output_changes)} can alter "
+                               "outputs, and accuracy against the baseline was not measured",
                         "accuracy")
     if best is None:
         note = f" (breaks SLO: {'; '.join(slo_violations)})" if slo_violations else ""

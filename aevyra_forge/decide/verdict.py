@@ -40,13 +40,16 @@ def judge(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
           median: BenchMetrics | None, accuracy: float | None, *,
           reference: BenchMetrics | None,
           incumbent: Sequence[BenchMetrics], incumbent_id: str, best_score: float | None,
-          history: Sequence[ExperimentRecord], identical: bool) -> Verdict:
+          history: Sequence[ExperimentRecord], identical: bool,
+          output_changes: Sequence[str] = ()) -> Verdict:
     """Everything the keep rule needs, from the candidate's passes (and their median,
     computed once by whoever measured them) and the loop's state. With fewer than two
     passes on either side there is no noise estimate and the plain point rule applies
     (the report says so). A measurement is judged only when it is `ok` and healthy (at
     most MAX_FAILED_REQUEST_SHARE of its requests failed), whatever its adapter said; a
-    baseline that is not says so, and the first healthy config becomes the reference."""
+    baseline that is not says so, and the first healthy config becomes the reference.
+    `output_changes` (rules.output_changes against the accuracy reference's config) are
+    kept only with an accuracy figure."""
     slo = s.parsed_slo()
     measured = tuple(passes) or ((median,) if median is not None else ())
     if status != "ok" or median is None or not healthy(measured):
@@ -72,7 +75,8 @@ def judge(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
                       accuracy_floor=s.accuracy_floor, same_settings_as_best=identical,
                       interval=interval, slo_violations=violations, latency=latency,
                       incumbent_meets_slo=incumbent_ok,
-                      reference_note=_why_not_the_baseline(history))
+                      reference_note=_why_not_the_baseline(history),
+                      output_changes=output_changes)
     return Verdict(value, decision, interval, violations)
 
 

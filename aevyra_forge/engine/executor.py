@@ -16,6 +16,7 @@ from aevyra_forge.core.slo import Slo
 from aevyra_forge.core.trial import Measurement, Trial
 from aevyra_forge.core.values import BenchOutcome, LaunchFailure, QualityScore
 from aevyra_forge.core.workload import Workload
+from aevyra_forge.measure.accuracy import QualityError, reference_quality
 from aevyra_forge.measure.metrics import median_pass
 
 
@@ -46,7 +47,8 @@ class Benchmarker(Protocol[S_contra]):
 
 class QualityProbe(Protocol[S_contra]):
     """Accuracy against the baseline: `reference` captures the reference config's outputs
-    (kept in its record, so resume has them), `accuracy` scores another config."""
+    (kept in its record, so resume has them) or raises QualityError saying why it could
+    not, `accuracy` scores another config."""
 
     def reference(self, server: S_contra) -> dict[str, Any] | None: ...
     def accuracy(self, server: S_contra, reference: dict[str, Any] | None
@@ -75,7 +77,8 @@ class LocalExecutor(Generic[S]):
     def __init__(self, launcher: Launcher[S], benchmarker: Benchmarker[S],
                  quality: QualityProbe[S], workload: Workload, *, concurrency: int,
                  repeats: int, slo: Slo | None, log_path: Callable[[int], Path],
-                 log_root: Path) -> None:
+                 log_root: Path, on_phase: Callable[[int, str], None] | None = None
+                 ) -> None:
         self.launcher = launcher
         self.benchmarker = benchmarker
         self.quality = quality
@@ -85,23 +88,30 @@ class LocalExecutor(Generic[S]):
         self.slo = slo
         self.log_path = log_path
         self.log_root = log_root
+        # told (experiment id, phase) as a trial moves through boot, bench and accuracy
+        self.on_phase = on_phase or (lambda exp, phase: None)
 
     def run(self, trial: Trial) -> Measurement:
         recipe = recipe_from_dict(trial.recipe, source=f"experiment {trial.exp}")
         log_path = self.log_path(trial.exp)
+        self.on_phase(trial.exp, "boot")
         with serving(self.launcher, recipe, log_path) as server:
             if isinstance(server, LaunchFailure):
                 return Measurement(status=server.status, reason=server.reason,
                                    boot_s=server.boot_s, log=self._relative(log_path),
                                    suggested_max_model_len=server.suggested_max_model_len)
+            self.on_phase(trial.exp, "bench")
             outcome = self.benchmarker.bench(server, self.workload, self.concurrency,
                                              self.repeats, self.slo)
             quality: QualityScore | None = None
             captured: dict[str, Any] | None = None
+            if outcome.status == "ok":
+                self.on_phase(trial.exp, "accuracy")
+            note = ""  # what the user must know about accuracy, once, with the reference
             if outcome.status == "ok" and trial.capture_reference:
-                captured = self.quality.reference(server)
+                captured, note = self._capture(server)
                 if captured is not None:
-                    quality = QualityScore(agreement=1.0, logprob_shift=0.0)
+                    quality, note = reference_quality(captured)
             elif outcome.status == "ok":
                 quality = self.quality.accuracy(server, trial.quality_reference)
             boot_s = server.boot_s
@@ -109,9 +119,23 @@ class LocalExecutor(Generic[S]):
         if metrics is None and outcome.passes:  # a bench cut short keeps what it measured
             metrics = median_pass(outcome.passes)
         return Measurement(
-            status=outcome.status, reason=outcome.reason, passes=outcome.passes,
+            status=outcome.status, reason="; ".join(filter(None, (outcome.reason, note))),
+            passes=outcome.passes,
             metrics=metrics, quality=quality, quality_reference=captured,
             boot_s=boot_s, bench_s=outcome.bench_s, log=self._relative(log_path))
+
+    def _capture(self, server: S) -> tuple[dict[str, Any] | None, str]:
+        """The reference outputs, or None and why accuracy goes unmeasured this run."""
+        try:
+            captured = self.quality.reference(server)
+        except QualityError as exc:
+            captured, why = None, str(exc)
+        else:
+            why = "the probe captured no reference"
+        if captured is not None:
+            return captured, ""
+        return None, (f"accuracy not measured: {why}; changes that can alter outputs "
+                      "(dtype, quantization, KV-cache dtype, kernels) will not be kept")
 
     def _relative(self, log_path: Path) -> str | None:
         if not log_path.exists():

@@ -1,7 +1,9 @@
 """Booting and tearing down `vllm serve` the way a careful engineer would: a free port
 on 127.0.0.1, its own process group (so the EngineCore child dies with it), a health
 deadline, proof that the server answering is ours, failures classified from the exit code
-and the log tail, and a teardown that waits until the memory is released. The child gets
+and the log tail, and a teardown that waits until the memory is released. Each server's
+process group is reported to a recorder as soon as it exists and again once it is gone,
+so that one left behind by a forge killed in between can be found. The child gets
 an environment built from an allow-list (never the LLM provider's key), and the server's
 API key, when it has one, goes with every request and never into a file."""
 
@@ -16,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Protocol
 
 import httpx
 
@@ -25,7 +27,13 @@ from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.redact import REDACTED
 from aevyra_forge.core.values import LaunchFailure
 from aevyra_forge.engine.failures import LOG_TAIL_LINES, classify, log_tail, one_line
-from aevyra_forge.engine.process import die_with_parent, terminate_group, track, untrack
+from aevyra_forge.engine.process import (
+    ServerGroup,
+    die_with_parent,
+    terminate_group,
+    track,
+    untrack,
+)
 from aevyra_forge.measure.client import auth_headers
 from aevyra_forge.space.child_env import child_env
 from aevyra_forge.space.rendering import serve_argv
@@ -41,6 +49,13 @@ API_KEY_ENV = "VLLM_API_KEY"  # vLLM's own: the server then refuses /v1 without 
 API_KEY_FLAG = "--api-key"  # takes precedence over VLLM_API_KEY, as in vLLM
 
 
+class GroupRecorder(Protocol):
+    """Keeps a durable record of the server groups we start (store/servers.py)."""
+
+    def launched(self, group: ServerGroup, log_path: Path) -> None: ...
+    def gone(self, group: ServerGroup) -> None: ...
+
+
 @dataclass
 class VllmServer:
     """A live `vllm serve` we started."""
@@ -51,6 +66,7 @@ class VllmServer:
     process: subprocess.Popen[bytes]
     log_path: Path
     api_key: str | None = field(default=None, repr=False)  # sent, never logged
+    group: ServerGroup | None = None  # as recorded, for marking it gone
     pgid: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -82,8 +98,10 @@ class VllmLauncher:
                  extra_args: tuple[str, ...] = (), env: Mapping[str, str] | None = None,
                  memory_used_mib: Callable[[], int | None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 health_poll_s: float = HEALTH_POLL_S) -> None:
+                 health_poll_s: float = HEALTH_POLL_S,
+                 recorder: GroupRecorder | None = None) -> None:
         self.vllm_bin = vllm_bin
+        self.recorder = recorder
         self.boot_timeout_s = boot_timeout_s
         self.health_poll_s = health_poll_s
         self.extra_args = extra_args
@@ -130,7 +148,14 @@ class VllmLauncher:
         track(proc)
         server = VllmServer(url=f"http://127.0.0.1:{port}", served_model=recipe.model,
                             boot_s=0.0, process=proc, log_path=log_path,
-                            api_key=_api_key(cmd, env))
+                            api_key=_api_key(cmd, env), group=ServerGroup.of(proc.pid, port))
+        if self.recorder is not None and server.group is not None:
+            try:  # on disk before the server can be healthy, let alone benched
+                self.recorder.launched(server.group, log_path)
+            except BaseException:  # an unrecorded server must not outlive this call
+                terminate_group(server.pgid, server.process)
+                untrack(server.pgid)
+                raise
         failure = self._wait_healthy(server, start)
         if failure is not None:
             self.stop(server)
@@ -186,6 +211,8 @@ class VllmLauncher:
         """Terminate the whole process group, then wait until memory is released."""
         terminate_group(server.pgid, server.process)
         untrack(server.pgid)
+        if self.recorder is not None and server.group is not None:
+            self.recorder.gone(server.group)
         self._wait_released()
 
     def _wait_released(self) -> None:

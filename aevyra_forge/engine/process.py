@@ -1,6 +1,9 @@
 """Process groups for the servers we start: each `vllm serve` leads its own group (so the
 EngineCore child goes with it), gets SIGTERM when forge dies even by SIGKILL, and is torn
-down at interpreter exit if nobody stopped it; teardown escalates SIGTERM to SIGKILL."""
+down at interpreter exit if nobody stopped it; teardown escalates SIGTERM to SIGKILL. A
+group left behind by a forge that died (a wrapper script that does not `exec` passes the
+parent-death signal to nobody) is recognised by its leader's start time before it is
+signalled."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 TERM_GRACE_S = 30.0  # SIGTERM -> SIGKILL
 _PR_SET_PDEATHSIG = 1
@@ -68,21 +73,77 @@ def group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        entries = os.listdir("/proc")
-    except OSError:  # not Linux: signal 0 is all we have
+    if not Path("/proc/self/stat").exists():  # not Linux: signal 0 is all we have
         return True
-    for name in entries:
-        if not name.isdigit():
-            continue
+    return bool(members(pgid))
+
+
+@dataclass(frozen=True)
+class ServerGroup:
+    """What identifies a server's process group after forge is gone: the leader's pid
+    (= the pgid) and its start time in clock ticks since boot (a reused pid has another),
+    and the port it was told to bind."""
+
+    pgid: int
+    start_time: int | None
+    port: int
+
+    @classmethod
+    def of(cls, pid: int, port: int) -> ServerGroup:
+        return cls(pgid=pid, start_time=start_time(pid), port=port)
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time (field 22 of /proc/<pid>/stat, clock ticks since boot;
+    a zombie keeps it), or None when it is gone or this is not Linux."""
+    fields = _stat(Path("/proc") / str(pid))
+    return int(fields[19]) if fields is not None and len(fields) > 19 else None
+
+
+def _stat(proc_dir: Path) -> list[bytes] | None:
+    """/proc/<pid>/stat's fields after the command name (which may contain spaces)."""
+    try:
+        return (proc_dir / "stat").read_bytes().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of group `pgid`."""
+    try:
+        entries = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        fields = _stat(entry)
+        if fields is not None and len(fields) > 2 and int(fields[2]) == pgid \
+                and fields[0] not in (b"Z", b"X"):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def ours(group: ServerGroup, marker: bytes = b"serve") -> list[int]:
+    """The live members of `group` if it is still the one we started, else []. Ours when
+    its leader, if still there (a zombie counts), has the recorded start time, and a live
+    member started no earlier and runs `serve` (a wrapper that does not exec has died and
+    left vLLM itself). A pid still used as a process group id is never handed out again,
+    so a group whose leader is gone was created by that leader."""
+    if group.start_time is None:
+        return []  # never verified: do not signal what we cannot recognise
+    leader = start_time(group.pgid)
+    if leader is not None and leader != group.start_time:
+        return []  # the pid was reused: someone else's process
+    alive = members(group.pgid)
+    for pid in alive:
+        began = start_time(pid)
         try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
+            cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
+        if began is not None and began >= group.start_time and marker in cmdline:
+            return alive
+    return []
 
 
 def _stop_all() -> None:

@@ -52,7 +52,8 @@ class VllmBenchmarker:
                  warmup_requests: int | None = None,
                  stall_timeout_s: float = STALL_TIMEOUT_S,
                  watch_interval_s: float = HEALTH_POLL_S,
-                 clock: Callable[[], float] = time.perf_counter
+                 clock: Callable[[], float] = time.perf_counter,
+                 on_pass: Callable[[int, int], None] | None = None
                  ) -> None:
         self.request_timeout_s = request_timeout_s
         self.bench_timeout_s = bench_timeout_s
@@ -60,6 +61,7 @@ class VllmBenchmarker:
         self.stall_timeout_s = stall_timeout_s
         self.watch_interval_s = watch_interval_s
         self.clock = clock
+        self.on_pass = on_pass  # told (k, n) as timed pass k of n begins
 
     def bench(self, server: VllmServer, workload: Workload, concurrency: int,
               passes: int = 1, slo: Slo | None = None) -> BenchOutcome:
@@ -115,7 +117,7 @@ class VllmBenchmarker:
 
     async def _watched(self, server: VllmServer, workload: Workload, config: BenchConfig
                        ) -> _Watched:
-        progress = Progress(last_token_s=self.clock())
+        progress = Progress(last_token_s=self.clock(), on_pass=self.on_pass)
         async with httpx.AsyncClient(timeout=10.0) as client:
             async def scrape() -> dict[str, float]:
                 try:

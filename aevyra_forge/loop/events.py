@@ -11,6 +11,7 @@ from typing import Protocol
 from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.trial import Trial
 from aevyra_forge.core.values import ExperimentRecord, Layer
+from aevyra_forge.loop.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -24,11 +25,30 @@ class Note:
 @dataclass(frozen=True)
 class RunStarted:
     recorded: int  # experiments already in the log (0 for a new run)
+    spent_s: float = 0.0  # their measured time, which the time budget counts
 
 
 @dataclass(frozen=True)
 class TrialStarted:
     trial: Trial
+
+
+@dataclass(frozen=True)
+class Planned:
+    """How long an experiment is expected to take and how many fit: from the trace
+    before the first boot, from measurement once the baseline has run."""
+
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class TrialPhase:
+    """Where a running trial is: "boot", "bench" (detail: "pass k/n" when the bench
+    reports passes) or "accuracy"."""
+
+    exp: int
+    phase: str
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,8 +91,8 @@ class RunFinished:
     outcome: RunOutcome
 
 
-Event = (Note | RunStarted | TrialStarted | TrialFinished | ProposalRefused | LayerEscalated
-         | RunFinished)
+Event = (Note | RunStarted | Planned | TrialStarted | TrialPhase | TrialFinished
+         | ProposalRefused | LayerEscalated | RunFinished)
 
 
 class Observer(Protocol):

@@ -13,7 +13,7 @@ from typing import Any
 
 from aevyra_forge import __version__
 from aevyra_forge.agent import PROPOSERS, Proposer, make_proposer
-from aevyra_forge.core.errors import RecipeError, StoreError, UsageError
+from aevyra_forge.core.errors import HardwareError, RecipeError, StoreError, UsageError
 from aevyra_forge.core.recipe import Recipe, load_recipe, recipe_from_dict
 from aevyra_forge.core.redact import is_redacted, redact_urls
 from aevyra_forge.core.settings import (
@@ -24,6 +24,7 @@ from aevyra_forge.core.settings import (
 )
 from aevyra_forge.core.values import Hardware
 from aevyra_forge.core.workload import Workload, load_workload
+from aevyra_forge.engine import device_lock
 from aevyra_forge.engine.executor import (
     Benchmarker,
     Launcher,
@@ -32,9 +33,11 @@ from aevyra_forge.engine.executor import (
     S,
 )
 from aevyra_forge.engine.launcher import VllmLauncher
+from aevyra_forge.engine.process import ours, terminate_group
 from aevyra_forge.engine.sim.engine import SimulatedEngine
 from aevyra_forge.engine.vllm_bench import VllmBenchmarker
-from aevyra_forge.loop.events import Note, Observer
+from aevyra_forge.loop import plan
+from aevyra_forge.loop.events import Note, Observer, Planned, TrialPhase
 from aevyra_forge.loop.ports import Executor, RunLog
 from aevyra_forge.loop.tuner import Tuner
 from aevyra_forge.measure.accuracy import VllmQualityProbe
@@ -50,6 +53,7 @@ from aevyra_forge.store.run_store import (
     read_config,
     resolve_run_dir,
 )
+from aevyra_forge.store.servers import ServerLog, leftovers, mark_gone
 
 DEFAULT_SIM_GPU = {"cuda": "A100-80GB", "rocm": "MI300X"}
 
@@ -105,33 +109,59 @@ def knob_space(settings: TuneSettings, hw: Hardware, note: Callable[[str], None]
 
 
 def _executor(settings: TuneSettings, hw: Hardware, space: KnobSpace, workload: Workload,
-              run: RunLog) -> Executor:
+              run: RunLog, observer: Observer) -> Executor:
     """Where trials run: the simulator for --dry-run, else real vLLM on this host."""
+    phases = _Phases(observer)
     if settings.dry_run:
-        assert hw.gpu is not None
-        sim = SimulatedEngine(hw, gpu_spec(hw.gpu.name), space.model, space,
-                              seed=settings.seed)
-        return _local(sim, sim, sim, settings, workload, run)
+        sim = _simulator(settings, hw, space)
+        return _local(sim, sim, sim, settings, workload, run, phases)
     device = hw.device
     launcher = VllmLauncher(
         vllm_executable(settings),
         boot_timeout_s=settings.boot_timeout_s,
-        memory_used_mib=None if device == "cpu" else (lambda: memory_used_mib(device)))
-    return _local(launcher, VllmBenchmarker(request_timeout_s=settings.request_timeout_s),
-                  VllmQualityProbe(workload), settings, workload, run)
+        memory_used_mib=None if device == "cpu" else (lambda: memory_used_mib(device)),
+        recorder=ServerLog(run.path, device_lock.devices(hw)))
+    bench = VllmBenchmarker(request_timeout_s=settings.request_timeout_s,
+                            on_pass=phases.bench_pass)
+    return _local(launcher, bench, VllmQualityProbe(workload), settings, workload, run, phases)
+
+
+def _simulator(settings: TuneSettings, hw: Hardware, space: KnobSpace) -> SimulatedEngine:
+    assert hw.gpu is not None  # resolve_hardware always names a GPU for --dry-run
+    return SimulatedEngine(hw, gpu_spec(hw.gpu.name), space.model, space, seed=settings.seed)
 
 
 def _local(launcher: Launcher[S], benchmarker: Benchmarker[S], quality: QualityProbe[S],
-           settings: TuneSettings, workload: Workload, run: RunLog) -> Executor:
+           settings: TuneSettings, workload: Workload, run: RunLog, phases: _Phases
+           ) -> Executor:
     """Trials in this process, all measured the same way (the run's fixed settings)."""
     return LocalExecutor(launcher, benchmarker, quality, workload,
                          concurrency=settings.concurrency, repeats=settings.repeats,
                          slo=settings.parsed_slo(), log_path=run.log_path,
-                         log_root=run.path)
+                         log_root=run.path,
+                         on_phase=phases.phase)
+
+
+class _Phases:
+    """Relays where the running trial is (the executor's phases, the bench's passes) to
+    the observer, as TrialPhase events of that trial."""
+
+    def __init__(self, observer: Observer) -> None:
+        self.observer = observer
+        self.exp = 0
+
+    def phase(self, exp: int, phase: str) -> None:
+        self.exp = exp
+        self.observer.notify(TrialPhase(exp, phase))
+
+    def bench_pass(self, k: int, n: int) -> None:
+        self.observer.notify(TrialPhase(self.exp, "bench", f"pass {k}/{n}"))
 
 
 def _inputs(settings: TuneSettings) -> tuple[Workload, Playbook]:
     workload = load_workload(Path(settings.workload))
+    if settings.sample is not None:
+        workload = workload.sample(settings.sample, settings.seed)
     playbook = ensure_valid(
         load_playbook(Path(settings.playbook) if settings.playbook else None))
     return workload, playbook
@@ -161,6 +191,14 @@ def start(settings: TuneSettings, observer: Observer, api_key: str | None = None
     hw = resolve_hardware(settings, notes.append)
     space = knob_space(settings, hw, lambda text: observer.notify(Note(text)))
     baseline = _baseline(settings, space)
+    estimate = ((settings.dry_run and plan.from_simulator(_simulator(settings, hw, space),
+                                                          baseline, workload, settings))
+                or plan.from_trace(settings, workload.stats, hw.device,
+                                   eager=bool(baseline.config.get("enforce_eager"))))
+    night = plan.Plan(estimate, settings.max_hours * 3600, settings.max_experiments,
+                      requests=len(workload.requests))
+    warning = night.check()  # refuses, before the run folder exists, a budget too short
+    _claim_host(settings, hw, Path(settings.run_dir), observer)
     config = {
         "forge_version": __version__,
         "model": settings.model,
@@ -173,8 +211,12 @@ def start(settings: TuneSettings, observer: Observer, api_key: str | None = None
     run = RunStore(Path(settings.run_dir)).create_run(config)
     for text in notes:
         observer.notify(Note(text))
+    observer.notify(Planned(night))
+    if warning:
+        observer.notify(Note(warning))
     return Tuner(settings, hw, workload, space, playbook, proposer,
-                 _executor(settings, hw, space, workload, run), run, baseline, observer)
+                 _executor(settings, hw, space, workload, run, observer), run, baseline,
+                 observer)
 
 
 def resume(run_dir: Path, observer: Observer, api_key: str | None = None,
@@ -211,6 +253,7 @@ def resume(run_dir: Path, observer: Observer, api_key: str | None = None,
     proposer = _proposer(settings, api_key)
     space = knob_space(settings, hw, lambda text: observer.notify(Note(text)))
     _vet_log(target, space, settings.model)
+    _claim_host(settings, hw, target.parent.parent, observer)
     run = RunStore(target.parent.parent).open_run(target)
     observer.notify(Note(f"resuming {target} ({len(run.records())} experiments recorded)"))
     for text in run.dropped:
@@ -222,8 +265,37 @@ def resume(run_dir: Path, observer: Observer, api_key: str | None = None,
             f"{redact_urls(value)}"
             for name, value in changes.items())))
     return Tuner(settings, hw, workload, space, playbook, proposer,
-                 _executor(settings, hw, space, workload, run), run,
+                 _executor(settings, hw, space, workload, run, observer), run,
                  _baseline(settings, space), observer)
+
+
+def _claim_host(settings: TuneSettings, hw: Hardware, store_root: Path,
+                observer: Observer) -> None:
+    """Before anything boots: this host's devices locked for this tuner (one tuner per
+    GPU), the servers a killed forge left behind in this store torn down (each verified
+    as ours first), and a GPU holding another process's memory refused unless
+    --allow-busy-gpu. A dry run touches no device."""
+    if settings.dry_run:
+        return
+    names = device_lock.devices(hw)
+    device_lock.claim(names)
+    for run, rec in leftovers(store_root):
+        if ours(rec.group):
+            terminate_group(rec.pgid)
+            observer.notify(Note(
+                f"stopped a vLLM server left behind by run {run.name} (experiment "
+                f"{rec.exp}, process group {rec.pgid}, port {rec.port}) before booting"))
+        mark_gone(run, rec)
+    if hw.device == "cpu":
+        return  # no device memory to read; the lock is the guard
+    why = device_lock.busy(memory_used_mib(hw.device), names)
+    if why and not settings.allow_busy_gpu:
+        raise HardwareError(f"{why}: wait for it to finish and retry, or pass "
+                            "--allow-busy-gpu to tune beside it (its load distorts every "
+                            "measurement)")
+    if why:
+        observer.notify(Note(f"{why}; tuning beside it (--allow-busy-gpu): its load "
+                             "distorts the measurements"))
 
 
 def _check_store_root(path: Path) -> None:

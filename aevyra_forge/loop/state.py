@@ -1,6 +1,8 @@
 """What the loop knows, derived from the run's records alone: the incumbent and its
 latest passes, the reference measurement and outputs, what was tried and spent, and which
-layer is active. `tune` and `tune resume` build it the same way, by replay."""
+layer is active. `tune` and `tune resume` build it the same way, by replay. Refusal rows
+(a proposal refused before booting) stay in the log for the audit trail but count toward
+no budget and no layer's patience: they spent no GPU time."""
 
 from __future__ import annotations
 
@@ -13,9 +15,17 @@ from aevyra_forge.core.values import (
     BenchMetrics,
     ExperimentRecord,
     Layer,
+    Status,
     healthy,
     takes_the_lead,
 )
+
+REFUSED: frozenset[Status] = frozenset({"invalid", "duplicate"})
+
+
+def refused(rec: ExperimentRecord) -> bool:
+    """Whether `rec` records a proposal refused before booting, not an experiment."""
+    return rec.status in REFUSED
 
 
 @dataclass
@@ -28,6 +38,9 @@ class LoopState:
     best_record: ExperimentRecord | None = field(init=False, default=None)
     reference: BenchMetrics | None = field(init=False, default=None)
     quality_reference: dict[str, Any] | None = field(init=False, default=None)
+    # whose outputs accuracy is measured against: the config that captured the quality
+    # reference, else (capture failed) the reference measurement's; None: the baseline
+    accuracy_base: Recipe | None = field(init=False, default=None)
     best_passes: tuple[BenchMetrics, ...] = field(init=False, default=())
     best_measured_exp: int = field(init=False, default=0)  # the incumbent's latest boot
 
@@ -43,9 +56,12 @@ class LoopState:
     def _absorb(self, rec: ExperimentRecord) -> None:
         if rec.quality_reference is not None and self.quality_reference is None:
             self.quality_reference = rec.quality_reference
+            self.accuracy_base = recipe_from_dict(rec.recipe, source=f"experiment {rec.exp}")
         if takes_the_lead(rec):
             if self.reference is None:
                 self.reference = rec.metrics
+                self.accuracy_base = self.accuracy_base or recipe_from_dict(
+                    rec.recipe, source=f"experiment {rec.exp}")
             self.best = recipe_from_dict(rec.recipe, source=f"experiment {rec.exp}")
             self.best_record = rec
         if rec.recipe_id == self.best.id and (rec.kept or rec.remeasure):
@@ -59,12 +75,21 @@ class LoopState:
 
     @property
     def next_exp(self) -> int:
+        """The next row's id: refusal rows take one too, so ids stay contiguous."""
         return len(self.records)
 
     @property
+    def experiments(self) -> int:
+        """Experiments run (booted or tried to), what --max-experiments counts."""
+        return sum(1 for r in self.records if not refused(r))
+
+    def experiments_since(self, exp: int) -> int:
+        """Experiments run after row `exp`."""
+        return sum(1 for r in self.records[exp + 1:] if not refused(r))
+
+    @property
     def tried_ids(self) -> frozenset[str]:
-        return frozenset(r.recipe_id for r in self.records if r.status not in
-                         ("invalid", "duplicate"))
+        return frozenset(r.recipe_id for r in self.records if not refused(r))
 
     def spent_s(self) -> float:
         return sum((r.prepare_s or 0.0) + (r.boot_s or 0.0) + (r.bench_s or 0.0)
@@ -75,12 +100,14 @@ class LoopState:
 
     def active_layer(self, settings: TuneSettings, exhausted: set[int]) -> Layer | None:
         """The layer to work on: the latest one reached, unless it has converged (patience
-        or its cap spent) or its proposer ran out of ideas; then the next enabled one."""
-        reached = max((r.layer for r in self.records[1:]), default=0)
+        or its cap spent) or its proposer ran out of ideas; then the next enabled one.
+        Refusal rows count toward neither patience nor the cap."""
+        run = [r for r in self.records[1:] if not refused(r)]
+        reached = max((r.layer for r in run), default=0)
         for layer in settings.layers():
             if layer < reached or layer in exhausted:
                 continue
-            rows = [r for r in self.records[1:] if r.layer == layer]
+            rows = [r for r in run if r.layer == layer]
             cap = settings.layer_cap(layer)
             if cap is not None and len(rows) >= cap:
                 continue

@@ -9,8 +9,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from aevyra_forge.agent import AgentContext, Budget, BudgetExceeded, Proposer
-from aevyra_forge.core.errors import KnobError
-from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.errors import AgentError, KnobError
+from aevyra_forge.core.recipe import Recipe, recipe_from_dict
 from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.trial import Measurement, Trial
 from aevyra_forge.core.values import (
@@ -22,10 +22,14 @@ from aevyra_forge.core.values import (
     Status,
 )
 from aevyra_forge.core.workload import Workload
+from aevyra_forge.decide.rules import output_changes
 from aevyra_forge.decide.verdict import judge
+from aevyra_forge.loop import plan
 from aevyra_forge.loop.events import (
     LayerEscalated,
+    Note,
     Observer,
+    Planned,
     ProposalRefused,
     RunFinished,
     RunOutcome,
@@ -35,11 +39,16 @@ from aevyra_forge.loop.events import (
     TrialStarted,
 )
 from aevyra_forge.loop.ports import Executor, RunLog
-from aevyra_forge.loop.state import LoopState
+from aevyra_forge.loop.state import LoopState, refused
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.playbook import Playbook
 
 MAX_ASKS = 3  # proposals refused before spending an experiment, then one row records why
+# Refusal rows in a row (each MAX_ASKS asks, each of them with the LLM's own fix rounds)
+# before the run stops: an agent whose replies were refused this often, with every error
+# sent back, is not going to recover, and more asks spend tokens without measuring
+# anything. The run stays resumable with another --llm.
+MAX_REFUSALS_IN_A_ROW = 3
 
 
 def _now() -> str:
@@ -65,18 +74,20 @@ class Tuner:
         self.state = LoopState(records=run.records(), baseline=baseline)
         self.exhausted: set[int] = set()
         self.unbilled = LLMUsage()  # LLM usage not yet attached to a recorded row
+        self.refusals_in_a_row = 0  # this session's; a resume gives the agent a new chance
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> RunOutcome:
         """Tune until done. KeyboardInterrupt propagates after the server in flight is
         torn down; the run stays resumable."""
         st = self.state
-        self.observer.notify(RunStarted(recorded=len(st.records)))
+        self.observer.notify(RunStarted(recorded=len(st.records), spent_s=st.spent_s()))
         for pending in self.unfinished():
             self.execute(pending)
         if not st.records:
             self.execute(Trial(exp=0, recipe=st.baseline.to_dict(),
                                recipe_id=st.baseline.id, layer=1))
+        self._replan()
         while True:
             why = self._budget_spent()
             if why:
@@ -91,9 +102,10 @@ class Tuner:
                 why = str(exc)
                 break
             if trial is not None:
+                self.refusals_in_a_row = 0
                 self.execute(trial)
         outcome = RunOutcome(reason=why, run_dir=self.run_log.path,
-                             experiments=len(st.records), best=st.best,
+                             experiments=st.experiments, best=st.best,
                              best_record=st.best_record, llm_cost_usd=self._spent_usd())
         self.run_log.complete({"reason": why, "experiments": outcome.experiments,
                                "best_recipe_id": st.best.id, "best_score": st.best_score,
@@ -118,7 +130,7 @@ class Tuner:
         a refusal row or the layer's proposer has nothing left."""
         st = self.state
         exp = st.next_exp
-        if self._incumbent_stale(exp):
+        if self._incumbent_stale():
             return Trial(exp=exp, recipe=st.best.to_dict(), recipe_id=st.best.id,
                          layer=layer, remeasure=True)
         usage = LLMUsage()
@@ -158,21 +170,22 @@ class Tuner:
             best=st.best, best_score=st.best_score, history=tuple(st.records),
             playbook=self.playbook,
             budget=Budget(
-                experiments_left=self.s.max_experiments - len(st.records),
+                experiments_left=self.s.max_experiments - st.experiments,
                 hours_left=self.s.max_hours - st.spent_s() / 3600,
                 dollars_left=(None if self.s.max_dollars is None
                               else self.s.max_dollars - self._spent_usd())),
             tried_ids=st.tried_ids, feedback=feedback, attempt=attempt,
             objective=self.s.objective, slo=self.s.parsed_slo())
 
-    def _incumbent_stale(self, exp: int) -> bool:
+    def _incumbent_stale(self) -> bool:
         """Re-measure the incumbent on a fresh boot every --remeasure-every experiments
         (when two experiments of budget remain): its passes won a comparison, so they are
         flattered, and servers drift; fresh passes also measure between-boot noise."""
         every = self.s.remeasure_every
         st = self.state
-        return bool(every and st.best_passes and exp - st.best_measured_exp >= every
-                    and self.s.max_experiments - exp >= 2)
+        return bool(every and st.best_passes
+                    and st.experiments_since(st.best_measured_exp) + 1 >= every
+                    and self.s.max_experiments - st.experiments >= 2)
 
     def _vet(self, proposal: Proposal, layer: Layer
              ) -> tuple[Recipe | None, str, Status]:
@@ -190,13 +203,15 @@ class Tuner:
         if recipe.id == self.state.best.id:
             return None, "no-op: these values are already the incumbent's", "duplicate"
         for rec in self.state.records:
-            if rec.recipe_id == recipe.id and rec.status not in ("invalid", "duplicate"):
+            if rec.recipe_id == recipe.id and not refused(rec):
                 return None, f"repeat of experiment {rec.exp} (recipe {recipe.id})", \
                     "duplicate"
         return recipe, "", "ok"
 
     def _refuse(self, exp: int, layer: Layer, proposal: Proposal | None, raw: str | None,
                 status: Status, reason: str, usage: LLMUsage) -> None:
+        """Record a refusal row (no experiment: no budget, no patience), and stop the run,
+        resumably, after MAX_REFUSALS_IN_A_ROW of them."""
         now = _now()
         recipe = self.state.best
         self._record(ExperimentRecord(
@@ -204,6 +219,13 @@ class Tuner:
             generation=recipe.generation, layer=layer, proposal=proposal, raw_reply=raw,
             status=status, reason=reason, decision=f"refused before booting: {reason}",
             started_at=now, finished_at=now, llm=usage))
+        self.refusals_in_a_row += 1
+        if self.refusals_in_a_row >= MAX_REFUSALS_IN_A_ROW:
+            raise AgentError(
+                f"the agent's proposals were refused {self.refusals_in_a_row} times in a "
+                f"row, each after its errors were sent back (last: {reason[:200]}); the run "
+                "stopped before spending more on them: resume it with another agent, e.g. "
+                f"`aevyra-forge tune resume --run-dir {self.run_log.path} --llm builtin`")
 
     # -- run ------------------------------------------------------------------------------
     def execute(self, trial: Trial) -> ExperimentRecord:
@@ -226,21 +248,26 @@ class Tuner:
                         m.quality.agreement if m.quality else None,
                         reference=st.reference, incumbent=st.best_passes,
                         incumbent_id=st.best.id, best_score=st.best_score,
-                        history=st.records, identical=exp > 0 and trial.recipe_id == st.best.id)
+                        history=st.records, identical=exp > 0 and trial.recipe_id == st.best.id,
+                        output_changes=output_changes(
+                            st.accuracy_base or st.baseline,
+                            recipe_from_dict(trial.recipe, source=f"experiment {exp}")))
         kept, decision = verdict.decision.kept, verdict.decision.reason
         if trial.remeasure:
             kept, decision = False, f"drift check of the incumbent: {decision}"
         reason = m.reason
         if exp == 0 and m.status == "ok":
-            reason = reason or "baseline: vLLM's defaults on this hardware"
+            reason = "; ".join(filter(None, ("baseline: vLLM's defaults on this hardware",
+                                             reason)))
         interval = verdict.interval
         recipe = trial.recipe
-        return self._record(ExperimentRecord(
+        rec = self._record(ExperimentRecord(
             exp=exp, recipe=recipe, recipe_id=trial.recipe_id,
             parent_id=recipe.get("parent_id"), generation=int(recipe.get("generation", 0)),
             layer=trial.layer, proposal=trial.proposal, raw_reply=trial.raw_reply,
             status=m.status, reason=reason, metrics=m.metrics, passes=m.passes,
             accuracy=m.quality.agreement if m.quality else None,
+            accuracy_method=m.quality.method if m.quality else None,
             logprob_shift=m.quality.logprob_shift if m.quality else None,
             score=verdict.score, kept=kept, decision=decision,
             interval=(interval.low, interval.high) if interval is not None else None,
@@ -249,6 +276,11 @@ class Tuner:
             finished_at=_now(), prepare_s=m.prepare_s, boot_s=m.boot_s, bench_s=m.bench_s,
             log=m.log, suggested_max_model_len=m.suggested_max_model_len, worker=m.worker,
             llm=trial.llm))
+        # Accuracy measured another way, or not at all, is said once: with the reference.
+        if trial.capture_reference and m.status == "ok" and m.reason and (
+                m.quality is None or m.quality.method != "teacher_forced"):
+            self.observer.notify(Note(f"experiment {exp}: {m.reason}"))
+        return rec
 
     def _record(self, rec: ExperimentRecord) -> ExperimentRecord:
         """Persist first (fsync'd append), then update state and the derived files."""
@@ -263,15 +295,31 @@ class Tuner:
         return rec
 
     # -- budgets --------------------------------------------------------------------------
+    def _replan(self) -> None:
+        """The plan again, from measurement, once an experiment has been measured."""
+        estimate = plan.from_records(self.state.records)
+        if estimate is None:
+            return
+        measured = plan.Plan(estimate, self.s.max_hours * 3600, self.s.max_experiments)
+        self.observer.notify(Planned(measured))
+        if measured.fit < min(plan.FEW, self.s.max_experiments):
+            self.observer.notify(Note(f"only {measured.fit} experiments fit in --max-hours "
+                                      f"{self.s.max_hours:g} at the measured pace"))
+
     def _spent_usd(self) -> float:
         return self.state.spent_usd() + self.unbilled.cost_usd
 
     def _budget_spent(self) -> str | None:
         st = self.state
-        if len(st.records) >= self.s.max_experiments:
+        if st.experiments >= self.s.max_experiments:
             return f"experiment budget spent ({self.s.max_experiments})"
         if st.spent_s() >= self.s.max_hours * 3600:
             return f"time budget spent ({self.s.max_hours} h)"
+        estimate = plan.from_records(st.records)
+        if estimate is not None and st.spent_s() + estimate.total_s > self.s.max_hours * 3600:
+            return (f"time budget: another experiment (~{estimate.total_s / 60:.0f} min) "
+                    f"would not finish inside {self.s.max_hours} h "
+                    f"({st.spent_s() / 3600:.2f} h used)")
         if self.s.max_dollars is not None and self._spent_usd() >= self.s.max_dollars:
             return f"LLM budget spent (${self.s.max_dollars:.2f})"
         return None

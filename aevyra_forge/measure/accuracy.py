@@ -2,36 +2,28 @@
 sample of workload prompts are the reference; a later config is scored by teacher forcing
 them (prompt + reference through vLLM's `prompt_logprobs`): the share of positions whose
 top-1 token is the baseline's, and the mean shift of the reference tokens' log-probability
-from the baseline's own. Teacher forcing keeps one near-tie flip from derailing the rest."""
+from the baseline's own. Teacher forcing keeps one near-tie flip from derailing the rest.
+A server that refuses `prompt_logprobs` falls back to greedy token match (the method is
+recorded), so accuracy is never silently absent."""
 
 from __future__ import annotations
 
-import json
-import math
 import random
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from aevyra_forge.core.errors import ForgeError
-from aevyra_forge.core.values import QualityScore
+from aevyra_forge.core.values import AccuracyMethod, QualityScore
 from aevyra_forge.core.workload import Request, Workload
-from aevyra_forge.measure.client import auth_headers
+from aevyra_forge.measure.probe_server import ProbeFailure, connect, room
 
 DEFAULT_SAMPLES = 8
 DEFAULT_MAX_TOKENS = 32  # reference continuation length per sample, in tokens
 MAX_PROMPT_TOKENS = 1024  # longer prompts keep their last this-many (a small Reference)
 TIMEOUT_S = 120.0  # for a whole capture or scoring, not one request
-LOGPROB_FLOOR = -1e4  # nats; keeps -inf (a masked token) out of means and JSON
-# Greedy must mean the argmax of the raw logits, which is what prompt_logprobs ranks: vLLM
-# otherwise applies the model's generation_config.json (repetition_penalty and friends)
-# to every request, and a penalised greedy token need not be top-1 when teacher forced.
-_GREEDY: dict[str, Any] = {"temperature": 0.0, "repetition_penalty": 1.0,
-                           "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
 class QualityError(ForgeError):
@@ -50,30 +42,43 @@ class Reference(BaseModel):
     in small or random models) the baseline's own prefill can prefer the other one.
     `self_agreement` is the share of greedy tokens that are also the baseline's prefill
     top-1. `lines` are the samples' workload line numbers; `notes` say which prompts were
-    cut or skipped and why."""
+    cut or skipped and why.
+
+    `method` "greedy_match" (the server refused teacher forcing, `fallback` says how) has
+    no logprobs or top tokens: a candidate is scored by the share of each continuation its
+    own greedy output reproduces before the first divergence, not position by position,
+    because after a divergence the two outputs follow different text and any further match
+    is coincidence (a repeated newline), which would flatter a config that changed the
+    output. It is the stricter measure: one flipped near-tie costs the rest of the sample.
+    Its `self_agreement` is the share the baseline reproduces when asked again."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    method: AccuracyMethod = "teacher_forced"
     prompts: list[list[int]]
     continuations: list[list[int]]
-    logprobs: list[list[float]]
+    logprobs: list[list[float]] = []
     top_tokens: list[list[int]] = []
     lines: list[int] = []
     notes: list[str] = []
     self_agreement: float = 1.0
+    fallback: str = ""  # why teacher forcing was not used
 
     @model_validator(mode="after")
     def _aligned(self) -> Reference:
         n = len(self.prompts)
-        if len(self.continuations) != n or len(self.logprobs) != n:
+        forced = self.method == "teacher_forced"
+        if len(self.continuations) != n or (forced and len(self.logprobs) != n):
             raise ValueError("prompts, continuations and logprobs differ in length")
+        if not forced and (self.logprobs or self.top_tokens):
+            raise ValueError("a greedy-match reference has no teacher-forced figures")
         if self.lines and len(self.lines) != n:
             raise ValueError("lines and prompts differ in length")
         if self.top_tokens and [len(t) for t in self.top_tokens] != [
                 len(c) for c in self.continuations]:
             raise ValueError("top_tokens and continuations differ in length")
-        for p, c, lp in zip(self.prompts, self.continuations, self.logprobs, strict=True):
-            if not p or not c or len(c) != len(lp):
+        for i, (p, c) in enumerate(zip(self.prompts, self.continuations, strict=True)):
+            if not p or not c or (forced and len(c) != len(self.logprobs[i])):
                 raise ValueError("each sample needs a prompt, a continuation and one "
                                  "logprob per continuation token")
         return self
@@ -94,8 +99,10 @@ class Accuracy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    agreement: float = 0.0  # share of positions with the baseline's top-1, in [0, 1]
-    logprob_shift: float = 0.0  # mean (candidate - baseline) log-probability, nats
+    method: AccuracyMethod = "teacher_forced"
+    agreement: float = 0.0  # share of positions with the baseline's token, in [0, 1]
+    logprob_shift: float | None = 0.0  # mean (candidate - baseline) log-prob, nats;
+    #                                    None by greedy match, which has no log-probs
     positions: int = 0  # reference tokens scored
     samples: int = 0  # samples scored (some maybe shortened; see notes)
     notes: list[str] = []
@@ -128,7 +135,9 @@ def capture_reference(url: str, model: str, requests: Sequence[Request],
                       api_key: str | None = None) -> Reference:
     """Greedy-generate up to `max_tokens` (and no more than the request expects) for each
     request on the baseline server, then teacher-force the result for its log-probs and
-    top-1 tokens.
+    top-1 tokens. When the server refuses teacher forcing (a vLLM or a config without
+    `prompt_logprobs`), the reference falls back to greedy token match for every sample,
+    saying why in `fallback`.
 
     A prompt longer than `max_prompt_tokens`, or too long to leave room for its
     continuation under the server's max_model_len, keeps its last tokens (the ones the
@@ -141,12 +150,14 @@ def capture_reference(url: str, model: str, requests: Sequence[Request],
     tops: list[list[int]] = []
     lines: list[int] = []
     notes: list[str] = []
+    fallback = ""
+    again: list[list[int]] = []
     try:
-        with _client(url, model, timeout_s, transport, api_key) as server:
+        with connect(url, model, timeout_s, transport, api_key) as server:
             limit = server.max_model_len()
             for req in requests:
                 want = min(max_tokens, req.expected_output_tokens)
-                cap = min(max_prompt_tokens, _room(limit, want))
+                cap = min(max_prompt_tokens, room(limit, want))
                 if cap < 1:
                     notes.append(f"line {req.line}: skipped, max_model_len {limit} leaves "
                                  f"no room for a prompt and {want} tokens")
@@ -160,43 +171,60 @@ def capture_reference(url: str, model: str, requests: Sequence[Request],
                     notes.append(f"line {req.line}: skipped, its prompt has no tokens")
                     continue
                 cont = server.generate(ids, want)
-                forced = server.teacher_force(ids, cont)
+                if not fallback:
+                    try:
+                        forced = server.teacher_force(ids, cont)
+                    except ProbeFailure as exc:
+                        fallback = f"teacher forcing refused: {exc}"
+                    else:
+                        logprobs.append([lp for _, lp in forced])
+                        tops.append([top for top, _ in forced])
                 prompts.append(ids)
                 continuations.append(cont)
-                logprobs.append([lp for _, lp in forced])
-                tops.append([top for top, _ in forced])
                 lines.append(req.line)
-    except _ServerFailure as exc:
+            if fallback:  # how reproducible greedy outputs are on the baseline itself
+                again = [server.generate(ids, len(cont))
+                         for ids, cont in zip(prompts, continuations, strict=True)]
+    except ProbeFailure as exc:
         raise QualityError(f"the baseline server failed the accuracy reference: {exc}; "
                            "its server log says why") from None
     if not prompts:
         raise QualityError(f"no sampled workload prompt fits the baseline's max_model_len "
                            f"({'; '.join(notes) or 'no requests given'}); raise "
                            "max_model_len or add shorter prompts")
+    positions = sum(len(c) for c in continuations)
+    if fallback:
+        same = sum(matched_prefix(out, cont)
+                   for out, cont in zip(again, continuations, strict=True))
+        return Reference(method="greedy_match", prompts=prompts, continuations=continuations,
+                         lines=lines, notes=notes, self_agreement=same / positions,
+                         fallback=fallback)
     same = sum(t == c for top, cont in zip(tops, continuations, strict=True)
                for t, c in zip(top, cont, strict=True))
     return Reference(prompts=prompts, continuations=continuations, logprobs=logprobs,
                      top_tokens=tops, lines=lines, notes=notes,
-                     self_agreement=same / sum(len(c) for c in continuations))
+                     self_agreement=same / positions)
 
 
 def score_against(url: str, model: str, ref: Reference, timeout_s: float = TIMEOUT_S, *,
                   transport: httpx.BaseTransport | None = None,
                   api_key: str | None = None) -> Accuracy:
-    """Teacher-force every reference sample through the candidate server. A sample longer
-    than this server's max_model_len is scored on the continuation prefix that fits (or
-    skipped when none does), and noted. Never raises for a server-side failure: the
-    returned Accuracy carries the error instead."""
+    """Score the candidate server by the reference's method: teacher-force every sample,
+    or (greedy match) generate greedily and count the tokens before the first divergence.
+    A sample longer than this server's max_model_len is scored on the continuation prefix
+    that fits (or skipped when none does), and noted. Never raises for a server-side
+    failure: the returned Accuracy carries the error instead."""
     notes: list[str] = []
     agree = positions = samples = 0
     shift = 0.0
+    forced_method = ref.method == "teacher_forced"
     try:
-        with _client(url, model, timeout_s, transport, api_key) as server:
+        with connect(url, model, timeout_s, transport, api_key) as server:
             limit = server.max_model_len()
-            for i, (ids, cont, base) in enumerate(zip(ref.prompts, ref.continuations,
-                                                      ref.logprobs, strict=True)):
+            for i, (ids, cont) in enumerate(zip(ref.prompts, ref.continuations,
+                                                strict=True)):
                 where = f"line {ref.lines[i]}" if ref.lines else f"sample {i}"
-                keep = min(len(cont), _room(limit, len(ids)))
+                keep = min(len(cont), room(limit, len(ids)))
                 if keep < 1:
                     notes.append(f"{where}: skipped, its prompt of {len(ids)} tokens "
                                  f"leaves no room under max_model_len {limit}")
@@ -204,180 +232,72 @@ def score_against(url: str, model: str, ref: Reference, timeout_s: float = TIMEO
                 if keep < len(cont):
                     notes.append(f"{where}: scored on {keep} of {len(cont)} tokens "
                                  f"(max_model_len {limit})")
-                forced = server.teacher_force(ids, cont[:keep])
-                agree += sum(top == want for (top, _), want in zip(forced, ref.tops(i),
-                                                                   strict=False))
-                shift += sum(lp - b for (_, lp), b in zip(forced, base, strict=False))
+                if forced_method:
+                    forced = server.teacher_force(ids, cont[:keep])
+                    agree += sum(top == want for (top, _), want in zip(
+                        forced, ref.tops(i), strict=False))
+                    shift += sum(lp - b for (_, lp), b in zip(forced, ref.logprobs[i],
+                                                              strict=False))
+                else:
+                    agree += matched_prefix(server.generate(ids, keep), cont[:keep])
                 positions += keep
                 samples += 1
-    except _ServerFailure as exc:
-        return Accuracy(notes=notes, error=str(exc))
+    except ProbeFailure as exc:
+        return Accuracy(method=ref.method, notes=notes, error=str(exc))
     if positions == 0:
-        return Accuracy(notes=notes, error="no reference sample fits this server's "
-                        "max_model_len; accuracy was not measured")
-    return Accuracy(agreement=agree / positions, logprob_shift=shift / positions,
+        return Accuracy(method=ref.method, notes=notes, error="no reference sample fits "
+                        "this server's max_model_len; accuracy was not measured")
+    return Accuracy(method=ref.method, agreement=agree / positions,
+                    logprob_shift=shift / positions if forced_method else None,
                     positions=positions, samples=samples, notes=notes)
 
 
-# -- the server side ------------------------------------------------------------------------
-
-class _ServerFailure(Exception):
-    """The server failed a request; the message is one line."""
-
-
-def _room(limit: int | None, used: int) -> int:
-    """Tokens that fit beside `used` others: a teacher-forced request generates one token
-    of its own, so prompt + continuation must stay below max_model_len."""
-    return 1 << 30 if limit is None else limit - used - 1
+def matched_prefix(output: Sequence[int], reference: Sequence[int]) -> int:
+    """How many of `reference`'s tokens `output` reproduces before the first difference."""
+    n = 0
+    for got, want in zip(output, reference, strict=False):
+        if got != want:
+            break
+        n += 1
+    return n
 
 
-class _Server:
-    """Blocking calls to one vLLM OpenAI server under a shared deadline."""
-
-    def __init__(self, http: httpx.Client, url: str, model: str, timeout_s: float) -> None:
-        self.http, self.url, self.model = http, url.rstrip("/"), model
-        self.timeout_s = timeout_s
-        self.deadline = time.monotonic() + timeout_s
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise _ServerFailure(f"timeout after {self.timeout_s:g} s")
-        try:
-            resp = self.http.request(method, self.url + path, json=body, timeout=left)
-        except httpx.TimeoutException:
-            raise _ServerFailure(f"timeout after {self.timeout_s:g} s") from None
-        except httpx.HTTPError as exc:
-            raise _ServerFailure(f"{path}: connection error: {type(exc).__name__}"
-                                 ) from None
-        if resp.status_code != 200:
-            raise _ServerFailure(f"{path} answered HTTP {resp.status_code}: "
-                                 f"{_error_message(resp.text)}")
-        try:
-            data = resp.json()
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            raise _ServerFailure(f"{path} answered something other than a JSON object")
-        return data
-
-    def max_model_len(self) -> int | None:
-        for entry in self.call("GET", "/v1/models").get("data") or []:
-            if isinstance(entry, dict) and entry.get("id") == self.model:
-                value = entry.get("max_model_len")
-                return value if isinstance(value, int) else None
-        return None
-
-    def tokenize(self, req: Request) -> list[int]:
-        """Prompt token ids as the server's endpoints would build them: chat through the
-        model's chat template with the assistant turn opened."""
-        body: dict[str, Any] = {"model": self.model}
-        if req.messages is not None:
-            body |= {"messages": [m.model_dump() for m in req.messages],
-                     "add_generation_prompt": True}
-        else:
-            body["prompt"] = req.prompt or ""
-        return _ids(self.call("POST", "/tokenize", body).get("tokens"), "/tokenize tokens")
-
-    def generate(self, prompt: list[int], max_tokens: int) -> list[int]:
-        choice = self._completion({"prompt": prompt, "max_tokens": max_tokens,
-                                   "return_token_ids": True})
-        out = _ids(choice.get("token_ids"),
-                   "token_ids (does this vLLM accept return_token_ids?)")
-        if not out:
-            raise _ServerFailure("/v1/completions generated no tokens")
-        return out
-
-    def teacher_force(self, prompt: list[int], cont: list[int]) -> list[tuple[int, float]]:
-        """(top-1 token, log-probability of the continuation token) at each continuation
-        position, given prompt + the tokens before it, from one prefill. vLLM skips its
-        prefix cache for requests with prompt_logprobs."""
-        # prompt_logprobs=1: each position maps the actual token to its logprob and rank
-        # (1 + the number of other tokens at least as likely) and adds the top-1 token.
-        choice = self._completion({"prompt": prompt + cont, "max_tokens": 1,
-                                   "prompt_logprobs": 1})
-        entries = choice.get("prompt_logprobs")
-        if not isinstance(entries, list) or len(entries) != len(prompt) + len(cont):
-            raise _ServerFailure("/v1/completions answered no prompt_logprobs for every "
-                                 "prompt token")
-        return [_position(entry, token)
-                for entry, token in zip(entries[len(prompt):], cont, strict=True)]
-
-    def _completion(self, extra: dict[str, Any]) -> dict[str, Any]:
-        data = self.call("POST", "/v1/completions", {"model": self.model, **_GREEDY,
-                                                     **extra})
-        choices = data.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            raise _ServerFailure("/v1/completions answered no choices")
-        return choices[0]
-
-
-@contextmanager
-def _client(url: str, model: str, timeout_s: float, transport: httpx.BaseTransport | None,
-            api_key: str | None = None) -> Iterator[_Server]:
-    """`transport` replaces the network (tests answer with httpx.MockTransport)."""
-    with httpx.Client(transport=transport, headers=auth_headers(api_key)) as http:
-        yield _Server(http, url, model, timeout_s)
-
-
-def _position(entry: Any, token: int) -> tuple[int, float]:
-    """(top-1 token, logprob of `token`) from one prompt_logprobs entry."""
-    try:
-        ranks = {int(k): int(v["rank"]) for k, v in entry.items()}
-        logprob = float(entry[str(token)]["logprob"])
-        top = token if ranks[token] == 1 else next(k for k, r in ranks.items() if r == 1)
-    except (AttributeError, TypeError, KeyError, ValueError, StopIteration):
-        raise _ServerFailure(f"prompt_logprobs lack token {token} or the top-1 token "
-                             "at its position") from None
-    # -inf (a masked token) and NaN count as the floor
-    return top, LOGPROB_FLOOR if math.isnan(logprob) else max(logprob, LOGPROB_FLOOR)
-
-
-def _ids(value: Any, what: str) -> list[int]:
-    if not isinstance(value, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise _ServerFailure(f"the server answered no {what}")
-    return value
-
-
-def _error_message(text: str) -> str:
-    """vLLM's {"error": {"message": ...}} body as one short line (else the raw text)."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        err = data.get("error", data)
-        text = str(err.get("message", err) if isinstance(err, dict) else err)
-    return " ".join(text.split())[:200] or "no message"
+def reference_quality(reference: Mapping[str, Any]) -> tuple[QualityScore, str]:
+    """The reference config's own score (its outputs are the reference, so 1.0) and,
+    when the reference is not teacher-forced, the warning to show the user once."""
+    if reference.get("method") != "greedy_match":
+        return QualityScore(agreement=1.0, logprob_shift=0.0), ""
+    ref = Reference.model_validate(reference)
+    return QualityScore(agreement=1.0, positions=ref.positions, method="greedy_match"), (
+        f"accuracy by greedy token match ({ref.fallback}): a config scores the share of "
+        "the baseline's greedy tokens its own greedy output reproduces before the first "
+        "divergence, which is stricter than teacher forcing (one flipped near-tie costs "
+        f"the rest of a sample; the baseline itself reproduced {ref.self_agreement:.1%})")
 
 
 class VllmQualityProbe:
     """The loop's QualityProbe for a real server: the baseline's outputs on a fixed sample
     of the workload become the reference (kept in the baseline's record), and every later
-    config is scored against them. A reference that cannot be captured leaves accuracy
-    unmeasured for the run; a config that cannot be scored gets agreement 0, so the
-    accuracy floor refuses it (the reason is in the record's decision)."""
+    config is scored against them. A reference that cannot be captured raises
+    QualityError (the executor records why, and changes that can alter outputs are then
+    never kept); a config that cannot be scored gets agreement 0, so the accuracy floor
+    refuses it (the reason is in the record's decision)."""
 
-    def __init__(self, workload: Workload, samples: int = 8) -> None:
+    def __init__(self, workload: Workload, samples: int = DEFAULT_SAMPLES) -> None:
         self.requests = sample_requests(workload, n=samples)
 
-    def reference(self, server: Any) -> dict[str, Any] | None:
-        try:
-            ref = capture_reference(server.url, server.served_model, self.requests,
-                                    api_key=getattr(server, "api_key", None))
-        except QualityError:
-            return None
+    def reference(self, server: Any) -> dict[str, Any]:
+        ref = capture_reference(server.url, server.served_model, self.requests,
+                                api_key=getattr(server, "api_key", None))
         return ref.model_dump(mode="json")
 
     def accuracy(self, server: Any, reference: dict[str, Any] | None) -> QualityScore | None:
         if reference is None:
             return None
-        acc = score_against(server.url, server.served_model,
-                            Reference.model_validate(reference),
+        ref = Reference.model_validate(reference)
+        acc = score_against(server.url, server.served_model, ref,
                             api_key=getattr(server, "api_key", None))
         if not acc.ok:
-            return QualityScore(agreement=0.0, positions=0)
+            return QualityScore(agreement=0.0, positions=0, method=ref.method)
         return QualityScore(agreement=acc.agreement, logprob_shift=acc.logprob_shift,
-                            positions=acc.positions)
+                            positions=acc.positions, method=ref.method)

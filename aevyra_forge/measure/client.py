@@ -48,6 +48,8 @@ class Progress:
 
     in_flight: int = 0
     last_token_s: float = 0.0
+    # told (k, n) as timed pass k of n begins (the warm-up not counted), for progress lines
+    on_pass: Callable[[int, int], None] | None = None
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
@@ -304,6 +306,8 @@ async def bench_passes(base_url: str, model: str, workload: Workload, config: Be
                                headers, progress=progress)
             out = []
             for k in range(config.passes):
+                if progress is not None and progress.on_pass is not None:
+                    progress.on_pass(k + 1, config.passes)
                 before = await scrape() if scrape else {}
                 results, duration = await run_pass(
                     transports, base_url, model, workload.requests,

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from html import escape
 from typing import Any
 
-from aevyra_forge.report import fmt
+from aevyra_forge.report import cost, fmt
 from aevyra_forge.report.charts import Chart, charts
 from aevyra_forge.report.model import ExperimentRow, Report
 
@@ -46,6 +46,7 @@ def render_html(report: Report) -> str:
         f"<h1>{escape(title)}</h1>",
         f'<p class="sub">{escape(s.run_dir)} &middot; {escape(fmt.state(report))}</p>',
         _deploy(report),
+        _cost(report),
         _run_facts(report),
         "<h2>Charts</h2>",
         *(_figure(c) for c in charts(report)),
@@ -83,6 +84,27 @@ def _deploy(report: Report) -> str:
             parts.append('<p class="dim">No SLO was set for this run (--slo).</p>')
         if best.deploy_command:
             parts.append(f"<p>Serve it with:</p><pre>{escape(best.deploy_command)}</pre>")
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
+def _cost(report: Report) -> str:
+    """Cost per million tokens (report/cost.py), labelled as the estimate it is."""
+    c = report.cost
+    parts = ['<h2 id="cost">Cost (estimate)</h2>', '<div class="card">',
+             f"<p>{escape(cost.inputs_text(c))}</p>"]
+    if rows := cost.serving_rows(c):
+        parts.append(_table(("config", "output tokens/s", "$ / 1M output tokens",
+                             "$ / 1M total tokens"), rows, numeric={1, 2, 3}))
+    if saving := cost.saving_text(c):
+        parts.append(f"<p>{escape(saving)}</p>")
+    if c.apis:
+        parts.append(f"<p>The same workload ({c.input_tokens or 0:,} input and "
+                     f"{c.output_tokens or 0:,} output tokens a pass) on commercial APIs, at "
+                     f"list prices of {escape(c.api_prices_as_of)}:</p>")
+        parts.append(_table(("API", "$ / 1M input", "$ / 1M output",
+                             "this workload, $ / 1M output tokens", "a month"),
+                            cost.api_rows(c), numeric={1, 2, 3, 4}))
     parts.append("</div>")
     return "\n".join(parts)
 

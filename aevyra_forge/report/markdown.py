@@ -8,7 +8,7 @@ import shlex
 import textwrap
 from collections.abc import Sequence
 
-from aevyra_forge.report import fmt
+from aevyra_forge.report import cost, fmt
 from aevyra_forge.report.model import ExperimentRow, Report
 
 WIDTH = 100  # columns
@@ -42,6 +42,7 @@ def render_md(report: Report) -> str:
                                                        for v in best.slo])
     if best is not None and best.deploy_command:
         lines += ["", "### Deploy", "", "```bash", *_command(best.deploy_command), "```"]
+    lines += _cost(report)
     top = sorted((e for e in report.experiments if e.score is not None),
                  key=lambda e: -(e.score or 0.0))[:TOP_ROWS]
     if top:
@@ -49,6 +50,22 @@ def render_md(report: Report) -> str:
         lines += _table(("exp", "change", "status", "kept", "score", "tok/s", "p99 ms",
                          "accuracy"), [_row(e) for e in top], right={0, 4, 5, 6, 7})
     return "\n".join(lines) + "\n"
+
+
+def _cost(report: Report) -> list[str]:
+    c = report.cost
+    lines = ["", "### Cost (estimate)", "", *_wrap(cost.inputs_text(c))]
+    if rows := cost.serving_rows(c):
+        lines += ["", *_table(("config", "tok/s", "$/1M output", "$/1M total"),
+                              [list(r) for r in rows], right={1, 2, 3})]
+    if saving := cost.saving_text(c):
+        lines += ["", *_wrap(saving)]
+    if c.apis:
+        lines += ["", *_wrap(f"The same workload on commercial APIs (list prices of "
+                             f"{c.api_prices_as_of}):"), ""]
+        lines += _table(("API", "$/1M in", "$/1M out", "workload $/1M out", "a month"),
+                        [list(r) for r in cost.api_rows(c)], right={1, 2, 3, 4})
+    return lines
 
 
 def _row(e: ExperimentRow) -> list[str]:

@@ -22,6 +22,7 @@ from aevyra_forge.core.values import (
     takes_the_lead,
 )
 from aevyra_forge.report.best import BestVsBaseline, Model, baseline_record, best_vs_baseline
+from aevyra_forge.report.cost import Cost, build_cost
 from aevyra_forge.store.rows import experiment_rows
 from aevyra_forge.store.run_store import (
     COMPLETED,
@@ -122,6 +123,7 @@ class Report(Model):
 
     summary: RunSummary
     workload: str
+    workload_sha256: str | None  # what `report A B` compares; None in older runs
     settings: dict[str, Any]  # the settings that shape what was measured and kept
     best: BestVsBaseline | None
     experiments: list[ExperimentRow]
@@ -129,10 +131,12 @@ class Report(Model):
     failures: list[Failure]
     stop_reason: str | None  # None while the run is still going (or was interrupted)
     totals: Totals
+    cost: Cost  # an estimate: GPU rent per million tokens, against commercial APIs
 
 
-def build_report(run_dir: Path) -> Report:
-    """The report of a run folder, or of the latest run when given the store root."""
+def build_report(run_dir: Path, gpu_price: float | None = None) -> Report:
+    """The report of a run folder, or of the latest run when given the store root;
+    `gpu_price` (USD per GPU-hour) overrides the run's and the table's for the cost."""
     path = resolve_run_dir(run_dir)
     config = read_config(path)
     records = read_records(path)
@@ -141,6 +145,7 @@ def build_report(run_dir: Path) -> Report:
     return Report(
         summary=_summary(path, config, records, (path / COMPLETED).exists()),
         workload=_workload(config),
+        workload_sha256=_workload_sha256(config),
         settings=_shown_settings(config),
         best=best_vs_baseline(path, records, settings),
         experiments=_experiments(records),
@@ -149,6 +154,7 @@ def build_report(run_dir: Path) -> Report:
                   if r.status not in ("ok", "duplicate", "invalid")],
         stop_reason=str(completed.get("reason", "")) or None if completed else None,
         totals=_totals(records),
+        cost=build_cost(path, config, records, gpu_price),
     )
 
 
@@ -214,6 +220,12 @@ def _settings(config: dict[str, Any]) -> TuneSettings | None:
 def _workload(config: dict[str, Any]) -> str:
     workload = config.get("workload", "?")  # {path, requests, sha256}; older runs: the path
     return str(workload.get("path", "?") if isinstance(workload, dict) else workload)
+
+
+def _workload_sha256(config: dict[str, Any]) -> str | None:
+    workload = config.get("workload")
+    digest = workload.get("sha256") if isinstance(workload, dict) else None
+    return str(digest) if digest else None
 
 
 def _shown_settings(config: dict[str, Any]) -> dict[str, Any]:

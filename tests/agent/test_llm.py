@@ -18,6 +18,7 @@ from aevyra_forge.agent.llm import LLMProposer, make_llm_proposer
 from aevyra_forge.agent.pricing import DEFAULT_PRICES, FREE, Price
 from aevyra_forge.agent.prompt import build_prompt
 from aevyra_forge.agent.providers import PROVIDERS, ChatClient, ChatTurn, Completion, connect
+from aevyra_forge.agent.reply import MAX_ECHOED_REPLY_CHARS, MAX_STORED_REPLY_CHARS
 from aevyra_forge.core.errors import AgentError
 from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.values import ExperimentRecord, Layer, Proposal
@@ -153,6 +154,23 @@ def test_replies_that_stay_invalid_become_an_error(fake: FakeProvider, wire: str
     assert reply.raw is not None and reply.raw.count(bad) == 3
     assert len(fake.requests) == 3 and needle in fake.requests[2].last_user
     assert reply.usage.input_tokens > 0 and reply.usage.cost_usd > 0
+
+
+def test_a_huge_refused_reply_is_capped_where_stored_and_where_sent_back(
+        fake: FakeProvider) -> None:
+    # 200 kB of rambling that names an unknown knob, as a provider once answered
+    huge = "I think " * 25_000 + proposal({"max_num_seq": 512})
+    fake.script(Reply(huge), Reply(huge), Reply(huge))
+    reply = _proposer(fake, "anthropic").propose(_ctx())
+    assert reply.proposal is None and reply.error is not None
+    assert reply.raw is not None
+    stored = reply.raw.split("\n----- reply after refusal -----\n")
+    assert len(stored) == 3
+    assert all(text.startswith("I think ") and len(text) < MAX_STORED_REPLY_CHARS + 100
+               and text.endswith(f"of {len(huge)} characters not shown]") for text in stored)
+    echoed = fake.requests[1].turns[1]["content"]
+    assert len(echoed) < MAX_ECHOED_REPLY_CHARS + 100 and "characters not shown]" in echoed
+    assert len(fake.requests[2].last_user) < 2 * MAX_ECHOED_REPLY_CHARS
 
 
 def test_nothing_left_to_try(fake: FakeProvider) -> None:

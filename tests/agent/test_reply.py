@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aevyra_forge.agent.reply import ReplyError, extract_json, parse_reply
+from aevyra_forge.agent.reply import ReplyError, clip, extract_json, parse_reply
 from aevyra_forge.core.values import Layer, Proposal
 from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.knob_space import KnobSpace
@@ -171,3 +171,15 @@ def test_json_like_replies_are_proposals_in_range_or_refusals(
 def test_deep_nesting_is_a_refusal(depth: int) -> None:
     with pytest.raises(ReplyError):
         parse_reply("[" * depth + "{" * depth, A100, 1)
+
+
+@given(st.text(max_size=300), st.integers(0, 200))
+def test_clip_keeps_short_text_and_says_when_it_cut(text: str, limit: int) -> None:
+    out = clip(text, limit)
+    if len(text) <= limit:
+        assert out == text
+    else:
+        assert out.startswith(text[:limit])
+        assert out.endswith(f"[cut: {len(text) - limit} of {len(text)} characters not "
+                            "shown]")
+        assert len(out) <= limit + 60

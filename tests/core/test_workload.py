@@ -558,3 +558,51 @@ def test_spoilt_request_bodies_fail_with_file_and_line(
         load_workload(path)
     assert str(info.value).startswith(f"{path}:{before + 1}: "), str(info.value)
     assert "\n" not in str(info.value)
+
+
+# -- a representative sample ----------------------------------------------------------------
+
+def _mixed(tmp_path: Path, n: int) -> Path:
+    """`n` requests: a quarter share a long system prompt, output lengths vary by 16x."""
+    system = "You answer questions about the Orbit data platform. " * 20
+    objs: list[dict[str, Any]] = []
+    for i in range(n):
+        out = 32 * (1 + i % 16)
+        if i % 4 == 0:
+            objs.append({"messages": [{"role": "system", "content": system},
+                                      {"role": "user", "content": f"Question {i}?"}],
+                         "expected_output_tokens": out})
+        else:
+            objs.append({"prompt": f"Item {i}: " + "word " * (i % 37),
+                         "expected_output_tokens": out})
+    return write_objs(tmp_path, objs)
+
+
+def test_sample_is_deterministic_ordered_and_of_the_size_asked(tmp_path: Path) -> None:
+    wl = load_workload(_mixed(tmp_path, 400))
+    a, b, other = wl.sample(40, seed=3), wl.sample(40, seed=3), wl.sample(40, seed=4)
+    assert a.requests == b.requests and a.requests != other.requests
+    lines = [r.line for r in a.requests]
+    assert len(lines) == 40 and lines == sorted(set(lines))
+    assert a.stats.count == 40 and wl.stats.count == 400  # no stats cached from the trace
+    assert a.sha256 == wl.sha256 and any("sample of 40 of its 400" in n for n in a.notes)
+    assert wl.sample(400, seed=0) is wl and wl.sample(1000, seed=0) is wl
+
+
+def test_sample_keeps_the_traces_shape(tmp_path: Path) -> None:
+    wl = load_workload(_mixed(tmp_path, 800))
+    part = wl.sample(80, seed=0)
+    assert sum(r.kind == "chat" for r in part.requests) == 20  # the shared-prefix group: 1/4
+    full, sub = wl.stats.output_tokens, part.stats.output_tokens
+    assert abs(sub.mean - full.mean) / full.mean < 0.1
+    assert sub.max >= 0.75 * full.max  # the long tail is represented
+
+
+@given(n=st.integers(1, 60), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_sample_is_a_subset_of_exactly_n(tmp_path: Path, n: int, seed: int) -> None:
+    wl = load_workload(SAMPLE)
+    part = wl.sample(n, seed)
+    assert len(part.requests) == min(n, 50)
+    by_line = {r.line: r for r in wl.requests}
+    assert all(by_line[r.line] == r for r in part.requests)

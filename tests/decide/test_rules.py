@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from aevyra_forge.core.errors import UsageError
+from aevyra_forge.core.recipe import QuantSettings, Recipe
 from aevyra_forge.core.settings import DEFAULT_BOOT_CV
 from aevyra_forge.core.slo import parse_slo
 from aevyra_forge.core.values import BenchMetrics, LatencyStats, Status
@@ -18,6 +19,7 @@ from aevyra_forge.decide.rules import (
     decide,
     latency_regressions,
     objective_value,
+    output_changes,
     pass_values,
     score,
 )
@@ -65,6 +67,40 @@ def test_failures_accuracy_and_identity_are_never_kept() -> None:
 def test_first_measurement_becomes_the_reference() -> None:
     first = _decide("ok", 1.0, None, None)
     assert first.kept and "reference" in first.reason and first.gate is None
+
+
+def test_a_change_that_can_alter_outputs_needs_an_accuracy_figure() -> None:
+    blind = _decide("ok", 2.0, 1.0, None, output_changes=["quant_method"])
+    assert not blind.kept and blind.gate == "accuracy"
+    assert blind.reason.startswith("no accuracy figure: quant_method can alter outputs")
+    assert _decide("ok", 2.0, 1.0, 0.995, output_changes=["quant_method"]).kept
+    assert _decide("ok", 2.0, 1.0, None).kept  # a serving change needs no figure
+    # the first healthy config is the reference: its outputs are what accuracy means
+    assert _decide("ok", 1.0, None, None, output_changes=["dtype"]).kept
+
+
+BASE = Recipe(model="org/model")
+
+
+@pytest.mark.parametrize(("candidate", "expected"), [
+    (Recipe(model="org/model", config={"max_num_seqs": 64, "max_model_len": 4096,
+                                       "block_size": 32}), []),
+    (Recipe(model="org/model", config={"dtype": "float16"}), ["dtype"]),
+    (Recipe(model="org/model", quant=QuantSettings(method="fp8")), ["quant_method"]),
+    (Recipe(model="org/model", quant=QuantSettings(kv_cache_dtype="fp8")),
+     ["kv_cache_dtype"]),
+    (Recipe(model="org/model", config={"enforce_eager": True}), ["enforce_eager"]),
+    (Recipe(model="org/model", kernel={"attention_backend": "FLASHINFER",
+                                       "compilation_config": {"cudagraph_mode": "NONE"}}),
+     ["attention_backend", "cudagraph_mode"]),
+    (Recipe(model="org/model", quant=QuantSettings(method="awq",
+                                                   checkpoint="org/model-awq")),
+     ["model", "quant_method"]),
+])
+def test_output_changes_follow_the_knobs_layer_and_declaration(
+        candidate: Recipe, expected: list[str]) -> None:
+    assert output_changes(BASE, candidate) == expected
+    assert output_changes(candidate, candidate) == []
 
 
 # -- decisions with an interval ----------------------------------------------------------

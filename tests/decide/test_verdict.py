@@ -230,3 +230,17 @@ def test_an_unhealthy_baseline_says_so_and_the_first_healthy_config_becomes_the_
     assert first.decision.reason == (
         "first healthy measurement becomes the reference (the baseline, vLLM's defaults, "
         "was not healthy: experiment 0 crash)")
+
+
+def test_a_lossy_change_without_an_accuracy_figure_is_refused_however_fast() -> None:
+    incumbent = _boot(100.0)
+    history = [_row(0, INCUMBENT, incumbent, kept=True)]
+    fast = _boot(150.0)
+    control = _judge(fast, incumbent=incumbent, history=history)
+    assert control.decision.kept
+    blind = judge(s=SETTINGS, status="ok", passes=fast, median=median_pass(fast),
+                  accuracy=None, reference=incumbent[0], incumbent=incumbent,
+                  incumbent_id=INCUMBENT, best_score=1.0, history=history, identical=False,
+                  output_changes=["kv_cache_dtype"])
+    assert not blind.decision.kept and blind.decision.gate == "accuracy"
+    assert "no accuracy figure: kv_cache_dtype" in blind.decision.reason

@@ -1,5 +1,6 @@
 """One trial in, one measurement out: the local executor on the simulator, with a launcher
-that fails, a bench that is interrupted, and the accuracy reference captured or used."""
+that fails, a bench that is interrupted, and the accuracy reference captured or used;
+the accuracy probe against a fake vLLM that refuses teacher forcing or the probe."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ import pytest
 
 from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.slo import parse_slo
-from aevyra_forge.core.trial import Trial
-from aevyra_forge.core.values import BenchOutcome, LaunchFailure, QualityScore
+from aevyra_forge.core.trial import Measurement, Trial
+from aevyra_forge.core.values import BenchMetrics, BenchOutcome, LaunchFailure, QualityScore
 from aevyra_forge.core.workload import Workload, load_workload
 from aevyra_forge.engine.executor import LocalExecutor, serving
 from aevyra_forge.engine.sim.engine import SimServer, SimulatedEngine
+from aevyra_forge.measure.accuracy import VllmQualityProbe
 from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import profile
 from tests.conftest import MODEL_8B
+from tests.fake_vllm import FakeConfig, FakeVllm
 
 
 class Watched:
@@ -124,3 +127,75 @@ def test_serving_stops_on_the_way_out_of_the_block(tmp_path: Path) -> None:
         assert isinstance(server, SimServer)
         raise RuntimeError("a bug in the bench")
     assert engine.stopped == engine.launched and len(engine.stopped) == 1
+
+
+# -- the accuracy probe against a fake vLLM ---------------------------------------------------
+
+class OnFakeVllm:
+    """A launcher whose server is an already running fake vLLM (tests/fake_vllm.py), and a
+    bench that measured it healthy: what is under test is the accuracy probe."""
+
+    def __init__(self, fake: FakeVllm) -> None:
+        self.fake = fake
+
+    def launch(self, recipe: Recipe, log_path: Path) -> FakeServed:
+        return FakeServed(self.fake.url)
+
+    def stop(self, server: FakeServed) -> None:
+        del server
+
+    def bench(self, server: FakeServed, workload: Workload, concurrency: int,
+              passes: int = 1, slo: Any = None) -> BenchOutcome:
+        m = BenchMetrics(completed=4, duration_s=1.0, input_tokens=40, output_tokens=40,
+                         request_throughput=4.0, output_throughput=40.0,
+                         total_token_throughput=80.0)
+        return BenchOutcome(status="ok", passes=(m,), metrics=m)
+
+
+class FakeServed:
+    def __init__(self, url: str) -> None:
+        self.url, self.served_model, self.boot_s = url, "fake-model", 1.0
+
+
+def _probe_run(tmp_path: Path, workload: Path, config: FakeConfig, **trial: Any
+               ) -> Measurement:
+    with FakeVllm(config) as fake:
+        engine = OnFakeVllm(fake)
+        loaded = load_workload(workload)
+        executor = LocalExecutor(engine, engine, VllmQualityProbe(loaded, samples=3), loaded,
+                                 concurrency=2, repeats=1, slo=None,
+                                 log_path=lambda exp: tmp_path / f"exp_{exp}.log",
+                                 log_root=tmp_path)
+        recipe = Recipe(model="fake-model")
+        return executor.run(Trial(exp=trial.pop("exp", 0), recipe=recipe.to_dict(),
+                                  recipe_id=recipe.id, layer=1, **trial))
+
+
+def test_a_server_refusing_teacher_forcing_is_scored_by_greedy_match_and_says_so(
+        tmp_path: Path, small_workload: Path) -> None:
+    refusing = FakeConfig(length_policy="clamp", refuse_prompt_logprobs=True)
+    base = _probe_run(tmp_path, small_workload, refusing, capture_reference=True)
+    assert base.status == "ok" and base.quality_reference is not None
+    assert base.quality_reference["method"] == "greedy_match"
+    assert base.quality is not None and base.quality.method == "greedy_match"
+    assert base.reason.startswith("accuracy by greedy token match (teacher forcing "
+                                  "refused: /v1/completions answered HTTP 400")
+    lossy = FakeConfig(length_policy="clamp", refuse_prompt_logprobs=True, logit_noise=1.0)
+    later = _probe_run(tmp_path, small_workload, lossy, exp=3,
+                       quality_reference=base.quality_reference)
+    assert later.quality is not None and later.quality.method == "greedy_match"
+    assert later.quality.agreement < 0.5 and later.reason == ""
+
+
+def test_a_reference_that_cannot_be_captured_is_said_in_the_measurement(
+        tmp_path: Path, small_workload: Path) -> None:
+    locked = FakeConfig(length_policy="clamp", api_key="the probe does not have it")
+    m = _probe_run(tmp_path, small_workload, locked, capture_reference=True)
+    assert m.status == "ok" and m.quality is None and m.quality_reference is None
+    assert m.reason.startswith("accuracy not measured: the baseline server failed the "
+                               "accuracy reference: /v1/models answered HTTP 401")
+    assert m.reason.endswith("will not be kept")
+    teacher = _probe_run(tmp_path, small_workload, FakeConfig(length_policy="clamp"),
+                         capture_reference=True)
+    assert teacher.quality == QualityScore(agreement=1.0, logprob_shift=0.0)
+    assert teacher.reason == "" and teacher.quality_reference is not None

@@ -238,3 +238,47 @@ def test_a_full_disk_for_the_server_log_is_one_line(tmp_path: Path, pidfile: Pat
                                          r"writing the server log; free space .* tune resume"):
         make_launcher(pidfile).launch(recipe, log)
     assert not pidfile.exists()  # nothing was started
+
+
+class _Recorder:
+    """Keeps what the launcher reports, and whether the server was up when it did."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.events: list[tuple[str, process.ServerGroup, bool]] = []
+        self.fail = fail
+
+    def launched(self, group: process.ServerGroup, log_path: Path) -> None:
+        self.events.append(("launched", group, process.ours(group) != []))
+        if self.fail:
+            raise StoreError("disk full")
+
+    def gone(self, group: process.ServerGroup) -> None:
+        self.events.append(("gone", group, process.group_alive(group.pgid)))
+
+
+def test_each_server_group_is_recorded_before_it_serves_and_when_gone(
+        tmp_path: Path, pidfile: Path, recipe: Recipe) -> None:
+    launcher = make_launcher(pidfile)
+    launcher.recorder = recorder = _Recorder()
+    server = launcher.launch(recipe, tmp_path / "exp_000.log")
+    assert isinstance(server, VllmServer), server
+    ((event, group, alive),) = recorder.events  # recorded while booting, before the bench
+    assert (event, alive) == ("launched", True)
+    assert group.pgid == server.pgid and group.start_time == process.start_time(server.pgid)
+    assert group.port == int(server.url.rsplit(":", 1)[1])
+    launcher.stop(server)
+    assert recorder.events[1] == ("gone", group, False)  # after the whole group is gone
+    failed = launcher.launch(Recipe(model=MODEL, config={"gpu_memory_utilization": 0.99}),
+                             tmp_path / "exp_001.log")
+    assert isinstance(failed, LaunchFailure)
+    assert [e for e, _, _ in recorder.events[2:]] == ["launched", "gone"]
+
+
+def test_a_server_that_cannot_be_recorded_is_stopped(tmp_path: Path, pidfile: Path,
+                                                     recipe: Recipe) -> None:
+    launcher = make_launcher(pidfile)
+    launcher.recorder = _Recorder(fail=True)
+    with pytest.raises(StoreError, match="disk full"):
+        launcher.launch(recipe, tmp_path / "exp_000.log")
+    ((_, group, _),) = launcher.recorder.events
+    assert not process.group_alive(group.pgid) and group.pgid not in process._LIVE

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aevyra_forge.engine.process import terminate_group
+from aevyra_forge.engine.process import ServerGroup, members, ours, start_time, terminate_group
 from tests.engine.conftest import DEADLINE_S, FAKE_BIN, ROOT, engine_pid, gone, wait_gone
 
 
@@ -74,3 +74,60 @@ def test_no_vllm_outlives_forge(how: str, tmp_path: Path, pidfile: Path,
         proc.kill()
     proc.wait(timeout=DEADLINE_S)
     assert wait_gone(vllm_pid, child)
+
+
+# -- recognising a group left behind --------------------------------------------------------
+
+SERVE_STAND_IN = "import sys, time\nprint('ready', flush=True)\ntime.sleep(60)\n"
+
+
+def _group(*argv: str) -> subprocess.Popen[bytes]:
+    """A process leading its own group, as the launcher starts vLLM; argv[1:] become its
+    command line (`serve ...` makes it look like a server)."""
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_STAND_IN, *argv],
+                            stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    proc.stdout.close()
+    return proc
+
+
+def test_a_server_group_is_recognised_by_its_start_time_and_command() -> None:
+    proc = _group("serve", "some/model")
+    try:
+        group = ServerGroup.of(proc.pid, port=8000)
+        assert group.start_time is not None and group.start_time == start_time(proc.pid)
+        assert members(proc.pid) == [proc.pid]
+        assert ours(group) == [proc.pid]
+        reused = ServerGroup(pgid=proc.pid, start_time=group.start_time - 1, port=8000)
+        assert ours(reused) == []  # another start time: the pid was handed out again
+        assert ours(ServerGroup(pgid=proc.pid, start_time=None, port=8000)) == []
+    finally:
+        terminate_group(proc.pid, proc, grace_s=5.0)
+    assert ours(group) == [] and members(proc.pid) == []
+
+
+def test_a_group_that_runs_no_server_is_not_ours() -> None:
+    proc = _group("bench")
+    try:
+        assert ours(ServerGroup.of(proc.pid, port=8000)) == []
+    finally:
+        terminate_group(proc.pid, proc, grace_s=5.0)
+
+
+def test_a_group_whose_wrapper_died_is_still_ours(tmp_path: Path, pidfile: Path) -> None:
+    """A wrapper script that does not exec: killing it (what the parent-death signal
+    does) leaves the server it started running in its group; that group is still ours."""
+    wrapper = tmp_path / "vllm"
+    wrapper.write_text(f'#!/bin/bash\n"{sys.executable}" -c "{SERVE_STAND_IN}" serve m\n')
+    wrapper.chmod(0o755)
+    proc = subprocess.Popen([str(wrapper), "serve", "m"], stdout=subprocess.PIPE,
+                            start_new_session=True)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    proc.stdout.close()
+    group = ServerGroup.of(proc.pid, port=8000)
+    proc.kill()
+    proc.wait()
+    (server,) = ours(group)
+    assert server != proc.pid
+    terminate_group(group.pgid, grace_s=5.0)
+    assert wait_gone(server)

@@ -28,11 +28,15 @@ def test_bench_a_live_server(tmp_path: Path, pidfile: Path, recipe: Recipe) -> N
     assert isinstance(server, VllmServer), server
     try:
         workload = small_workload()
+        told: list[tuple[int, int]] = []
         outcome = VllmBenchmarker(request_timeout_s=10.0, bench_timeout_s=30.0,
-                                  warmup_requests=1).bench(server, workload, 4, passes=2)
+                                  warmup_requests=1,
+                                  on_pass=lambda k, n: told.append((k, n))
+                                  ).bench(server, workload, 4, passes=2)
     finally:
         launcher.stop(server)
     assert outcome.status == "ok", outcome.reason
+    assert told == [(1, 2), (2, 2)]  # each timed pass announced as it begins
     assert outcome.metrics is not None and len(outcome.passes) == 2
     m = outcome.metrics
     expected = sum(r.expected_output_tokens for r in workload.requests)

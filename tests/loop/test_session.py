@@ -38,7 +38,7 @@ def _kill_after(cmd: list[str], lines: int) -> None:
     assert proc.stderr is not None
     seen = 0
     for line in proc.stderr:
-        if f"/{BUDGET} " in line or line.startswith("run "):
+        if f"/{BUDGET} done" in line or line.startswith("run "):
             seen += 1
         if seen > lines:
             break
@@ -84,7 +84,7 @@ def test_sigint_exits_130_and_leaves_a_resumable_run(tmp_path: Path,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stderr is not None
     for line in proc.stderr:
-        if f"/{BUDGET} " in line:
+        if f"/{BUDGET} done" in line:
             break
     proc.send_signal(signal.SIGINT)
     rest = proc.stderr.read()
@@ -423,3 +423,198 @@ def test_sighup_with_the_terminal_hung_up_exits_130(tmp_path: Path,
     assert proc.wait() == 130
     (run,) = sorted((run_dir / "runs").glob("0*"))
     assert not (run / "completed.json").exists()
+
+
+# -- real runs on this host: orphans, one tuner per device, a busy GPU ----------------------
+
+FAKE_VLLM = Path(__file__).resolve().parents[1] / "data" / "fake_vllm" / "vllm"
+HELP = Path(__file__).resolve().parents[1] / "data" / "vllm" / "serve_help_all_0.32.0+cpu.txt"
+DEADLINE_S = 60.0  # how long a server may take to come up or go away before a test fails
+
+
+def _wrapper(folder: Path, version: str = "0.32.0+cpu") -> Path:
+    """A `vllm` that is a bash script around tests/data/fake_vllm/vllm and does NOT exec
+    it, so forge's parent-death signal reaches only bash. Files in `folder` steer it:
+    `stall` (streams stop after one token: forge stays in the bench), `gated` (the
+    server starts only once `open` exists)."""
+    script = folder / "vllm"
+    script.write_text(f"""#!/bin/bash
+if [ "$1" = "--version" ]; then echo "{version}"; exit 0; fi
+if [ "$1 $2" = "serve --help=all" ]; then cat "{HELP}"; exit 0; fi
+export FAKE_VLLM_TOKEN_DELAY_S=0.001
+[ -f "{folder}/stall" ] && export FAKE_VLLM_STALL_AFTER_N_TOKENS=1
+if [ -f "{folder}/gated" ]; then until [ -f "{folder}/open" ]; do sleep 0.05; done; fi
+"{sys.executable}" "{FAKE_VLLM}" "$@"
+echo "vllm exited with $?"
+""")
+    script.chmod(0o755)
+    return script
+
+
+def _host_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Our environment with the device locks and the flag cache in `tmp_path`."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FAKE_VLLM_", "VLLM_", "FORGE_"))}
+    (tmp_path / "runtime").mkdir(exist_ok=True)
+    return {**env, "XDG_RUNTIME_DIR": str(tmp_path / "runtime"),
+            "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1",
+            "COLUMNS": "200", **extra}
+
+
+def _real_cmd(run_dir: Path, workload: Path, vllm: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "aevyra_forge", "tune", "--device", "cpu", "--model",
+            "fake/tiny-1b", "--workload", str(workload), "--llm", "builtin", "--run-dir",
+            str(run_dir), "--vllm-bin", str(vllm), "--max-experiments", "2", "--repeats",
+            "1", "--seed", "7", *extra]
+
+
+def _server_groups(run_dir: Path) -> list[int]:
+    """The process groups of every server the runs under `run_dir` recorded."""
+    return sorted({json.loads(line)["pgid"] for path in run_dir.glob("runs/*/servers.jsonl")
+                   for line in path.read_text().splitlines() if line.strip()})
+
+
+def _kill_groups(run_dir: Path) -> None:
+    """Whatever a failed test left running."""
+    from aevyra_forge.engine.process import members
+
+    for pgid in _server_groups(run_dir):
+        if members(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def test_a_server_behind_a_wrapper_outlives_a_sigkill_and_resume_removes_it(
+        tmp_path: Path, small_workload: Path) -> None:
+    """The wrapper case of SIGKILL-and-resume, with real processes: forge dies mid-bench,
+    the parent-death signal kills only the bash wrapper, the server it started keeps
+    running; `tune resume` finds it in servers.jsonl, says so, tears the whole group down
+    before booting, and the run completes with no process left."""
+    from aevyra_forge.engine.process import members
+    from tests.engine.conftest import wait_gone
+
+    run_dir = tmp_path / "forge"
+    vllm = _wrapper(tmp_path)
+    (tmp_path / "stall").touch()
+    env = _host_env(tmp_path)
+    forge = subprocess.Popen(_real_cmd(run_dir, small_workload, vllm), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert forge.stderr is not None
+        for line in forge.stderr:
+            if "exp 0: bench" in line:
+                break
+        else:
+            raise AssertionError("forge never reached the bench")
+        forge.kill()
+        forge.wait()
+        forge.stderr.close()
+        (pgid,) = _server_groups(run_dir)
+        survivors = members(pgid)
+        assert survivors and pgid not in survivors  # the wrapper died, the server did not
+        (tmp_path / "stall").unlink()
+        done = subprocess.run([sys.executable, "-m", "aevyra_forge", "tune", "resume",
+                               "--run-dir", str(run_dir)], env=env, capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr
+        said = " ".join(done.stderr.split())
+        assert ("stopped a vLLM server left behind by run 001_" in said
+                and f"(experiment 0, process group {pgid}," in said), said
+        assert said.index("stopped a vLLM server") < said.index("resuming")
+        assert wait_gone(*survivors)
+        records = _records(run_dir)
+        assert [r["exp"] for r in records] == [0, 1] and records[0]["status"] == "ok"
+        assert all(not members(g) for g in _server_groups(run_dir))
+        (run,) = sorted((run_dir / "runs").glob("0*"))
+        lines = [json.loads(ln) for ln in (run / "servers.jsonl").read_text().splitlines()]
+        assert sum(ln["event"] == "launched" for ln in lines) == \
+            sum(ln["event"] == "gone" for ln in lines) == 3  # killed run's + exp 0, 1 again
+    finally:
+        if forge.poll() is None:
+            forge.kill()
+            forge.wait()
+        _kill_groups(run_dir)
+
+
+def test_a_second_tuner_on_the_same_device_is_refused_with_the_first_ones_pid(
+        tmp_path: Path, small_workload: Path) -> None:
+    vllm = _wrapper(tmp_path)
+    (tmp_path / "gated").touch()  # the first tuner's server waits for `open`
+    (tmp_path / "ungated").mkdir()
+    other_vllm = _wrapper(tmp_path / "ungated")  # the second's would not wait for anything
+    env = _host_env(tmp_path)
+    first = subprocess.Popen(_real_cmd(tmp_path / "first", small_workload, vllm), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stderr is not None
+        for line in first.stderr:
+            if line.startswith("run "):  # the run exists: its device lock is held
+                break
+        second = subprocess.run(_real_cmd(tmp_path / "second", small_workload, other_vllm),
+                                env=env, capture_output=True, text=True)
+        assert second.returncode == 1
+        message = _last_line(second.stderr)
+        assert f"this host's CPU is in use by another aevyra-forge tuner (pid {first.pid})" \
+            in message, message
+        assert not (tmp_path / "second").exists()  # refused before a run folder was made
+        _kill_groups(tmp_path / "second")
+        (tmp_path / "open").touch()
+        rest = first.stderr.read()
+        assert first.wait() == 0, rest
+        assert len(_records(tmp_path / "first")) == 2
+    finally:
+        (tmp_path / "open").touch()
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        _kill_groups(tmp_path / "first")
+    again = subprocess.run(_real_cmd(tmp_path / "second", small_workload, other_vllm,
+                                     "--max-experiments", "1"),
+                           env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr  # free once the first has finished
+
+
+def _last_line(stderr: str) -> str:
+    """The one-line error that ends a refused run (notes may come before it)."""
+    assert "Traceback" not in stderr
+    *_, line = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert line.startswith("error: "), stderr
+    return line
+
+
+def _fake_nvidia_smi(folder: Path, used_mib: int) -> Path:
+    """One T4, `used_mib` of its memory in use (by someone else)."""
+    bin_dir = folder / "smi"
+    bin_dir.mkdir()
+    tool = bin_dir / "nvidia-smi"
+    tool.write_text(f"""#!/bin/sh
+case "$*" in
+  *memory.used*) echo {used_mib} ;;
+  *) echo "0, Tesla T4, 15360, 7.5, 535.104.05, GPU-39cd9454-0976-646a-acef-01a35ad02034" ;;
+esac
+""")
+    tool.chmod(0o755)
+    return bin_dir
+
+
+def test_a_gpu_busy_with_another_process_is_reported_before_the_baseline(
+        tmp_path: Path, small_workload: Path) -> None:
+    vllm = _wrapper(tmp_path, version="0.32.0")  # a GPU build
+    smi = _fake_nvidia_smi(tmp_path, used_mib=9000)
+    env = _host_env(tmp_path, PATH=f"{smi}{os.pathsep}{os.environ['PATH']}")
+    run_dir = tmp_path / "forge"
+    cmd = _real_cmd(run_dir, small_workload, vllm)
+    cmd[cmd.index("--device") + 1] = "cuda"
+    busy = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert busy.returncode == 1
+    message = _last_line(busy.stderr)
+    assert "9000 MiB of memory on GPU 0 is already in use by another process: wait for it " \
+           "to finish and retry, or pass --allow-busy-gpu" in message, message
+    assert not run_dir.exists()
+    allowed = subprocess.run([*cmd, "--allow-busy-gpu", "--max-experiments", "1"], env=env,
+                             capture_output=True, text=True)
+    try:
+        assert allowed.returncode == 0, allowed.stderr
+        assert "tuning beside it (--allow-busy-gpu)" in " ".join(allowed.stderr.split())
+        assert _records(run_dir)[0]["status"] == "ok"
+    finally:
+        _kill_groups(run_dir)

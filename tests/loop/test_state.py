@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.values import BenchMetrics, ExperimentRecord, Status
 from aevyra_forge.loop.state import LoopState
 from tests.conftest import MODEL_8B
@@ -89,3 +90,17 @@ def test_a_kept_record_whose_requests_failed_never_takes_the_lead() -> None:
     control = LoopState(records=[_row(0, BASELINE, FIRST, kept=True), healthy],
                         baseline=BASELINE)
     assert control.reference == FIRST[1]
+
+
+def test_refusal_rows_are_not_experiments_nor_tried_nor_patience() -> None:
+    refusals = [_row(2, CANDIDATE, (), status="invalid", score=None),
+                _row(3, WINNER, (), status="duplicate", score=None)]
+    state = LoopState(records=[*HISTORY, *refusals], baseline=BASELINE)
+    assert state.next_exp == 4 and state.experiments == 2
+    assert state.experiments_since(0) == 1
+    assert WINNER.id not in state.tried_ids and CANDIDATE.id in state.tried_ids
+    settings = TuneSettings(model=MODEL_8B, workload="w.jsonl", patience=2)
+    assert state.active_layer(settings, set()) == 1  # one measured non-keep, not three
+    measured = _row(4, WINNER, _passes(90.0))
+    state.add(measured)
+    assert state.experiments == 3 and state.active_layer(settings, set()) == 2

@@ -1,5 +1,7 @@
 """The loop on the simulator with a real store: baseline first, refusals without spending
-an experiment, escalation, budgets, crash rows, and interrupts."""
+an experiment (nor a layer's patience; an agent refused again and again stops the run),
+escalation, budgets, crash rows, interrupts, and accuracy measured by greedy match or
+not at all (a lossy change is then never kept)."""
 
 from __future__ import annotations
 
@@ -10,14 +12,16 @@ from typing import Any, TypeVar
 import pytest
 
 from aevyra_forge.agent import AgentContext, BuiltinStrategy, ProposalReply
+from aevyra_forge.core.errors import AgentError
 from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.settings import TuneSettings
-from aevyra_forge.core.values import LaunchFailure, Proposal
+from aevyra_forge.core.values import LaunchFailure, Proposal, QualityScore
 from aevyra_forge.core.workload import load_workload
 from aevyra_forge.engine.executor import LocalExecutor
 from aevyra_forge.engine.sim.engine import SimulatedEngine
-from aevyra_forge.loop.events import Event, LayerEscalated, ProposalRefused
-from aevyra_forge.loop.tuner import MAX_ASKS, Tuner
+from aevyra_forge.loop.events import Event, LayerEscalated, Note, ProposalRefused
+from aevyra_forge.loop.tuner import MAX_ASKS, MAX_REFUSALS_IN_A_ROW, Tuner
+from aevyra_forge.measure.accuracy import QualityError
 from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import profile
@@ -60,15 +64,19 @@ def _reply(layer: int, **changes: Any) -> ProposalReply:
 
 
 def _tuner(tmp_path: Path, workload: Path, proposer: Any, engine: Any = None,
-           gpu: str = "H100", **overrides: Any) -> tuple[Tuner, Events]:
-    """A tuner on the simulator; `engine` is (launcher, benchmarker, quality probe)."""
+           gpu: str = "H100", reopen: Path | None = None, **overrides: Any
+           ) -> tuple[Tuner, Events]:
+    """A tuner on the simulator; `engine` is (launcher, benchmarker, quality probe);
+    `reopen` resumes that run instead of creating one."""
     settings = TuneSettings(model=MODEL_8B, workload=str(workload), llm="builtin",
                             dry_run=True, run_dir=str(tmp_path / ".forge"),
                             **{"repeats": 2, **overrides})
     hw = gpu_spec(gpu).hardware()
     space = KnobSpace(hw, profile(MODEL_8B), simulated=True)
     sim = SimulatedEngine(hw, gpu_spec(gpu), space.model, space, seed=1)
-    run = RunStore(tmp_path / ".forge").create_run({"model": MODEL_8B, "hardware": gpu})
+    store = RunStore(tmp_path / ".forge")
+    run = store.open_run(reopen) if reopen else store.create_run({"model": MODEL_8B,
+                                                                  "hardware": gpu})
     events = Events()
     loaded = load_workload(workload)
     launcher, bench, quality = engine or (sim, sim, sim)
@@ -129,6 +137,83 @@ def test_exhausted_reasks_record_one_row_without_booting(tmp_path: Path,
     recs = tuner.run_log.records()
     assert recs[1].status == "duplicate" and not recs[1].kept
     assert not tuner.run_log.log_path(1).exists()
+
+
+def _invalid(text: str = "not json") -> ProposalReply:
+    """What the LLM proposer hands back once its fix rounds are spent."""
+    return ProposalReply(proposal=None, raw=text, error=f"invalid reply after 3 tries: "
+                                                         f"no valid JSON object in {text!r}")
+
+
+def test_refusal_rows_are_kept_but_spend_no_experiment(tmp_path: Path,
+                                                       small_workload: Path) -> None:
+    proposer = Scripted([_invalid(), *[_reply(1, max_num_seqs=1024)] * MAX_ASKS,
+                         _reply(1, max_num_seqs=64), _reply(1, max_num_seqs=32)])
+    tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=3)
+    outcome = tuner.run()
+    recs = tuner.run_log.records()
+    assert [r.status for r in recs] == ["ok", "invalid", "duplicate", "ok", "ok"]
+    assert [r.exp for r in recs] == [0, 1, 2, 3, 4]  # refusals keep their rows and ids
+    assert recs[1].raw_reply == "not json" and "no valid JSON" in recs[1].reason
+    assert outcome.reason == "experiment budget spent (3)" and outcome.experiments == 3
+    assert [c.budget.experiments_left for c in proposer.contexts if c.attempt == 0] == \
+        [2, 2, 2, 1]
+
+
+def test_refusal_rows_do_not_count_toward_a_layers_patience(tmp_path: Path,
+                                                            small_workload: Path) -> None:
+    proposer = Scripted([_invalid(), _invalid(), _reply(1, max_num_seqs=64)])
+    tuner, events = _tuner(tmp_path, small_workload, proposer, max_experiments=2,
+                           patience=1)
+    tuner.run()
+    recs = tuner.run_log.records()
+    assert [(r.layer, r.status) for r in recs] == [(1, "ok"), (1, "invalid"),
+                                                   (1, "invalid"), (1, "ok")]
+    assert recs[3].recipe["config"] == {"max_num_seqs": 64}
+    assert events.of(LayerEscalated) == []
+    assert tuner.state.active_layer(tuner.s, set()) == (1 if recs[3].kept else 2)
+
+
+def test_an_agent_refused_again_and_again_stops_the_run_resumably(
+        tmp_path: Path, small_workload: Path) -> None:
+    proposer = Scripted([_invalid("x" * 10)] * (MAX_REFUSALS_IN_A_ROW + 5))
+    tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=20)
+    with pytest.raises(AgentError, match=rf"refused {MAX_REFUSALS_IN_A_ROW} times in a "
+                                         r"row.*tune resume --run-dir .* --llm builtin"):
+        tuner.run()
+    recs = tuner.run_log.records()
+    assert [r.status for r in recs] == ["ok"] + ["invalid"] * MAX_REFUSALS_IN_A_ROW
+    assert len(proposer.contexts) == MAX_REFUSALS_IN_A_ROW
+    assert not (tuner.run_log.path / "completed.json").exists()
+
+
+def test_a_run_stopped_by_refusals_resumes_with_its_whole_budget(
+        tmp_path: Path, small_workload: Path) -> None:
+    first, _ = _tuner(tmp_path, small_workload, Scripted([_invalid()] * 9),
+                      max_experiments=3)
+    with pytest.raises(AgentError):
+        first.run()
+    first.run_log.close()
+    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(1, max_num_seqs=32)])
+    resumed, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=3,
+                        reopen=first.run_log.path)
+    outcome = resumed.run()
+    recs = resumed.run_log.records()
+    assert [r.status for r in recs] == ["ok"] + ["invalid"] * MAX_REFUSALS_IN_A_ROW + \
+        ["ok", "ok"]
+    assert [r.exp for r in recs] == list(range(len(recs)))
+    assert outcome.experiments == 3 and outcome.reason == "experiment budget spent (3)"
+    assert proposer.contexts[0].budget.experiments_left == 2
+
+
+def test_a_measured_experiment_resets_the_refusal_count(tmp_path: Path,
+                                                         small_workload: Path) -> None:
+    streak = [_invalid()] * (MAX_REFUSALS_IN_A_ROW - 1)
+    proposer = Scripted([*streak, _reply(1, max_num_seqs=64), *streak,
+                         _reply(1, max_num_seqs=32)])
+    tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=3, patience=10)
+    assert tuner.run().reason == "experiment budget spent (3)"
+    assert len(tuner.run_log.records()) == 3 + 2 * (MAX_REFUSALS_IN_A_ROW - 1)
 
 
 def test_repeat_of_a_tried_recipe_is_refused(tmp_path: Path, small_workload: Path) -> None:
@@ -348,3 +433,68 @@ def test_a_baseline_whose_requests_failed_is_not_the_reference(tmp_path: Path,
     assert tuner.state.reference == recs[1].metrics
     assert tuner.state.best.id == recs[1].recipe_id
     assert proposer.contexts[0].best_score is None
+
+
+class BlindProbe:
+    """The simulator's accuracy, except that the baseline's reference cannot be captured
+    (as when the baseline server fails the probe), so nothing can be scored after it."""
+
+    def __init__(self, sim: SimulatedEngine) -> None:
+        self.sim = sim
+
+    def reference(self, server: Any) -> dict[str, Any]:
+        raise QualityError("the baseline server failed the accuracy reference: /tokenize "
+                           "answered HTTP 500: boom; its server log says why")
+
+    def accuracy(self, server: Any, reference: dict[str, Any] | None) -> QualityScore | None:
+        return None if reference is None else self.sim.accuracy(server, reference)
+
+
+class GreedyProbe(BlindProbe):
+    """The simulator's accuracy, measured as by a server that refuses teacher forcing."""
+
+    def reference(self, server: Any) -> dict[str, Any]:
+        return {"method": "greedy_match", "prompts": [[1]], "continuations": [[2]],
+                "fallback": "teacher forcing refused: HTTP 400"}
+
+    def accuracy(self, server: Any, reference: dict[str, Any] | None) -> QualityScore | None:
+        return QualityScore(agreement=self.sim.agreement(server), method="greedy_match")
+
+
+def _on_a100(probe: type[BlindProbe]) -> tuple[Any, Any, Any]:
+    hw = gpu_spec("A100-80GB").hardware()
+    space = KnobSpace(hw, profile(MODEL_8B), simulated=True)
+    sim = SimulatedEngine(hw, gpu_spec("A100-80GB"), space.model, space, seed=1)
+    return sim, sim, probe(sim)
+
+
+def test_without_an_accuracy_reference_a_lossy_change_is_never_kept(
+        tmp_path: Path, small_workload: Path) -> None:
+    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(2, quant_method="w8a8_int8")])
+    tuner, events = _tuner(tmp_path, small_workload, proposer, engine=_on_a100(BlindProbe),
+                           gpu="A100-80GB", max_experiments=3, max_config_experiments=1)
+    tuner.run()
+    base, serving_change, quant = tuner.run_log.records()
+    assert base.kept and base.accuracy is None and base.accuracy_method is None
+    assert base.reason.startswith("baseline: vLLM's defaults on this hardware; accuracy "
+                                  "not measured: the baseline server failed")
+    notes = [e.text for e in events.of(Note) if "accuracy" in e.text]
+    assert notes == [f"experiment 0: {base.reason.split('; ', 1)[1]}"]
+    assert "no accuracy figure" not in serving_change.decision  # speed alone may judge it
+    assert quant.accuracy is None and not quant.kept and quant.score is not None
+    assert quant.score > 1.5  # far faster, and still refused
+    assert quant.decision.startswith("no accuracy figure: quant_method can alter outputs")
+
+
+def test_the_accuracy_method_is_recorded_and_a_fallback_said_once(
+        tmp_path: Path, small_workload: Path) -> None:
+    proposer = Scripted([_reply(2, quant_method="w8a8_int8")])
+    tuner, events = _tuner(tmp_path, small_workload, proposer, engine=_on_a100(GreedyProbe),
+                           gpu="A100-80GB", max_experiments=2, start_layer=2)
+    tuner.run()
+    base, quant = tuner.run_log.records()
+    assert (base.accuracy_method, quant.accuracy_method) == ("greedy_match", "greedy_match")
+    assert quant.accuracy is not None and "no accuracy figure" not in quant.decision
+    notes = [e.text for e in events.of(Note) if "accuracy" in e.text]
+    assert len(notes) == 1 and notes[0].startswith(
+        "experiment 0: accuracy by greedy token match (teacher forcing refused: HTTP 400)")

@@ -1,7 +1,8 @@
 """Tests for aevyra_forge.measure.accuracy: the reference capture and teacher-forced scoring against
 the fake vLLM server's toy model (tests/fake_vllm.py), whose `logit_noise` stands in for
-a lossy config; malformed answers through httpx.MockTransport; and one engine test
-against real vLLM on CPU (`pytest -m engine`)."""
+a lossy config, and whose `refuse_prompt_logprobs` forces the greedy-match fallback;
+malformed answers through httpx.MockTransport; and one engine test against real vLLM on
+CPU (`pytest -m engine`)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aevyra_forge.core.values import QualityScore
 from aevyra_forge.core.workload import Message, Request, Workload
 from aevyra_forge.measure.accuracy import (
     Accuracy,
     QualityError,
     Reference,
+    VllmQualityProbe,
     capture_reference,
+    matched_prefix,
+    reference_quality,
     sample_requests,
     score_against,
 )
@@ -160,6 +165,85 @@ def test_a_lossy_model_scores_clearly_lower(reference: Reference) -> None:
     assert 0.6 < mild.agreement < 0.97 and mild.logprob_shift < 0
     assert lossy.agreement < 0.4 and lossy.logprob_shift < -0.5
     assert lossy.positions == reference.positions
+
+
+# -- greedy match, where teacher forcing is refused -------------------------------------------
+
+@pytest.fixture
+def greedy_reference() -> Reference:
+    with FakeVllm(FakeConfig(length_policy="clamp", refuse_prompt_logprobs=True)) as base:
+        return capture_reference(base.url, MODEL, REQUESTS)
+
+
+def test_a_server_refusing_prompt_logprobs_gives_a_greedy_match_reference(
+        greedy_reference: Reference) -> None:
+    ref, lm = greedy_reference, FakeLm()
+    assert ref.method == "greedy_match" and ref.lines == [1, 2, 3, 4, 5]
+    assert ref.fallback.startswith("teacher forcing refused: /v1/completions answered "
+                                   "HTTP 400: prompt_logprobs is not supported")
+    assert ref.logprobs == [] and ref.top_tokens == []
+    for ids, cont in zip(ref.prompts, ref.continuations, strict=True):
+        assert cont == lm.greedy(ids, len(cont), ignore_eos=False)
+    assert ref.self_agreement == 1.0  # the baseline asked again answers the same
+    assert Reference.model_validate_json(ref.model_dump_json()) == ref
+
+
+def test_greedy_match_scores_the_tokens_before_the_first_divergence(
+        greedy_reference: Reference) -> None:
+    with candidate(0.0, refuse_prompt_logprobs=True) as same:
+        acc = score_against(same.url, MODEL, greedy_reference)
+    assert acc.ok and acc.method == "greedy_match"
+    assert (acc.agreement, acc.logprob_shift) == (1.0, None)
+    assert acc.positions == greedy_reference.positions
+    with candidate(1.0, refuse_prompt_logprobs=True) as lossy:
+        acc = score_against(lossy.url, MODEL, greedy_reference)
+        outputs = [FakeLm(noise=1.0).greedy(ids, len(cont), ignore_eos=False)
+                   for ids, cont in zip(greedy_reference.prompts,
+                                        greedy_reference.continuations, strict=True)]
+    expected = sum(matched_prefix(out, cont) for out, cont in zip(
+        outputs, greedy_reference.continuations, strict=True))
+    assert acc.agreement == expected / greedy_reference.positions < 0.5
+    # positionwise, later coincidences would count as well; before divergence they do not
+    assert acc.agreement <= sum(a == b for out, cont in zip(
+        outputs, greedy_reference.continuations, strict=True)
+        for a, b in zip(out, cont, strict=True)) / greedy_reference.positions
+
+
+@given(st.lists(st.integers(0, 3), max_size=12), st.lists(st.integers(0, 3), max_size=12))
+def test_matched_prefix_counts_up_to_the_first_difference(a: list[int], b: list[int]) -> None:
+    n = matched_prefix(a, b)
+    assert a[:n] == b[:n] and n <= min(len(a), len(b))
+    assert n == min(len(a), len(b)) or a[n] != b[n]
+
+
+def test_the_probe_says_which_method_and_raises_when_nothing_can_be_captured(
+        greedy_reference: Reference) -> None:
+    wl = Workload(path="w.jsonl", sha256="0" * 64, requests=tuple(REQUESTS))
+    probe = VllmQualityProbe(wl, samples=len(REQUESTS))
+    with FakeVllm(FakeConfig(length_policy="clamp", refuse_prompt_logprobs=True)) as base:
+        server = _Served(base.url)
+        captured = probe.reference(server)
+        score = probe.accuracy(server, captured)
+    assert captured["method"] == "greedy_match"
+    assert score == QualityScore(agreement=1.0, positions=greedy_reference.positions,
+                                 method="greedy_match")
+    own, warning = reference_quality(captured)
+    assert own.method == "greedy_match" and own.agreement == 1.0
+    assert warning.startswith("accuracy by greedy token match (teacher forcing refused: ")
+    assert reference_quality({"prompts": []}) == (
+        QualityScore(agreement=1.0, logprob_shift=0.0), "")
+    down = FakeVllm()
+    url = down.start_in_thread()
+    down.stop()
+    with pytest.raises(QualityError, match="connection error"):
+        probe.reference(_Served(url))
+
+
+class _Served:
+    """A live server as the probe sees it."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.served_model = url, MODEL
 
 
 # -- lengths ----------------------------------------------------------------------------------
@@ -353,6 +437,10 @@ def test_reference_json_round_trip(reference: Reference) -> None:
     {"prompts": [[]], "continuations": [[2]], "logprobs": [[-1.0]]},
     {"prompts": [[1]], "continuations": [[2]], "logprobs": [[-1.0]], "lines": [1, 2]},
     {"prompts": [[1]], "continuations": [[2]], "logprobs": [[-1.0]], "extra": 1},
+    {"method": "greedy_match", "prompts": [[1]], "continuations": [[2]],
+     "logprobs": [[-1.0]]},
+    {"method": "greedy_match", "prompts": [[1]], "continuations": [[]]},
+    {"method": "sampled", "prompts": [[1]], "continuations": [[2]]},
 ])
 def test_reference_rejects_misaligned_samples(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):

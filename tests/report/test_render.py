@@ -174,3 +174,19 @@ def test_table_panel_says_why_it_stopped_and_how_to_deploy(tmp_path: Path) -> No
     out = console.export_text()
     assert "completed: experiment budget spent (5)" in out
     assert "deploy      " in out and "vllm serve m" in out
+
+
+def test_table_fits_a_100_column_terminal_and_widens_when_there_is_room(
+        tmp_path: Path) -> None:
+    with make_run(tmp_path, HISTORY) as run:
+        group = render_table(run.path)
+    narrow = Console(record=True, width=100, file=io.StringIO())
+    narrow.print(group)
+    text = narrow.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "rationale" in text and "tok/s" in text and "throughput" not in text
+    assert " ".join(text.split()).count("Raise max_num_seqs so more decodes share") == 1
+    wide = Console(record=True, width=200, file=io.StringIO())
+    wide.print(group)
+    wide_text = wide.export_text()
+    assert "throughput" in wide_text and "┃ id" in wide_text

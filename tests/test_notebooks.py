@@ -1,0 +1,74 @@
+"""The notebooks under notebooks/ run: each is executed by a real Jupyter kernel (nbclient),
+started in notebooks/ as Jupyter starts it for a reader, with no cell raising and its
+charts drawn; the run explorer reads a fresh dry run named by FORGE_RUN."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from nbformat import NotebookNode
+
+from tests.conftest import MODEL_8B, ROOT, SAMPLE_WORKLOAD, run_cli
+
+NOTEBOOKS = ROOT / "notebooks"
+KERNEL_TIMEOUT_S = 300  # per cell; a hung kernel fails the test instead of hanging CI
+PNG_MAGIC = b"\x89PNG"
+
+
+def execute(name: str) -> NotebookNode:
+    """The notebook after a kernel ran every cell; a cell that raises fails the test with
+    its traceback (nbclient's CellExecutionError)."""
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(notebook, timeout=KERNEL_TIMEOUT_S, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    return notebook
+
+
+def outputs(notebook: NotebookNode) -> tuple[str, list[bytes]]:
+    """Every cell's printed text, and the PNG images the cells displayed."""
+    text, images = [], []
+    for cell in notebook.cells:
+        for out in cell.get("outputs", []):
+            assert out["output_type"] != "error", out
+            if out["output_type"] == "stream":
+                text.append(out["text"])
+            data = out.get("data", {})
+            if "text/plain" in data:
+                text.append(data["text/plain"])
+            if "image/png" in data:
+                images.append(base64.b64decode(data["image/png"]))
+    return "".join(text), images
+
+
+def test_every_notebook_is_tested() -> None:
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == ["explore_run.ipynb",
+                                                                 "quickstart.ipynb"]
+
+
+def test_quickstart_tunes_and_charts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FORGE_WORKLOAD", raising=False)  # its default: the sample workload
+    text, images = outputs(execute("quickstart.ipynb"))
+    assert "12 experiments in 001_" in text
+    assert "Deploy recipe " in text and "vllm serve " + MODEL_8B in text
+    assert len(images) == 1 and images[0].startswith(PNG_MAGIC)
+
+
+def test_the_explorer_reads_the_run_named_by_forge_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / ".forge"
+    code, _, err = run_cli(["tune", "--dry-run", "--model", MODEL_8B, "--workload",
+                            str(SAMPLE_WORKLOAD), "--llm", "builtin", "--max-experiments", "6",
+                            "--run-dir", str(store)], capsys)
+    assert code == 0, err
+    monkeypatch.setenv("FORGE_RUN", str(store))
+    text, images = outputs(execute("explore_run.ipynb"))
+    run = next((store / "runs").glob("001_*"))
+    assert f"{run}: {MODEL_8B} on " in text
+    assert "6 experiments (finished: " in text
+    assert "\n  5 L" in text  # the last experiment's row of the table
+    assert len(images) == 1 and images[0].startswith(PNG_MAGIC)
