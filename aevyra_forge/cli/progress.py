@@ -135,10 +135,12 @@ def experiment_line(rec: ExperimentRecord) -> str:
     layer = f"L{rec.layer}"
     if rec.remeasure:
         what = "incumbent again (drift check)"
-    elif rec.proposal is None:
-        what = "baseline"
-    else:
+    elif rec.proposal is not None:
         what = ", ".join(f"{k}={v}" for k, v in rec.proposal.changes.items())
+    elif rec.exp == 0:
+        what = "baseline"
+    else:  # a refused reply that held no usable proposal
+        what = "(no usable proposal)"
     if rec.status == "ok" and rec.metrics is not None:
         mark = ("[green]kept[/]" if rec.kept
                 else f"[dim]reverted[/] ({escape(rec.decision or 'no reason recorded')})")

@@ -24,6 +24,7 @@ MIB_BYTES = 1024 * 1024
 NVIDIA_FIELDS = ("index", "name", "memory.total", "compute_cap", "driver_version", "uuid")
 # Drivers older than the 510 series do not know `compute_cap` (nvidia-smi exits 2 saying
 # the field "is not a valid field to query"); then the catalogue supplies it.
+MEMORY_FIELDS = ("index", "uuid", "memory.used")  # the busy check and the release wait
 NVIDIA_FIELDS_OLD = tuple(f for f in NVIDIA_FIELDS if f != "compute_cap")
 NVIDIA_RC_NO_DRIVER = 9  # "couldn't communicate with the NVIDIA driver"
 NVIDIA_RC_NO_DEVICES = 6  # "No devices were found"
@@ -91,16 +92,27 @@ def _run(tool: str, args: tuple[str, ...], env: Mapping[str, str]) -> _Answer | 
 
 
 def memory_used_mib(device: Device, env: Mapping[str, str] | None = None) -> int | None:
-    """Accelerator memory in use over all GPUs (MiB), for waiting until a torn-down
-    server has released it; None when it cannot be read (or on the CPU)."""
+    """Accelerator memory in use (MiB) over the GPUs this process may use (on NVIDIA, those
+    CUDA_VISIBLE_DEVICES exposes), for the busy-GPU check and for waiting until a torn-down
+    server has released it; None when it cannot be read (or on the CPU). On ROCm it is
+    the sum over every card."""
     env = os.environ if env is None else env
     try:
         if device == "cuda":
-            ans = _run("nvidia-smi", ("--query-gpu=memory.used",
-                                      "--format=csv,noheader,nounits"), env)
+            ans = _run("nvidia-smi", _nvidia_args(MEMORY_FIELDS), env)
             if ans is None or ans.rc != 0:
                 return None
-            return sum(int(float(v)) for v in ans.out.split() if v.strip())
+            listed = []
+            for line in ans.out.splitlines():
+                if not line.strip():
+                    continue
+                index, uuid, used = (p.strip() for p in line.split(","))
+                # only the index and the memory matter here; the uuid lets _select
+                # follow CUDA_VISIBLE_DEVICES entries given as UUIDs
+                listed.append((GpuInfo(index=int(index), name=uuid,
+                                       memory_mib=int(float(used))), uuid))
+            chosen = _select(listed, env.get("CUDA_VISIBLE_DEVICES"))
+            return sum(gpu.memory_mib for gpu, _ in chosen)
         if device == "rocm":
             ans = _run("rocm-smi", ("--showmeminfo", "vram", "--json"), env)
             data = _json_object(ans.out) if ans is not None else None

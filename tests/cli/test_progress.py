@@ -67,7 +67,7 @@ def test_phases_are_plain_lines_off_a_terminal_and_a_resume_counts_what_was_done
                                         boot_s=600.0)))
     lines = buf.getvalue().splitlines()
     assert lines[1:3] == ["0:01:05 exp 4: boot", "0:01:05 exp 4: bench pass 2/5"]
-    assert lines[3].startswith("exp   4 L1 baseline") and "crash: CUDA error" in lines[3]
+    assert lines[3].startswith("exp   4 L1 ") and "crash: CUDA error" in lines[3]
     assert "5/12 done, ETA ~0:10:00]" in lines[3]  # 3000 s spent of 3600: one more fits
 
 
@@ -83,3 +83,12 @@ def test_on_a_terminal_the_phase_is_one_live_line_that_ends_with_the_experiment(
     printer.notify(TrialFinished(record(0, kept=True)))
     assert printer.status is None
     assert "exp   0 L1 baseline" in buf.getvalue()
+
+
+def test_a_refused_reply_is_not_labelled_as_the_baseline() -> None:
+    buf, clock = io.StringIO(), Clock()
+    printer = _printer(buf, clock)
+    printer.notify(TrialFinished(record(3, status="invalid", reason="no JSON object")))
+    (line,) = buf.getvalue().splitlines()
+    assert line.startswith("exp   3 L1 (no usable proposal)")
+    assert "baseline" not in line and "invalid: no JSON object" in line

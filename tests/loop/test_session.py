@@ -588,7 +588,7 @@ def _fake_nvidia_smi(folder: Path, used_mib: int) -> Path:
     tool = bin_dir / "nvidia-smi"
     tool.write_text(f"""#!/bin/sh
 case "$*" in
-  *memory.used*) echo {used_mib} ;;
+  *memory.used*) echo "0, GPU-39cd9454-0976-646a-acef-01a35ad02034, {used_mib}" ;;
   *) echo "0, Tesla T4, 15360, 7.5, 535.104.05, GPU-39cd9454-0976-646a-acef-01a35ad02034" ;;
 esac
 """)

@@ -247,10 +247,14 @@ def test_cpu_device(log: Path) -> None:
     assert calls(log) == []
 
 
-def test_memory_used_sums_every_gpu(tmp_path: Path) -> None:
+def test_memory_used_sums_the_visible_gpus(tmp_path: Path) -> None:
     tool = tmp_path / "nvidia-smi"
-    tool.write_text("#!/bin/sh\nprintf '1200\\n81000\\n'\n")
+    tool.write_text("#!/bin/sh\nprintf '0, GPU-aaaa, 1200\\n1, GPU-bbbb, 81000\\n'\n")
     tool.chmod(0o755)
     assert hardware.memory_used_mib("cuda", {"PATH": str(tmp_path)}) == 82200
+    only = {"PATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": "0"}
+    assert hardware.memory_used_mib("cuda", only) == 1200  # GPU 1's tenant is not ours
+    by_uuid = {"PATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": "GPU-bbbb"}
+    assert hardware.memory_used_mib("cuda", by_uuid) == 81000
     assert hardware.memory_used_mib("cuda", {"PATH": str(tmp_path / "none")}) is None
     assert hardware.memory_used_mib("cpu") is None
