@@ -165,6 +165,11 @@ def report(
         return
     else:
         text = render_text(_pick_run(run_dirs[0], run), format, gpu_price)
+    _emit(text, output)
+
+
+def _emit(text: str, output: Path | None) -> None:
+    """`text` to stdout, or to --output with a one-line error when it cannot be written."""
     if output is None:
         sys.stdout.write(text)
         return
@@ -201,15 +206,7 @@ def export_command(
     measured with."""
     export.check_format(as_)  # before reading the run: the cheaper mistake first
     text = export.export(export.load(run_dir, recipe), as_)
-    if output is None:
-        sys.stdout.write(text)
-        return
-    try:
-        output.write_text(text)
-    except OSError as exc:
-        raise UsageError(f"--output {output}: cannot write it ({exc.strerror}); pick a "
-                         "writable path") from None
-    err.print(f"wrote {output}", markup=False, highlight=False)
+    _emit(text, output)
 
 
 @playbook_app.command("show")
