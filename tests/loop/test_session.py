@@ -171,6 +171,14 @@ def _until_first_experiment(proc: subprocess.Popen[str], budget: int) -> None:
     raise AssertionError("the run printed no experiment line")
 
 
+def _drop_reader_and_hang_up(proc: subprocess.Popen[str]) -> None:
+    """What a dropped SSH session does: the reader of the output goes, then SIGHUP."""
+    assert proc.stderr is not None and proc.stdout is not None
+    proc.stderr.close()
+    proc.stdout.close()
+    proc.send_signal(signal.SIGHUP)
+
+
 def test_sighup_with_the_reader_gone_exits_130(tmp_path: Path, small_workload: Path) -> None:
     """A dropped SSH session: the terminal's reader goes away, then SIGHUP arrives. The run
     stops as on Ctrl-C (exit 130, resumable), whichever the process meets first."""
@@ -179,10 +187,7 @@ def test_sighup_with_the_reader_gone_exits_130(tmp_path: Path, small_workload: P
                             stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     _until_first_experiment(proc, LONG)
-    assert proc.stderr is not None and proc.stdout is not None
-    proc.stderr.close()
-    proc.stdout.close()
-    proc.send_signal(signal.SIGHUP)
+    _drop_reader_and_hang_up(proc)
     assert proc.wait() == 130
     (run,) = sorted((run_dir / "runs").glob("0*"))
     assert not (run / "completed.json").exists()
@@ -221,10 +226,7 @@ def test_nohup_run_outlives_its_reader(tmp_path: Path, small_workload: Path) -> 
                             stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     _until_first_experiment(proc, BUDGET)
-    assert proc.stderr is not None and proc.stdout is not None
-    proc.stderr.close()
-    proc.stdout.close()
-    proc.send_signal(signal.SIGHUP)
+    _drop_reader_and_hang_up(proc)
     assert proc.wait() == 0
     (run,) = sorted((run_dir / "runs").glob("0*"))
     assert (run / "completed.json").exists()
