@@ -84,6 +84,124 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    if False:\n",
         "tests/decide/test_rules.py::"
         "test_a_change_that_can_alter_outputs_needs_an_accuracy_figure"),
+    Mutation(
+        "sequential-keep-at-the-final-confidence", "aevyra_forge/decide/stats.py",
+        "    strict = relative_interval(candidate, incumbent, confidence=interim_confidence,",
+        "    strict = relative_interval(candidate, incumbent, confidence=0.5,",
+        "tests/decide/test_stats.py::"
+        "test_a_clearly_better_or_worse_candidate_stops_after_two_passes"),
+    Mutation(
+        "sequential-drop-without-the-final-bar", "aevyra_forge/decide/stats.py",
+        "math.log1p(now.high) < math.log1p(threshold) + final:",
+        "math.log1p(now.high) < math.log1p(threshold):",
+        "tests/decide/test_stats.py::"
+        "test_a_clearly_better_or_worse_candidate_stops_after_two_passes"),
+    Mutation(
+        "diagnosis-memory-inert-despite-preemptions", "aevyra_forge/decide/diagnosis.py",
+        '    roomy = ev.get("num_preemptions", 0.0) == 0 and (',
+        "    roomy = (",
+        "tests/decide/test_diagnosis.py::"
+        "test_preemptions_bind_the_kv_cache_whatever_else_was_seen"),
+    Mutation(
+        "diagnosis-seqs-cap-below-concurrency", "aevyra_forge/decide/diagnosis.py",
+        '            knob="max_num_seqs", at_least=c,',
+        '            knob="max_num_seqs", at_least=c / 2,',
+        "tests/decide/test_diagnosis.py::"
+        "test_a_cap_above_the_requests_in_flight_is_inert_and_one_below_is_not"),
+    Mutation(
+        "builtin-plays-nil-moves", "aevyra_forge/agent/builtin.py",
+        "            why = _nil(_diagnosis(ctx), changes) or _off_lever(ctx, changes)\n",
+        "            why = None\n",
+        "tests/agent/test_builtin.py::"
+        "test_moves_the_diagnosis_proves_nil_are_skipped_with_the_reason"),
+    Mutation(
+        "builtin-ignores-synonyms", "aevyra_forge/decide/diagnosis.py",
+        '    if knob == "kv_cache_dtype" and space.hw.device == "cuda":',
+        '    if knob == "kv_cache_dtype" and space.hw.device == "none":',
+        "tests/decide/test_diagnosis.py::"
+        "test_fp8_kv_cache_names_are_one_value_on_nvidia_only"),
+    Mutation(
+        "pass-isolation-ignores-the-hit-rates", "aevyra_forge/measure/isolation.py",
+        "        r is not None and r - rates[0] > HIT_RATE_RISE for r in rates[1:])",
+        "        r is not None and r - rates[0] > 1.0 for r in rates[1:])",
+        "tests/measure/test_isolation.py::"
+        "test_a_later_pass_hitting_the_first_ones_cache_is_a_leak"),
+    Mutation(
+        "pass-isolation-never-falls-back", "aevyra_forge/measure/client.py",
+        "    if not config.isolation_fallback:\n",
+        "    if True:\n",
+        "tests/measure/test_isolation.py::"
+        "test_an_ignored_salt_falls_back_to_resetting_the_cache"),
+    Mutation(
+        "unproven-kernel-plugin-is-measured", "aevyra_forge/engine/executor.py",
+        "            if refused:  # what was asked",
+        "            if False:  # what was asked",
+        "tests/engine/test_executor.py::"
+        "test_a_chosen_kernel_plugin_that_left_no_proof_is_a_failed_boot_not_benched"),
+    Mutation(
+        "installed-plugins-load-in-the-baseline", "aevyra_forge/engine/launcher.py",
+        '"DO_NOT_TRACK": "1", "VLLM_PLUGINS": ""}',
+        '"DO_NOT_TRACK": "1"}',
+        "tests/space/test_plugins.py::"
+        "test_an_installed_plugin_leaves_the_baseline_byte_identical"),
+    Mutation(
+        "plugin-proof-not-read", "aevyra_forge/space/plugins.py",
+        "    if hits:\n        return None\n",
+        "    if True:\n        return None\n",
+        "tests/space/test_plugins.py::test_a_chosen_plugin_without_its_proof_line_is_unproven"),
+    Mutation(
+        "plugin-requirements-not-checked", "aevyra_forge/space/plugins.py",
+        "        if missing or absent:",
+        "        if False:",
+        "tests/space/test_plugins.py::test_a_candidate_vllm_cannot_load_is_not_offered"),
+    Mutation(
+        "a-knob-that-needs-another-applies-alone", "aevyra_forge/space/knob_space.py",
+        "                    and self.value(recipe, needed) == self.default(needed)):",
+        "                    and False):",
+        "tests/space/test_knob_space.py::test_speculative_tokens_come_and_go_with_the_method"),
+    Mutation(
+        "a-round-judged-against-the-incumbent-of-the-moment", "aevyra_forge/loop/tuner.py",
+        "        inc = against or st.incumbent()\n",
+        "        inc = st.incumbent()\n",
+        "tests/loop/test_rounds.py::test_a_round_is_judged_against_its_start_and_its_best_leads"),
+    Mutation(
+        "a-later-finisher-of-a-round-kept-though-beaten", "aevyra_forge/loop/tuner.py",
+        "        elif kept and rival is not None and",
+        "        elif False and rival is not None and",
+        "tests/loop/test_rounds.py::test_a_round_is_judged_against_its_start_and_its_best_leads"),
+    Mutation(
+        "a-gpu-judged-against-another-gpus-passes", "aevyra_forge/loop/state.py",
+        "        return self.passes_on.get(worker, self.passes) if worker else self.passes\n",
+        "        return self.passes\n",
+        "tests/loop/test_rounds.py::"
+        "test_each_gpu_judges_against_the_incumbent_as_it_measured_it"),
+    Mutation(
+        "builtin-proposes-a-move-already-chosen-for-the-round", "aevyra_forge/agent/builtin.py",
+        "        seen = ctx.tried_ids | ctx.pending_ids | {ctx.best.id}\n",
+        "        seen = ctx.tried_ids | {ctx.best.id}\n",
+        "tests/agent/test_builtin.py::test_a_round_gets_distinct_moves_none_of_them_pending"),
+    Mutation(
+        "cpu-gate-ignores-the-instruction-set", "aevyra_forge/space/quant.py",
+        "        missing = sorted(serving.cpu_isa - set(hw.cpu_isa))\n",
+        "        missing: list[str] = []\n",
+        "tests/space/test_quant.py::test_checkpoints_served_here"),
+    Mutation(
+        "hub-keeps-siblings-this-host-cannot-serve", "aevyra_forge/space/hub.py",
+        "    if refusal:\n        return f\"{parsed['method']} is not served here: {refusal}\"\n",
+        "",
+        "tests/space/test_hub.py::test_an_avx2_cpu_drops_the_4bit_sibling_with_the_reason"),
+    Mutation(
+        "a-refused-candidate-is-offered-again", "aevyra_forge/loop/tuner.py",
+        "            gone = self.space.refuse_quant(recipe_from_dict(recipe), m.reason)",
+        "            gone = None",
+        "tests/loop/test_tuner.py::"
+        "test_a_candidate_this_host_refuses_at_boot_is_not_offered_again"),
+    Mutation(
+        "a-cached-checkpoint-is-written-again", "aevyra_forge/engine/prepare.py",
+        "        if (quant.out / MANIFEST).is_file():\n",
+        "        if False:\n",
+        "tests/engine/test_executor.py::"
+        "test_a_prepared_checkpoint_is_reused_and_its_time_recorded"),
 )
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,6 +3,10 @@ record with sensible defaults, and a recipe that sets something in every section
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from aevyra_forge.core.recipe import KernelSettings, QuantSettings, Recipe
@@ -46,3 +50,22 @@ def full_recipe() -> Recipe:
                               compilation_config={"cudagraph_mode": "PIECEWISE", "level": 3},
                               env={"VLLM_CPU_KVCACHE_SPACE": "8"}),
     )
+
+
+DEMO_PLUGIN = Path(__file__).resolve().parents[1] / "examples" / "forge_kernel_demo"
+
+
+def install_demo_plugin(site: Path) -> Path:
+    """Install examples/forge_kernel_demo into the folder `site` the way an installer
+    lays a package out (its code, and setuptools' own metadata with the entry points),
+    touching no environment: a process with `site` on its path (PYTHONPATH, sys.path)
+    sees the plug-in through importlib.metadata, one without it does not."""
+    site.mkdir(parents=True, exist_ok=True)
+    src = site.parent / f"{site.name}-build"
+    shutil.copytree(DEMO_PLUGIN, src, ignore=shutil.ignore_patterns("*.egg-info", "build"))
+    subprocess.run([sys.executable, "-W", "ignore", "-c", "import setuptools; setuptools.setup()",
+                    "-q", "egg_info", "--egg-base", str(site)], cwd=src, check=True,
+                   capture_output=True)
+    shutil.copytree(src / "forge_kernel_demo", site / "forge_kernel_demo")
+    shutil.rmtree(src)
+    return site

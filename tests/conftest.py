@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from aevyra_forge.cli import main
+
+# Nothing is downloaded at test time: real (non-dry) runs look on the Hub for quantized
+# siblings, so the suite and the processes it starts run offline; tests/space/test_hub.py
+# turns it back on for its fake Hub on 127.0.0.1.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_WORKLOAD = ROOT / "examples" / "sample_workload.jsonl"
@@ -49,5 +55,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
     for name, module in list(sys.modules.items()):
         figures = getattr(module, "FIGURES", None)
-        if name.endswith("test_engine") and figures:
-            terminalreporter.write_line("engine figures: " + json.dumps(figures, indent=1))
+        if name.rsplit(".", 1)[-1].startswith("test_real_vllm") and figures:
+            terminalreporter.write_line(f"engine figures ({name}): "
+                                        + json.dumps(figures, indent=1))

@@ -118,6 +118,8 @@ class FakeProvider:
         self._closing = threading.Event()
         self._held: set[socket.socket] = set()  # connections of requests on Hang
         self.hung_up = threading.Event()  # a client gave up on a held request
+        self.models_reply: Fail | None = None  # GET /v1/models: the list, or this error
+        self.models_asked: list[dict[str, str]] = []  # the headers of each models-list call
         self._server = _Server(("127.0.0.1", 0), _handler_for(self))
         # A short poll interval keeps shutdown (and so each test's teardown) quick.
         self._thread = threading.Thread(target=self._server.serve_forever,
@@ -193,6 +195,24 @@ def _handler_for(fake: FakeProvider) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format: str, *args: Any) -> None:
             del format, args
+
+        def do_GET(self) -> None:
+            """The models list (both SDKs: GET /v1/models), the cheap reachability check;
+            one body both SDKs parse. Not recorded with the chat requests."""
+            if not self.path.split("?")[0].endswith("/models"):
+                self._send(404, {"error": {"message": f"no route {self.path}"}})
+                return
+            fake.models_asked.append({k.lower(): v for k, v in self.headers.items()})
+            fail = fake.models_reply
+            if fail is not None:
+                wire: Wire = "anthropic" if "x-api-key" in self.headers else "openai"
+                self._send(fail.status, _error(wire, fail), fail.headers)
+                return
+            model = {"id": "fake-model", "object": "model", "type": "model", "created": 0,
+                     "owned_by": "fake", "display_name": "Fake",
+                     "created_at": "2026-01-01T00:00:00Z"}
+            self._send(200, {"object": "list", "data": [model], "has_more": False,
+                             "first_id": "fake-model", "last_id": "fake-model"})
 
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length", "0"))

@@ -76,6 +76,11 @@ class FakeConfig:
     #                             header "Authorization: Bearer <key>"
     refuse_prompt_logprobs: bool = False  # HTTP 400 for any request with prompt_logprobs,
     #                                       like a vLLM or config that cannot teacher-force
+    ignore_cache_salt: bool = False  # prefix-cache blocks shared across salts, like a
+    #                                  server (or an older vLLM) that ignores cache_salt
+    prefill_s_per_token: float = 0.0  # extra "prefill" delay per prompt token not served
+    #                                   from the prefix cache, so cached prompts run faster
+    dev_mode: bool = False  # POST /reset_prefix_cache served, like VLLM_SERVER_DEV_MODE=1
 
 
 @dataclass
@@ -238,6 +243,7 @@ class FakeVllm:
         self.generation_requests = 0
         self.counters = _Counters()
         self._seen_blocks: set[bytes] = set()
+        self.cache_resets = 0
         self._lm: FakeLm | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -329,7 +335,8 @@ class FakeVllm:
         finally:
             try:
                 writer.close()
-                with contextlib.suppress(Exception):
+                # a connection still open when the server stops is cancelled here
+                with contextlib.suppress(Exception, asyncio.CancelledError):
                     await writer.wait_closed()
             finally:
                 self._tasks.discard(task)  # only now: close() must await the closing too
@@ -380,6 +387,12 @@ class FakeVllm:
                 "owned_by": "vllm", "root": self.config.model, "parent": None,
                 "max_model_len": self.config.max_model_len}]}
             await _send(writer, 200, json.dumps(data).encode(), keep_alive)
+        elif path == "/reset_prefix_cache" and self.config.dev_mode:
+            if method != "POST":
+                raise HttpError(405, "Method Not Allowed")
+            self.cache_resets += 1
+            self._seen_blocks.clear()
+            await _send(writer, 200, json.dumps({"success": True}).encode(), keep_alive)
         elif path == "/metrics":
             await _send(writer, 200, self.metrics_text().encode(), keep_alive,
                         "text/plain; version=0.0.4; charset=utf-8")
@@ -504,7 +517,8 @@ class FakeVllm:
         """Full leading blocks already seen under the same cache_salt, like vLLM's
         chained block hashes."""
         words = prompt_text(body).split()
-        digest = hashlib.sha256(str(body.get("cache_salt", "")).encode()).digest()
+        salt = "" if self.config.ignore_cache_salt else str(body.get("cache_salt", ""))
+        digest = hashlib.sha256(salt.encode()).digest()
         hits, hitting = 0, True
         for start in range(0, len(words) - BLOCK_TOKENS + 1, BLOCK_TOKENS):
             block = " ".join(words[start:start + BLOCK_TOKENS]).encode()
@@ -540,7 +554,8 @@ class FakeVllm:
             c.preemptions += 1
         c.prompt_tokens += n_prompt
         c.prefix_queries += n_prompt
-        c.prefix_hits += self._prefix_hits(body, n_prompt)
+        hits = self._prefix_hits(body, n_prompt)
+        c.prefix_hits += hits
         c.live_tokens += n_prompt
         generated = 0
         released = False
@@ -551,7 +566,8 @@ class FakeVllm:
                     else "text_completion", "created": int(time.time()),
                     "model": cfg.model}
             per_chunk = max(cfg.tokens_per_chunk, int(body.get("stream_interval") or 1))
-            instant = cfg.token_delay_s <= 0 and cfg.first_token_delay_s <= 0
+            prefill_s = cfg.first_token_delay_s + cfg.prefill_s_per_token * (n_prompt - hits)
+            instant = cfg.token_delay_s <= 0 and prefill_s <= 0
             out: list[bytes] = []  # instant answers go out in one write
             if chat:  # vLLM opens chat streams with a role-only chunk
                 out.append(_event({**head, "choices": [{
@@ -559,7 +575,7 @@ class FakeVllm:
                     "logprobs": None, "finish_reason": None}]}))
             if not instant:
                 await _flush(writer, out)
-                await asyncio.sleep(cfg.first_token_delay_s)
+                await asyncio.sleep(prefill_s)
             while generated < n_out:
                 if cfg.stall_after_tokens is not None and \
                         c.generation_tokens >= cfg.stall_after_tokens:

@@ -17,7 +17,8 @@ LAYERS: list[str] = ["core", "testing", "space", "measure", "engine", "decide", 
 TOP_LEVEL_MODULES = {"__init__", "__main__"}
 # Entry points that talk to a terminal: the CLI package, and `python -m
 # aevyra_forge.testing.tinymodel`, which runs under the vLLM environment's Python.
-COMMAND_LINES = ("cli", "__main__", "testing.tinymodel")
+COMMAND_LINES = ("cli", "__main__", "testing.tinymodel", "testing.trained",
+                 "engine.rtn_script")
 
 
 def _prints_allowed(module: str) -> bool:

@@ -5,6 +5,7 @@ charts drawn; the run explorer reads a fresh dry run named by FORGE_RUN."""
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 import nbformat
@@ -52,7 +53,9 @@ def test_every_notebook_is_tested() -> None:
 def test_quickstart_tunes_and_charts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FORGE_WORKLOAD", raising=False)  # its default: the sample workload
     text, images = outputs(execute("quickstart.ipynb"))
-    assert "12 experiments in 001_" in text
+    # the builtin strategy stops once no move is worth a boot: 12 at most, a few at least
+    found = re.search(r"(\d+) experiments in 001_", text)
+    assert found is not None and 3 <= int(found[1]) <= 12, text[:300]
     assert "Deploy recipe " in text and "vllm serve " + MODEL_8B in text
     assert len(images) == 1 and images[0].startswith(PNG_MAGIC)
 

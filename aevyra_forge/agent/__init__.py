@@ -32,9 +32,12 @@ def make_proposer(spec: str, seed: int = 0, *, api_key: str | None = None,
                   max_dollars: float | None = None) -> Proposer:
     """The proposer for an `--llm` value: `builtin` or `provider/model`. The LLM options
     (an explicit key, a base URL, a price file, the dollar cap) only apply to the latter;
-    a missing key or SDK fails here with one line."""
+    a missing key or SDK, an unreachable provider or a refused key fail here with one
+    line, before the baseline spends GPU time."""
     factory = PROPOSERS.get(spec)
     if factory is not None:
         return factory(seed)
-    return make_llm_proposer(spec, api_key=api_key, base_url=base_url, prices=prices,
-                             max_dollars=max_dollars)
+    proposer = make_llm_proposer(spec, api_key=api_key, base_url=base_url, prices=prices,
+                                 max_dollars=max_dollars)
+    proposer.preflight()
+    return proposer

@@ -42,6 +42,12 @@ class AgentContext:
     attempt: int = 0  # 0 on the first ask for this experiment, then 1, 2... on re-asks
     objective: Objective = "throughput"  # what the score measures (--objective)
     slo: Slo | None = None  # the bounds every kept config must meet (--slo)
+    # Several workers: proposals wanted from this ask (an LLM gives them in one reply; a
+    # strategy may give fewer and be asked again), and the trials already chosen for this
+    # round (their proposals and recipe ids), which must not be proposed again.
+    want: int = 1
+    pending: tuple[Proposal, ...] = ()
+    pending_ids: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,11 @@ class ProposalReply:
     raw: str | None = None
     usage: LLMUsage = field(default_factory=LLMUsage)
     error: str | None = None  # the reply could not be used (invalid after re-asks)
+    more: tuple[Proposal, ...] = ()  # further proposals, when ctx.want asked for several
+
+    @property
+    def proposals(self) -> tuple[Proposal, ...]:
+        return ((self.proposal,) if self.proposal is not None else ()) + self.more
 
 
 class BudgetExceeded(Exception):

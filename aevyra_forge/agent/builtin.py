@@ -1,55 +1,78 @@
 """The offline strategy (`--llm builtin`): deterministic for a given seed, no network.
 
 It first fixes a context that cannot boot (vLLM names the largest max_model_len that
-fits), then plays the playbook's first moves for the active layer, then runs a
-model-based local search. We do not use a global optimiser such as TPE: the loop's
-contract is ONE mutation of the incumbent per experiment, and a sampler that proposes
-whole points would change every knob at once and make each keep/revert unexplainable.
-Instead each candidate is a single-knob move from the incumbent, ranked by an upper
-confidence bound from a kernel-regression surrogate of past moves on that knob, and moves
-at or beyond a value that crashed are treated as infeasible."""
+fits) and repairs a config that does not boot from vLLM's hint (agent/repair.py). Once a
+config served, a model of vLLM (agent/engine_model.py: the simulator calibrated on the
+run's reference) ranks every single-knob move of the active layer, and the playbook's combined
+ones, by predicted gain plus an uncertainty learned from its misses; a move is proposed
+only when that clears the gain the keep rule can confirm. Without a model (the CPU
+build, an unknown GPU) it plays the playbook's first moves, then a kernel-regression
+search (agent/surrogate.py). Every path skips moves the baseline's diagnosis
+(decide/diagnosis.py) proves nil, saying why in the next proposal's rationale, treats
+synonyms on this hardware (fp8 and fp8_e4m3 KV caches on NVIDIA, a dtype and the `auto`
+that resolves to it) as one value, and in layer 1 tries only knobs that act on the
+binding resource, so a layer whose levers are spent escalates early.
+
+We do not use a global optimiser such as TPE: the loop's contract is ONE mutation of the
+incumbent per experiment, and a sampler that proposes whole points would change every
+knob at once and make each keep/revert unexplainable."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 
 from aevyra_forge.agent.base import AgentContext, ProposalReply
-from aevyra_forge.core.errors import KnobError
-from aevyra_forge.core.values import ExperimentRecord, Proposal, Scalar
-from aevyra_forge.space.knob_space import KNOBS, Knob
+from aevyra_forge.agent.engine_model import EngineModel
+from aevyra_forge.agent.repair import repair_move
+from aevyra_forge.agent.surrogate import PRIOR_SD, beyond_failure, observations_of, predict
+from aevyra_forge.core.errors import KnobError, UsageError
+from aevyra_forge.core.values import LAYERS, Diagnosis, Proposal, Scalar
+from aevyra_forge.decide.diagnosis import acts_on, synonyms
+from aevyra_forge.decide.stats import pooled_noise, relative_interval
+from aevyra_forge.space.knob_space import KNOBS
 from aevyra_forge.space.playbook import first_moves
 
-FAILED = frozenset({"crash", "boot_failed", "oom", "timeout", "hung", "request_error"})
-PRIOR_SD = 0.10  # prior uncertainty of a move's effect, as log score ratio (~10 %)
-SHRINK = 1.0  # pseudo-observations pulling an estimate towards "no effect"
-BANDWIDTH = 1.0  # kernel width in grid steps
 MIN_UCB = 0.005  # below this no move is worth an experiment: the layer is exhausted
 SEARCH_EXCLUDED = frozenset({"max_model_len"})  # feasibility knob, set by the context fix
-
-
-@dataclass(frozen=True)
-class _Obs:
-    value: Scalar
-    gain: float | None  # log(score / parent score); None when the config failed
+OFF_LEVER_SD = 0.03  # prior uncertainty of a knob that does not act on the binding resource
+MIN_MODEL_GAIN = 0.01  # log gain below which no move is worth a boot (--min-improvement-pct)
+ACCURACY_FLOOR = 0.99  # --accuracy-floor's default: the model skips moves it expects below
+# a layer escalates while the predicted gain (log) of its best move is under SMALL_GAIN and
+# a later layer's is LATER_RATIO times larger
+SMALL_GAIN, LATER_RATIO = 0.05, 5.0
+PAIRED = 4  # the best single moves whose pairs are also ranked
 
 
 class BuiltinStrategy:
     name = "builtin"
 
-    def __init__(self, seed: int = 0, exploration: float = 1.0) -> None:
+    def __init__(self, seed: int = 0, exploration: float = 1.0, use_model: bool = True
+                 ) -> None:
         self.seed = seed
         self.exploration = exploration
+        self.use_model = use_model
+        self._models: dict[tuple[object, ...], EngineModel | None] = {}
 
     def propose(self, ctx: AgentContext) -> ProposalReply:
-        for step in (self._fix_context, self._playbook_move, self._search_move):
-            proposal = step(ctx)
-            if proposal is not None:
-                return ProposalReply(proposal=proposal)
-        return ProposalReply(proposal=None)
+        skipped: dict[str, str] = {}  # moves the diagnosis proves nil -> why
+        model = self._model(ctx)
+        proposal = self._fix_context(ctx) or repair_move(ctx)
+        if proposal is None and not (model is not None and self._hand_over(ctx, model)):
+            # the model's best move first; once it sees nothing worth a boot here, the
+            # playbook and the search explore what it may have missed
+            proposal = ((self._model_move(ctx, model, skipped) if model else None)
+                        or self._playbook_move(ctx, skipped)
+                        or self._search_move(ctx, skipped))
+        said = " ".join(r.proposal.rationale for r in ctx.history if r.proposal is not None)
+        skipped = {move: why for move, why in skipped.items() if f"{move} (" not in said}
+        if proposal is not None and skipped:  # each skip is recorded once, where it happens
+            note = "; ".join(f"{move} ({why})" for move, why in skipped.items())
+            proposal = proposal.model_copy(update={
+                "rationale": f"{proposal.rationale}. Skipped as nil: {note}"})
+        return ProposalReply(proposal=proposal)
 
     # -- 1. a context that does not fit ------------------------------------------------
     def _fix_context(self, ctx: AgentContext) -> Proposal | None:
@@ -78,9 +101,132 @@ class BuiltinStrategy:
                 expected_effect="the server boots; throughput unchanged")
         return None
 
-    # -- 2. the playbook's first moves ---------------------------------------------------
-    def _playbook_move(self, ctx: AgentContext) -> Proposal | None:
+    # -- 2. a model of vLLM ranks every move --------------------------------------------
+    def _model(self, ctx: AgentContext) -> EngineModel | None:
+        """The simulator calibrated on this run's reference, once one config served and
+        the hardware is one it knows; None otherwise (the playbook and search follow)."""
+        diagnosis = _diagnosis(ctx)
+        reference = next((r for r in ctx.history if r.status == "ok" and r.kept
+                          and r.metrics is not None), None)
+        if not self.use_model or diagnosis is None or reference is None \
+                or reference.metrics is None:
+            return None
+        concurrency = int(diagnosis.evidence.get("concurrency", 8))
+        key = (ctx.hardware, ctx.space.model.name, ctx.workload, concurrency,
+               reference.recipe_id)
+        if key not in self._models:
+            try:
+                self._models[key] = EngineModel(ctx, concurrency,
+                                                reference.metrics.output_throughput)
+            except UsageError:
+                self._models[key] = None
+        found = self._models[key]
+        if found is not None:
+            found.ctx = ctx  # the history grows; the calibration stays
+        return found
+
+    def _model_move(self, ctx: AgentContext, model: EngineModel, skipped: dict[str, str]
+                    ) -> Proposal | None:
+        """The move with the highest predicted gain plus uncertainty (the model's past
+        misses), when that clears what the keep rule can confirm (`_detectable`: a smaller
+        gain costs a boot and is reverted as noise)."""
+        best = self._ranked(ctx, model, skipped)
+        if best is None or best[0] < _detectable(ctx):
+            return None
+        _, changes, gain, sd = best
+        text = ", ".join(f"{k}={v}" for k, v in changes.items())
+        return Proposal(
+            layer=ctx.layer, changes=changes,
+            rationale=(f"model of vLLM (the simulator calibrated on this run's reference): "
+                       f"{text} predicted {math.expm1(gain) * 100:+.1f}% (uncertainty "
+                       f"±{math.expm1(sd) * 100:.1f}% from its misses so far)"),
+            expected_effect=f"score {math.expm1(gain) * 100:+.1f}%")
+
+    def _hand_over(self, ctx: AgentContext, model: EngineModel) -> bool:
+        """Whether this layer escalates now: its best move is predicted under SMALL_GAIN
+        and a later layer's LATER_RATIO times more. Layers are not revisited, so the
+        small gains left here are the cheaper loss, and such gains are mostly reverted as
+        noise anyway."""
+        best = self._ranked(ctx, model, {})
+        here = max(best[2], MIN_MODEL_GAIN) if best is not None else MIN_MODEL_GAIN
+        later = [self._ranked(replace(ctx, layer=layer), model, {})
+                 for layer in LAYERS if layer > ctx.layer]
+        top = max((b[2] for b in later if b is not None), default=0.0)
+        return here < SMALL_GAIN and top > LATER_RATIO * here
+
+    def _ranked(self, ctx: AgentContext, model: EngineModel, skipped: dict[str, str]
+                ) -> tuple[float, dict[str, Scalar], float, float] | None:
+        """The layer's best move by predicted log gain plus uncertainty: (that bound, the
+        move, the gain, its sd). Single-knob moves and the playbook's combined ones, less
+        what the diagnosis proves nil, what crashed, and what the model expects to lose
+        accuracy."""
+        base = model.throughput(ctx.best)
+        if base <= 0:
+            return None
+        observations = observations_of(ctx.history)
+        diagnosis = _diagnosis(ctx)
+        best: tuple[float, dict[str, Scalar], float, float] | None = None
+        gains: list[tuple[float, dict[str, Scalar]]] = []
+        for changes in self._candidates(ctx):
+            text = ", ".join(f"{k}={v}" for k, v in changes.items())
+            why = _nil(diagnosis, changes) or _off_lever(ctx, changes)
+            if why is not None:
+                skipped[text] = why
+                continue
+            if not self._fresh(ctx, changes) or any(
+                    beyond_failure(KNOBS[k], ctx.space.grid(KNOBS[k]),
+                                   ctx.space.value(ctx.best, KNOBS[k]), v,
+                                   observations.get(k, [])) for k, v in changes.items()):
+                continue
+            best = self._score(ctx, model, changes, base, best, gains)
+        # then the best single moves of two knobs together: small gains, each below what
+        # one experiment can confirm, may add up to one that can be
+        top = sorted((g for g in gains if g[0] > 0 and len(g[1]) == 1),
+                     key=lambda g: -g[0])[:PAIRED]
+        for i, (_, one) in enumerate(top):
+            for _, other in top[i + 1:]:
+                pair = {**one, **other}
+                if len(pair) == 2 and self._fresh(ctx, pair):
+                    best = self._score(ctx, model, pair, base, best, [])
+        return best
+
+    def _score(self, ctx: AgentContext, model: EngineModel, changes: dict[str, Scalar],
+               base: float, best: tuple[float, dict[str, Scalar], float, float] | None,
+               gains: list[tuple[float, dict[str, Scalar]]]
+               ) -> tuple[float, dict[str, Scalar], float, float] | None:
+        """The better of `best` and `changes` by predicted gain plus uncertainty."""
+        recipe = ctx.space.apply(ctx.best, changes)
+        value = model.throughput(recipe)
+        if value <= 0 or model.agreement(recipe) < ACCURACY_FLOOR:
+            return best
+        gain = math.log(value / base)
+        gains.append((gain, changes))
+        sd = model.uncertainty(gain)
+        if best is None or gain + self.exploration * sd > best[0]:
+            return gain + self.exploration * sd, changes, gain, sd
+        return best
+
+    def _candidates(self, ctx: AgentContext) -> list[dict[str, Scalar]]:
+        """Every single-knob move of the layer, then the playbook's combined moves."""
+        out: list[dict[str, Scalar]] = []
+        for knob in ctx.space.knobs(ctx.layer):
+            if knob.name in SEARCH_EXCLUDED:
+                continue
+            current = ctx.space.value(ctx.best, knob)
+            out += [{knob.name: v} for v in ctx.space.grid(knob) if v != current]
+        for move in first_moves(ctx.playbook):
+            if len(move) > 1 and all(k in KNOBS and KNOBS[k].layer == ctx.layer
+                                     for k in move):
+                try:
+                    out.append(ctx.space.validate(move, ctx.layer))
+                except KnobError:
+                    continue
+        return out
+
+    # -- 3. the playbook's first moves ---------------------------------------------------
+    def _playbook_move(self, ctx: AgentContext, skipped: dict[str, str]) -> Proposal | None:
         used = [dict(r.proposal.changes) for r in ctx.history if r.proposal is not None]
+        used += [dict(p.changes) for p in ctx.pending]  # chosen for this round already
         for move in first_moves(ctx.playbook):
             if move in used or any(k not in KNOBS or KNOBS[k].layer != ctx.layer
                                    for k in move):
@@ -92,19 +238,28 @@ class BuiltinStrategy:
             if not self._fresh(ctx, changes) or self._infeasible(ctx, changes):
                 continue
             text = ", ".join(f"{k}={v}" for k, v in changes.items())
+            why = _nil(_diagnosis(ctx), changes) or _off_lever(ctx, changes)
+            if why is not None:
+                skipped[text] = why
+                continue
             return Proposal(layer=ctx.layer, changes=changes,
                             rationale=f"playbook first move for this layer: {text}",
                             expected_effect="see the playbook's 'What to try first'")
         return None
 
-    # -- 3. model-based local search -----------------------------------------------------
-    def _search_move(self, ctx: AgentContext) -> Proposal | None:
+    # -- 4. kernel-regression local search (no model of this hardware) -------------------
+    def _search_move(self, ctx: AgentContext, skipped: dict[str, str]) -> Proposal | None:
         space = ctx.space
-        observations = _observations(ctx.history)
+        observations = observations_of(ctx.history)
+        diagnosis = _diagnosis(ctx)
         rng = np.random.default_rng([self.seed, len(ctx.history), ctx.attempt])
         best: tuple[float, str, Scalar, float, float] | None = None
         for knob in space.knobs(ctx.layer):
             if knob.name in SEARCH_EXCLUDED:
+                continue
+            # layer 1 is where the diagnosis speaks: only knobs that act on what binds
+            off_lever = diagnosis is not None and not acts_on(diagnosis.binding, knob.name)
+            if off_lever and _restrict(ctx):
                 continue
             current = space.value(ctx.best, knob)
             grid = space.grid(knob)
@@ -113,10 +268,13 @@ class BuiltinStrategy:
                 if value == current:
                     continue
                 changes = {knob.name: value}
-                if not self._fresh(ctx, changes) or _beyond_failure(
+                if not self._fresh(ctx, changes) or beyond_failure(
                         knob, grid, current, value, obs):
                     continue
-                mean, sd = _predict(knob, grid, value, obs)
+                if _nil(diagnosis, changes) is not None:
+                    continue
+                mean, sd = predict(knob, grid, value, obs,
+                                    OFF_LEVER_SD if off_lever else PRIOR_SD)
                 ucb = mean + self.exploration * sd + 1e-9 * float(rng.random())
                 if best is None or ucb > best[0]:
                     best = (ucb, knob.name, value, mean, sd)
@@ -134,10 +292,16 @@ class BuiltinStrategy:
     # -- helpers --------------------------------------------------------------------------
     @staticmethod
     def _fresh(ctx: AgentContext, changes: dict[str, Scalar]) -> bool:
-        """Untried, not the incumbent, and a combination vLLM would accept."""
+        """Untried, not the incumbent, not chosen for this round already, and a
+        combination vLLM would accept; a value and its synonyms here count as one."""
         candidate = ctx.space.apply(ctx.best, changes)
-        if candidate.id == ctx.best.id or candidate.id in ctx.tried_ids:
+        seen = ctx.tried_ids | ctx.pending_ids | {ctx.best.id}
+        if candidate.id in seen:
             return False
+        for name, value in changes.items():
+            for other in synonyms(ctx.space, name, value):
+                if ctx.space.apply(ctx.best, {**changes, name: other}).id in seen:
+                    return False
         try:
             ctx.space.check_combination(candidate)
         except KnobError:
@@ -146,81 +310,58 @@ class BuiltinStrategy:
 
     @staticmethod
     def _infeasible(ctx: AgentContext, changes: dict[str, Scalar]) -> bool:
-        observations = _observations(ctx.history)
+        observations = observations_of(ctx.history)
         for name, value in changes.items():
             knob = KNOBS[name]
             grid = ctx.space.grid(knob)
             current = ctx.space.value(ctx.best, knob)
-            if _beyond_failure(knob, grid, current, value, observations.get(name, [])):
+            if beyond_failure(knob, grid, current, value, observations.get(name, [])):
                 return True
         return False
 
 
-def _observations(history: Sequence[ExperimentRecord]) -> dict[str, list[_Obs]]:
-    """Per knob, the effect of every past move that changed it."""
-    scores = {r.recipe_id: r.score for r in history if r.status == "ok" and r.score}
-    out: dict[str, list[_Obs]] = {}
-    for rec in history:
-        if rec.proposal is None:
-            continue
-        gain: float | None
-        if rec.status in FAILED:
-            gain = None
-        elif rec.status == "ok" and rec.score and scores.get(rec.parent_id or ""):
-            gain = math.log(rec.score / scores[rec.parent_id or ""])
-        else:
-            continue
-        for name, value in rec.proposal.changes.items():
-            out.setdefault(name, []).append(_Obs(value, gain))
-    return out
+def _diagnosis(ctx: AgentContext) -> Diagnosis | None:
+    """The latest diagnosis of a config that served (the baseline's, normally)."""
+    return next((r.diagnosis for r in reversed(ctx.history)
+                 if r.diagnosis is not None and r.diagnosis.binding != "boot"), None)
 
 
-def _position(knob: Knob, grid: list[Scalar], value: Scalar) -> float | None:
-    """Where `value` sits on an ordered knob's grid, in grid steps (None if unordered)."""
-    if knob.kind not in ("int", "float") or not isinstance(value, int | float):
+def _nil(diagnosis: Diagnosis | None, changes: dict[str, Scalar]) -> str | None:
+    """Why a move is (partly) nil: a knob it sets is inert. The rest of a combined move,
+    when it matters, is a move of its own."""
+    if diagnosis is None:
         return None
-    numeric = sorted(float(v) for v in grid if isinstance(v, int | float))
-    if not numeric:
+    reasons = [r for k, v in changes.items() if (r := diagnosis.inert_reason(k, v))]
+    return "; ".join(dict.fromkeys(reasons)) or None
+
+
+def _detectable(ctx: AgentContext) -> float:
+    """The smallest log gain the keep rule confirms about half the time: the threshold
+    plus half the width of the interval a candidate measured like the incumbent would
+    get (its passes, the assumed between-boot noise)."""
+    rec = next((r for r in reversed(ctx.history) if r.recipe_id == ctx.best.id
+                and r.status == "ok" and len(r.passes) >= 2), None)
+    if rec is None:
+        return MIN_MODEL_GAIN
+    values = [m.output_throughput for m in rec.passes]
+    if not all(v > 0 for v in values):
+        return MIN_MODEL_GAIN
+    noise = pooled_noise([m.output_throughput for m in r.passes] for r in ctx.history
+                         if r.status == "ok" and len(r.passes) >= 2)
+    iv = relative_interval(values, values, noise=noise if noise.df else None)
+    return MIN_MODEL_GAIN + math.log1p(iv.high) / 2
+
+
+def _restrict(ctx: AgentContext) -> bool:
+    """Whether layer-1 moves off the binding resource are skipped: for throughput, which
+    the diagnosis speaks about (a latency objective may gain where throughput cannot)."""
+    return ctx.layer == 1 and ctx.objective == "throughput"
+
+
+def _off_lever(ctx: AgentContext, changes: dict[str, Scalar]) -> str | None:
+    """Why a layer-1 move is skipped when none of its knobs acts on the binding resource."""
+    diagnosis = _diagnosis(ctx)
+    if diagnosis is None or not _restrict(ctx) or any(
+            acts_on(diagnosis.binding, k) for k in changes):
         return None
-    return float(np.interp(float(value), numeric, range(len(numeric)),
-                           left=-1.0, right=float(len(numeric))))
-
-
-def _distance(knob: Knob, grid: list[Scalar], a: Scalar, b: Scalar) -> float:
-    pa, pb = _position(knob, grid, a), _position(knob, grid, b)
-    if pa is None or pb is None:
-        return 0.0 if a == b else math.inf
-    return abs(pa - pb)
-
-
-def _predict(knob: Knob, grid: list[Scalar], value: Scalar, obs: list[_Obs]
-             ) -> tuple[float, float]:
-    weights = gains = 0.0
-    for o in obs:
-        if o.gain is None:
-            continue
-        w = math.exp(-((_distance(knob, grid, value, o.value) / BANDWIDTH) ** 2))
-        weights += w
-        gains += w * o.gain
-    mean = gains / (weights + SHRINK)
-    return mean, PRIOR_SD / math.sqrt(1.0 + weights)
-
-
-def _beyond_failure(knob: Knob, grid: list[Scalar], current: Scalar, value: Scalar,
-                    obs: list[_Obs]) -> bool:
-    """True when `value` repeats a failed value, or lies past one in the same direction
-    from the incumbent (more memory than already crashed, say)."""
-    pc, pv = _position(knob, grid, current), _position(knob, grid, value)
-    for o in obs:
-        if o.gain is not None:
-            continue
-        if o.value == value:
-            return True
-        pf = _position(knob, grid, o.value)
-        if pc is None or pv is None or pf is None:
-            continue
-        if (pf - pc) * (pv - pc) > 0 and abs(pv - pc) >= abs(pf - pc):
-            return True
-    return False
-
-
+    return f"does not act on what binds: {diagnosis.binding.replace('_', ' ')}"

@@ -21,6 +21,7 @@ from aevyra_forge.agent.providers import (
     Completion,
     Provider,
     ProviderUnavailable,
+    check_reachable,
     connect,
     parse_spec,
     resolve_key,
@@ -29,8 +30,9 @@ from aevyra_forge.agent.reply import (
     MAX_ECHOED_REPLY_CHARS,
     MAX_STORED_REPLY_CHARS,
     ReplyError,
+    batch_instructions,
     clip,
-    parse_reply,
+    parse_replies,
 )
 from aevyra_forge.core.errors import AgentError
 from aevyra_forge.core.values import LLMUsage
@@ -55,8 +57,9 @@ class LLMProposer:
                  backoff_base_s: float | None = None,
                  sleep: Callable[[float], None] = time.sleep,
                  prompt_budget_tokens: int = USER_BUDGET_TOKENS,
-                 notes: Sequence[str] = ()) -> None:
+                 notes: Sequence[str] = (), base_url: str | None = None) -> None:
         self.name = f"{provider.name}/{model}"
+        self.base_url = base_url  # --llm-base-url, for the reachability check's message
         self.provider = provider
         self.model = model
         self.client = client
@@ -72,7 +75,10 @@ class LLMProposer:
 
     def propose(self, ctx: AgentContext) -> ProposalReply:
         prompt = build_prompt(ctx, self.prompt_budget_tokens)
-        turns = [ChatTurn("user", prompt.user)]
+        user = prompt.user
+        if ctx.want > 1:  # several workers: k proposals in this one call
+            user += "\n\n" + batch_instructions(ctx.want, ctx.pending)
+        turns = [ChatTurn("user", user)]
         usage = LLMUsage()
         texts: list[str] = []
         error = ""
@@ -92,7 +98,7 @@ class LLMProposer:
             usage = _add(usage, self._usage(prompt.system, turns, completion))
             texts.append(clip(completion.text, MAX_STORED_REPLY_CHARS))
             try:
-                proposal = parse_reply(completion.text, ctx.space, ctx.layer)
+                proposals = parse_replies(completion.text, ctx.space, ctx.layer, ctx.want)
             except ReplyError as exc:
                 error = clip(str(exc), MAX_ECHOED_REPLY_CHARS)
                 echoed = clip(completion.text.strip(), MAX_ECHOED_REPLY_CHARS)
@@ -101,9 +107,15 @@ class LLMProposer:
                                            "with one corrected JSON object and nothing "
                                            "else.")]
                 continue
-            return ProposalReply(proposal, raw=_RETRY_SEPARATOR.join(texts), usage=usage)
+            return ProposalReply(proposals[0] if proposals else None,
+                                 raw=_RETRY_SEPARATOR.join(texts), usage=usage,
+                                 more=proposals[1:])
         return ProposalReply(None, raw=_RETRY_SEPARATOR.join(texts), usage=usage,
                              error=f"invalid reply after {len(texts)} tries: {error}")
+
+    def preflight(self) -> None:
+        """Before the baseline: the provider answers and accepts the key (one free call)."""
+        check_reachable(self.client, self.name, self.base_url or self.provider.base_url)
 
     # -- cost -----------------------------------------------------------------------------
     def worst_case_usd(self, system: str, turns: Sequence[ChatTurn]) -> float:
@@ -165,7 +177,7 @@ def make_llm_proposer(spec: str, *, api_key: str | None = None,
         notes.append(f"no price known for {spec}: its LLM calls are recorded at $0; give "
                      "one with --llm-prices FILE")
     client = connect(provider, model, key, base_url, TIMEOUT_S)
-    return LLMProposer(provider, model, client, price, notes=notes)
+    return LLMProposer(provider, model, client, price, notes=notes, base_url=base_url)
 
 
 def _prompt_tokens(system: str, turns: Sequence[ChatTurn]) -> int:

@@ -17,7 +17,9 @@ from aevyra_forge.core.settings import Objective
 from aevyra_forge.core.slo import Slo
 from aevyra_forge.core.values import LAYER_NAMES, ExperimentRecord, Scalar
 from aevyra_forge.core.workload import estimate_tokens
+from aevyra_forge.decide.diagnosis import summary as diagnosis_summary
 from aevyra_forge.space.knob_space import KNOBS, KnobSpace, has_fp8
+from aevyra_forge.space.layer2 import refused_here
 from aevyra_forge.space.quant import QUANT_METHODS
 from aevyra_forge.space.registry import format_number
 
@@ -80,8 +82,9 @@ class Prompt:
 
 def build_prompt(ctx: AgentContext, budget_tokens: int = USER_BUDGET_TOKENS) -> Prompt:
     system = f"{ROLE}\n\n{ctx.playbook.text.strip()}\n\n{REPLY_FORMAT}\n"
-    head = "\n\n".join([_hardware(ctx), _memory(ctx), _workload(ctx), _layer(ctx),
-                        _objective(ctx), _knobs(ctx), _best(ctx)])
+    head = "\n\n".join(filter(None, [_hardware(ctx), _memory(ctx), _workload(ctx),
+                                     _diagnosis(ctx), _layer(ctx), _objective(ctx),
+                                     _knobs(ctx), _best(ctx)]))
     tail = "\n\n".join(filter(None, [_budget(ctx), _feedback(ctx), _ask(ctx)]))
     room = budget_tokens - estimate_tokens(f"{head}\n\n\n\n{tail}\n")  # with separators
     return Prompt(system=system, user=f"{head}\n\n{history(ctx, room)}\n\n{tail}\n")
@@ -134,6 +137,16 @@ def _workload(ctx: AgentContext) -> str:
     return f"## Workload\n{ctx.workload.summary()}"
 
 
+def _diagnosis(ctx: AgentContext) -> str:
+    """What bound the baseline, and the moves that cannot matter (decide.diagnosis)."""
+    found = next((r for r in reversed(ctx.history) if r.diagnosis is not None), None)
+    if found is None or found.diagnosis is None:
+        return ""
+    return (f"## What bound experiment {found.exp} (its server counters)\n"
+            f"{diagnosis_summary(found.diagnosis)}\nA move that only touches a knob that "
+            "cannot matter wastes a boot: spend experiments on what binds.")
+
+
 def _layer(ctx: AgentContext) -> str:
     return (f"## Active layer\n{ctx.layer} ({LAYER_NAMES[ctx.layer]}): propose knobs of this "
             "layer only.")
@@ -174,12 +187,23 @@ def _knobs(ctx: AgentContext) -> str:
             kind = f"{knob.kind} in [{format_number(low)}, {format_number(high)}]"
         elif knob.kind == "bool":
             kind = "bool (true or false)"
-        else:
-            kind = "one of " + ", ".join(_show(c) for c in space.choices(knob))
+        else:  # null (JSON) turns off a choice whose default is unset (spec_method)
+            kind = "one of " + ", ".join("null" if c is None else _show(c)
+                                         for c in space.choices(knob))
         lines.append(f"- {knob.name}: {kind}; default here {_show(space.default(knob))}; "
                      f"best recipe has {_show(space.value(ctx.best, knob))}. {knob.note}")
+        if knob.name == "kernel_plugin":  # what each installed plug-in offers, in its words
+            lines.extend(f"  - {c.name} (from {c.generator}): {_clip(c.note) or 'no note'}"
+                         for c in space.plugins.candidates)
+        if knob.name == "quant_candidate":  # each checkpoint with what it costs
+            lines.extend(f"  - {c.describe()}" for c in space.quant_candidates
+                         if c.name in space.choices(knob))
     if len(lines) == 1:
         lines.append("(none on this hardware: reply with \"changes\": {})")
+    if ctx.layer == 2 and (refused := [*refused_here(ctx.hardware), *(
+            f"{name}: refused when it booted here ({_clip(why)})"
+            for name, why in space.quant_refused.items())]):
+        lines.append("Not possible on this hardware (do not propose): " + "; ".join(refused))
     return "\n".join(lines)
 
 
@@ -276,6 +300,8 @@ def _full_row(space: KnobSpace, rec: ExperimentRecord) -> str:
             f"output {m.output_throughput:.1f} tok/s",
             f"TTFT p99 {m.ttft_ms.p99:.0f} ms", f"TPOT p99 {m.tpot_ms.p99:.1f} ms",
             f"E2E p99 {m.e2e_ms.p99:.0f} ms"]
+    if rec.boot_s is not None:  # compilation settings trade boot time for speed
+        bits.append(f"boot {rec.boot_s:.0f} s")
     if rec.accuracy is not None:
         bits.append(f"accuracy {rec.accuracy:.3f}")
     if m.failed:

@@ -7,11 +7,12 @@ one-line AgentError."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from aevyra_forge.core.errors import AgentError, UsageError
+from aevyra_forge.core.redact import redact_url
 
 Wire = Literal["anthropic", "openai"]
 Role = Literal["user", "assistant"]
@@ -19,6 +20,8 @@ NO_KEY = "no-key-needed"  # the SDKs insist on a key; local servers ignore it
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
 MAX_RETRY_AFTER_S = 60.0  # a server asking us to wait longer is treated as down
 _MESSAGE_CHARS = 200  # of a provider's error message quoted back to the user
+PREFLIGHT_TIMEOUT_S = 20.0  # the check before the baseline: a live API answers in ~1 s
+NO_MODELS_LIST = frozenset({404, 405, 501})  # a compatible server without GET /models
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,24 @@ def resolve_key(provider: Provider, explicit: str | None, base_url: str | None =
                      "--llm-api-key, or use --llm builtin (offline, no key)")
 
 
+def check_reachable(client: ChatClient, spec: str, url: str | None,
+                    timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
+    """Before the baseline spends GPU time: one cheap call (the provider's models list,
+    no tokens billed) that the provider answers and accepts the key. Unreachable, or the
+    key refused, is an AgentError of one line naming `--llm builtin` (never the key); a
+    server without a models list, or one rate-limiting us, is reachable enough."""
+    check = getattr(client, "check", None)
+    if check is None:  # a client without a cheap call: its first proposal will tell
+        return
+    try:
+        check(timeout_s)
+    except ProviderUnavailable as exc:
+        at = f" at {redact_url(url)}" if url else ""
+        hint = "check the network and --llm-base-url" if url else "check the network"
+        raise AgentError(f"{spec} is unreachable{at} ({exc}); {hint}, or use --llm "
+                         "builtin (offline, no key)") from None
+
+
 def connect(provider: Provider, model: str, key: str | None, base_url: str | None = None,
             timeout_s: float = 90.0) -> ChatClient:
     """A client for `model` at `provider` (or at `base_url`, any server speaking the same
@@ -141,6 +162,11 @@ class _AnthropicClient:
         usage = reply.usage
         return Completion(text, usage.input_tokens, usage.output_tokens)
 
+    def check(self, timeout_s: float) -> None:
+        """GET /v1/models (check_reachable)."""
+        _check(lambda: self._client.models.list(limit=1, timeout=timeout_s), self._sdk,
+               self.provider, self.model)
+
 
 class _OpenAIClient:
     def __init__(self, provider: Provider, model: str, key: str, url: str | None,
@@ -175,6 +201,24 @@ class _OpenAIClient:
         if usage is None:
             return Completion(text, None, None)
         return Completion(text, usage.prompt_tokens, usage.completion_tokens)
+
+    def check(self, timeout_s: float) -> None:
+        """GET {base}/models (check_reachable)."""
+        _check(lambda: self._client.models.list(timeout=timeout_s), self._sdk,
+               self.provider, self.model)
+
+
+def _check(call: Callable[[], object], sdk: Any, provider: Provider, model: str) -> None:
+    """Run a models-list call; the SDK's failures as check_reachable reads them."""
+    try:
+        call()
+    except sdk.APIStatusError as exc:
+        code = int(exc.status_code)
+        if code in NO_MODELS_LIST or code in RETRYABLE_STATUS:
+            return  # it answered: no list to read, or busy, but there
+        raise _translate(exc, sdk, provider, model) from None
+    except sdk.APIError as exc:
+        raise _translate(exc, sdk, provider, model) from None
 
 
 def _translate(exc: Exception, sdk: Any, provider: Provider, model: str) -> Exception:

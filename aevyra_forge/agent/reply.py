@@ -205,3 +205,74 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_nan(name: str) -> Any:
     raise ValueError(f"{name} is not a number forge accepts")
+
+
+# -- several proposals in one reply (one per free worker) ---------------------------------
+
+def batch_instructions(want: int, pending: tuple[Proposal, ...]) -> str:
+    """What the prompt adds when `want` experiments will run at once: the reply shape for
+    a list, and the proposals already chosen for this round (not to be repeated)."""
+    lines = [f"{want} experiments will run at once on separate GPUs, each judged against the "
+             f"current best. Propose {want} DIFFERENT experiments instead of one: reply with "
+             'ONE JSON object {"proposals": [...]} holding up to '
+             f"{want} objects of the shape above, each changing other values."]
+    if pending:
+        chosen = "; ".join(", ".join(f"{k}={json.dumps(v)}" for k, v in p.changes.items())
+                           for p in pending)
+        lines.append(f"Already chosen for this round (do not repeat): {chosen}.")
+    return "\n".join(lines)
+
+
+def parse_replies(text: str, space: KnobSpace, layer: Layer, want: int
+                  ) -> tuple[Proposal, ...]:
+    """Up to `want` validated, distinct proposals from a {"proposals": [...]} reply (a
+    single proposal object is accepted as a list of one); () when the LLM says nothing
+    is worth trying. Any invalid entry refuses the whole reply, naming the entry."""
+    obj = _batch_object(text)
+    if obj is None:
+        one = parse_reply(text, space, layer)
+        return (one,) if one is not None else ()
+    extra = sorted(set(obj) - {"proposals"})
+    if extra:
+        raise ReplyError(f"unexpected key '{extra[0]}' (the object has exactly one key, "
+                         '"proposals")')
+    items = obj["proposals"]
+    if not isinstance(items, list):
+        raise ReplyError('"proposals" must be a list of proposal objects')
+    if len(items) > want:
+        raise ReplyError(f"{len(items)} proposals, but only {want} experiments run at "
+                         f"once; reply with at most {want}")
+    out: list[Proposal] = []
+    for i, item in enumerate(items, start=1):
+        try:
+            proposal = parse_reply(json.dumps(item), space, layer)
+        except ReplyError as exc:
+            raise ReplyError(f"proposal {i}: {exc}") from None
+        if proposal is None:
+            continue
+        for j, earlier in enumerate(out, start=1):
+            if earlier.changes == proposal.changes:
+                raise ReplyError(f"proposals {j} and {i} make the same change; each "
+                                 "experiment of a round must try something different")
+        out.append(proposal)
+    return tuple(out)
+
+
+def _batch_object(text: str) -> dict[str, Any] | None:
+    """The {"proposals": ...} object in `text` (bare or fenced), or None when there is
+    none (the reply may be a single proposal)."""
+    if len(text) > MAX_REPLY_CHARS:
+        return None  # parse_reply says why
+    for candidate in [text.strip(), *(m.group(1).strip() for m in _FENCE.finditer(text))]:
+        obj, _ = _loads(candidate)
+        if isinstance(obj, dict) and "proposals" in obj:
+            return obj
+    decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_nan)
+    for start in [i for i, ch in enumerate(text) if ch == "{"][:MAX_CANDIDATES]:
+        try:
+            obj, _ = decoder.raw_decode(text, start)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(obj, dict) and "proposals" in obj:
+            return obj
+    return None

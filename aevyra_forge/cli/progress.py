@@ -184,10 +184,13 @@ def run_tuner(starter: Callable[[Observer], Tuner], verbose: bool, run_hint: str
         err.print(f"[bold]run[/] {tuner.run_log.path}  model {tuner.s.model}  on "
                   f"{tuner.hw.describe()}  agent {tuner.s.llm}")
         outcome = tuner.run()
-        deployment = export.for_recipe(outcome.run_dir, outcome.best, outcome.best_record)
-        tuner.run_log.write_artifact("deploy.sh", export.render_deploy_sh(deployment),
-                                     executable=True)
-        tuner.run_log.write_artifact("deploy.md", export.render_deploy_md(deployment))
+        deployment = None  # nothing served: no deploy command for an untested recipe
+        if outcome.best_record is not None:
+            deployment = export.for_recipe(outcome.run_dir, outcome.best,
+                                           outcome.best_record)
+            tuner.run_log.write_artifact("deploy.sh", export.render_deploy_sh(deployment),
+                                         executable=True)
+            tuner.run_log.write_artifact("deploy.md", export.render_deploy_md(deployment))
         finished = True
         write_report(tuner.run_log)
     except KeyboardInterrupt:
@@ -203,6 +206,8 @@ def run_tuner(starter: Callable[[Observer], Tuner], verbose: bool, run_hint: str
         printer.end_phase()
         tuner.run_log.close()  # release the run's lock even when the loop failed
     print_finish(outcome, deployment, dry_run=tuner.s.dry_run)
+    if deployment is None:
+        raise typer.Exit(1)
 
 
 def write_report(run: RunLog) -> None:
@@ -216,10 +221,18 @@ def write_report(run: RunLog) -> None:
                   markup=False, highlight=False, soft_wrap=True)
 
 
-def print_finish(outcome: RunOutcome, deployment: export.Deployment, dry_run: bool) -> None:
+def print_finish(outcome: RunOutcome, deployment: export.Deployment | None, dry_run: bool
+                 ) -> None:
     best = outcome.best
     score = outcome.best_score
     say(f"finished: {outcome.reason}")
+    if deployment is None:
+        say(f"nothing served: all {outcome.experiments} experiment(s) failed, the baseline "
+            "included, so there is nothing to deploy; the baseline's log under "
+            f"{outcome.run_dir / 'logs'} says why")
+        say(f"report:      {outcome.run_dir / REPORT_HTML} (or aevyra-forge report "
+            f"{outcome.run_dir})")
+        return
     say(f"best recipe {best.id} (generation {best.generation}), score "
         f"{score:.3f}" if score is not None else "no configuration could be measured")
     say(f"best recipe: {outcome.run_dir / 'best_recipe.yaml'}")

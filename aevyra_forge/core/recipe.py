@@ -172,7 +172,9 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: {_describe(exc)}") from None
 
 
-def load_recipe(path: Path) -> Recipe:
+def load_recipe(path: Path, model: str | None = None) -> Recipe:
+    """A recipe.yaml. With `model` (--model), the recipe serves that model: it may leave
+    `model:` out, and naming another one is refused rather than silently overriding it."""
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found; pass the path of a recipe.yaml")
     try:
@@ -181,7 +183,14 @@ def load_recipe(path: Path) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise RecipeError(f"{path}{where}: not valid YAML ({_first_line(exc)})") from None
-    return recipe_from_dict(data or {}, source=str(path))
+    data = data or {}
+    if model is not None and isinstance(data, Mapping):
+        named = data.get("model")
+        if named is not None and named != model:
+            raise RecipeError(f"{path}: the recipe serves model {named!r} but --model is "
+                              f"{model!r}; make them agree, or drop `model:` from the recipe")
+        data = {**data, "model": model}
+    return recipe_from_dict(data, source=str(path))
 
 
 def _describe(exc: ValidationError) -> str:

@@ -145,6 +145,18 @@ class TuneSettings(BaseModel):
         None, ge=0, le=0.5,
         description=f"Assumed between-boot CV of throughput (default {DEFAULT_BOOT_CV:g} on "
                     f"GPUs, {CPU_BOOT_CV:g} on CPU).")
+    parallel: int = Field(
+        1, ge=1, le=64, description="Experiments at once: one per GPU, or per group of "
+                                    "GPUs with --gpus (with --dry-run, simulated workers).")
+    gpus: str | None = Field(
+        None, description="GPU indices to tune on, e.g. 0,1,2,3: one experiment per GPU, "
+                          "or per group of len/--parallel GPUs.")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="Where experiments run: this host, or a Ray cluster as Ray "
+                             "tasks requesting GPUs (needs Ray: the package's ray extra); "
+                             "--parallel N at once.")
+    ray_address: str | None = Field(
+        None, description="The Ray cluster for --executor ray (default: a new local one).")
     boot_timeout_s: Annotated[float, Cli(option=False)] = Field(
         900.0, gt=0, description="vLLM must answer /health within this many seconds.")
     request_timeout_s: Annotated[float, Cli(option=False)] = Field(
@@ -180,6 +192,46 @@ class TuneSettings(BaseModel):
             raise UsageError("every layer is skipped or before --start-layer; nothing to "
                              "tune: drop a --skip-* option or lower --start-layer")
         return self
+
+    @model_validator(mode="after")
+    def _workers(self) -> TuneSettings:
+        groups = self.gpu_groups()  # a malformed --gpus fails here, naming the fix
+        if self.executor == "ray" and (self.dry_run or self.gpus):
+            raise UsageError("--executor ray runs real vLLM where Ray places each trial; "
+                             "drop --dry-run and --gpus (--parallel N sets how many at once)")
+        if self.gpus and self.device == "cpu":
+            raise UsageError("--gpus names GPUs, but --device is cpu; drop --gpus")
+        if groups and len(groups) * len(groups[0]) != len(self.gpu_indices()):
+            raise UsageError(f"--gpus {self.gpus}: {len(self.gpu_indices())} GPUs do not "
+                             f"split into --parallel {self.parallel} equal groups")
+        return self
+
+    def gpu_indices(self) -> tuple[int, ...]:
+        """The GPU indices --gpus names, in order (empty without --gpus)."""
+        if not self.gpus:
+            return ()
+        try:
+            indices = tuple(int(part) for part in self.gpus.split(","))
+        except ValueError:
+            raise UsageError(f"--gpus {self.gpus}: expected GPU indices separated by "
+                             "commas, e.g. --gpus 0,1,2,3") from None
+        if len(set(indices)) != len(indices) or min(indices) < 0:
+            raise UsageError(f"--gpus {self.gpus}: each GPU index once, none negative")
+        return indices
+
+    def gpu_groups(self) -> tuple[tuple[int, ...], ...]:
+        """The GPUs of each worker: one GPU each with --gpus alone, else --gpus split
+        into --parallel equal groups (tensor-parallel recipes); empty without --gpus."""
+        indices = self.gpu_indices()
+        if not indices:
+            return ()
+        workers = self.parallel if self.parallel > 1 else len(indices)
+        size = max(1, len(indices) // workers)
+        return tuple(indices[i:i + size] for i in range(0, size * workers, size))
+
+    def workers(self) -> int:
+        """How many experiments run at once."""
+        return len(self.gpu_groups()) or self.parallel
 
     def parsed_slo(self) -> Slo | None:
         """The --slo, parsed once when the settings were validated."""

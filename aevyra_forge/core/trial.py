@@ -9,16 +9,34 @@ from typing import Any
 
 from pydantic import Field
 
+from aevyra_forge.core.settings import Objective
 from aevyra_forge.core.values import (
     SCHEMA_VERSION,
     BenchMetrics,
     Frozen,
     Layer,
     LLMUsage,
+    PassIsolation,
     Proposal,
     QualityScore,
     Status,
 )
+
+
+class PassStop(Frozen):
+    """When a candidate's bench may end before its last pass (decide.stats.sequential_look):
+    the incumbent's per-pass objective values and the interval's settings, as data so a
+    trial can cross to another worker. The executor asks decide.verdict.should_stop."""
+
+    incumbent: tuple[float, ...]  # per-pass objective values, higher is better
+    objective: Objective
+    slo: str | None  # as --slo spells it: goodput is counted against it
+    threshold: float  # --min-improvement-pct as a fraction
+    confidence: float
+    boot_cv: float
+    noise_variance: float = 0.0  # pass-to-pass variance pooled from earlier configs
+    noise_df: float = 0.0
+    max_passes: int
 
 
 class Trial(Frozen):
@@ -38,6 +56,11 @@ class Trial(Frozen):
     capture_reference: bool = False  # no reference yet: this config's outputs become it
     quality_reference: dict[str, Any] | None = Field(default=None, repr=False)
     started_at: str = ""
+    # With several workers: the round it was asked in (its incumbent is the one it is
+    # judged against) and the worker it runs on. None for trials run one at a time.
+    round: int | None = None
+    worker: str | None = None
+    stop: PassStop | None = None  # may stop its bench early (None: run every pass)
 
 
 class Measurement(Frozen):
@@ -48,6 +71,7 @@ class Measurement(Frozen):
     status: Status
     reason: str = ""
     passes: tuple[BenchMetrics, ...] = ()
+    pass_isolation: PassIsolation | None = None  # how the passes were kept independent
     metrics: BenchMetrics | None = None
     quality: QualityScore | None = None
     quality_reference: dict[str, Any] | None = Field(default=None, repr=False)

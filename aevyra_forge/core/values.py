@@ -18,7 +18,7 @@ LAYER_NAMES: dict[int, str] = {1: "config", 2: "quant", 3: "kernel"}
 Device = Literal["cuda", "rocm", "cpu"]
 
 Status = Literal["ok", "crash", "boot_failed", "invalid", "oom", "timeout", "hung",
-                 "request_error", "duplicate"]
+                 "request_error", "duplicate", "prepare_failed"]
 """`ok` measured, with at most MAX_FAILED_REQUEST_SHARE of its requests failed; `crash` the
 server died or answered server errors (5xx); `boot_failed` it never became healthy (bad
 argument, context too long); `oom` out of memory at boot or under load; `timeout` the boot
@@ -26,7 +26,8 @@ or bench deadline passed; `hung` the server stopped producing tokens with reques
 flight (the stall watchdog, or requests timing out); `request_error` too many requests were
 refused by the server as the client's fault (4xx, e.g. prompt + max_tokens over
 max_model_len, or an output cut short); `invalid` the proposal was refused before booting;
-`duplicate` the proposal repeated a tried recipe."""
+`duplicate` the proposal repeated a tried recipe; `prepare_failed` the work before the
+boot (writing a quantized checkpoint) failed, so nothing was booted."""
 
 MAX_FAILED_REQUEST_SHARE = 0.01  # fraction of timed requests, over all passes
 """The most a measurement may lose to failed requests and still count. Failed requests
@@ -60,6 +61,9 @@ class Hardware(Frozen):
     cpu_cores: int = 1
     memory_gib: float = 0.0
     simulated: bool = False  # a GPU named for --dry-run, not detected
+    # the CPU's instruction-set flags that decide what vLLM's CPU build serves (avx2,
+    # avx512f, avx512_bf16, amx_bf16, ...); empty when unknown (runs recorded before)
+    cpu_isa: tuple[str, ...] = ()
 
     @property
     def gpu(self) -> GpuInfo | None:
@@ -115,6 +119,22 @@ class BenchMetrics(Frozen):
     goodput: float | None = None  # requests/s meeting every per-request SLO bound; None: no SLO
 
 
+IsolationMethod = Literal["salt", "reset", "warm_pass", "unchecked"]
+"""How a measurement's timed passes were kept independent: `salt` each pass's own
+cache_salt, checked against the server's prefix-cache counters and the first pass's
+speed; `reset` the server ignored the salt, so its prefix cache was reset before each
+pass; `warm_pass` the first pass (cold, or filling a cache the salt did not separate) was
+set aside as an untimed warm pass and replaced; `unchecked` one pass, nothing to compare."""
+
+
+class PassIsolation(Frozen):
+    """Whether the timed passes of one measurement were independent, and what the bench did
+    when they were not (SPEC §7: checks its own measurements and says so)."""
+
+    method: IsolationMethod
+    note: str = ""  # the evidence: hit rates per pass, pass 1's speed against the rest
+
+
 class Proposal(Frozen):
     """One mutation of the incumbent recipe: knob -> value within one layer."""
 
@@ -148,6 +168,48 @@ class LLMUsage(Frozen):
     cost_usd: float = 0.0
 
 
+Bottleneck = Literal["kv_capacity", "batch_slots", "token_budget", "prefill_compute",
+                     "decode_bandwidth", "client", "boot"]
+"""The resource that bound a measurement (decide.diagnosis): KV-cache capacity (requests
+preempted or held back for blocks), batch slots (max_num_seqs below the requests in
+flight), the per-step token budget (max_num_batched_tokens), prefill compute, decode
+memory bandwidth, the client or API server (the offered load, not the engine, set the
+pace), or `boot` (the config did not serve at all)."""
+
+
+class InertKnob(Frozen):
+    """A knob the diagnosis shows cannot change the score here, and why: every value,
+    only `values`, or (an ordered knob) every value at or above `at_least`."""
+
+    knob: str
+    reason: str
+    values: tuple[Scalar, ...] = ()
+    at_least: float | None = None
+
+    def covers(self, value: Scalar) -> bool:
+        if self.values:
+            return value in self.values
+        if self.at_least is not None:
+            return isinstance(value, int | float) and not isinstance(value, bool) \
+                and value >= self.at_least
+        return True
+
+
+class Diagnosis(Frozen):
+    """What bound the baseline's measurement (decide.diagnosis), the figures that show
+    it, and the knobs that therefore cannot matter."""
+
+    binding: Bottleneck
+    why: str
+    evidence: dict[str, float] = Field(default_factory=dict)
+    inert: tuple[InertKnob, ...] = ()
+
+    def inert_reason(self, knob: str, value: Scalar) -> str | None:
+        """Why setting `knob` to `value` cannot change the score, None when it may."""
+        return next((i.reason for i in self.inert if i.knob == knob and i.covers(value)),
+                    None)
+
+
 class ExperimentRecord(Frozen):
     """One line of experiments.jsonl: everything needed to audit and replay a decision."""
 
@@ -164,6 +226,7 @@ class ExperimentRecord(Frozen):
     reason: str = ""
     metrics: BenchMetrics | None = None  # the median pass
     passes: tuple[BenchMetrics, ...] = ()  # every bench pass, for noise-aware decisions
+    pass_isolation: PassIsolation | None = None  # None: not checked (simulator, older log)
     accuracy: float | None = None  # agreement with the baseline's outputs
     accuracy_method: AccuracyMethod | None = None  # None: not measured (or an older log)
     logprob_shift: float | None = None  # mean log-prob change of the baseline's tokens
@@ -182,7 +245,9 @@ class ExperimentRecord(Frozen):
     log: str | None = None  # path relative to the run folder
     suggested_max_model_len: int | None = None  # vLLM named the largest context that fits
     worker: str | None = None  # where the trial ran, when several places can run trials
+    round: int | None = None  # trials asked together (one per worker); None: one at a time
     llm: LLMUsage = LLMUsage()
+    diagnosis: Diagnosis | None = None  # what bound it (the baseline's, the reference's)
 
 
 def failed_request_share(passes: Sequence[BenchMetrics]) -> float:
@@ -238,4 +303,5 @@ class BenchOutcome(Frozen):
     reason: str = ""
     metrics: BenchMetrics | None = None
     passes: tuple[BenchMetrics, ...] = ()
+    pass_isolation: PassIsolation | None = None
     bench_s: float = 0.0

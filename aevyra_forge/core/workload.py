@@ -93,6 +93,9 @@ class WorkloadStats(BaseModel):
     input_tokens: TokenStats
     output_tokens: TokenStats
     shared_prefix_fraction: float  # share of input tokens a prefix cache could serve
+    # share of prompt word 3-grams that repeat one earlier in the same prompt: how much
+    # n-gram speculative decoding could find to copy (outputs are not in the trace)
+    ngram_repetition: float = 0.0
     open_loop: bool  # arrival offsets present: replay at those times
     duration_s: float | None  # last arrival offset, open loop only
     offered_rps: float | None  # requests per second the arrivals offer, open loop only
@@ -104,7 +107,8 @@ class WorkloadStats(BaseModel):
         return (f"{self.count} requests ({self.chat_fraction:.0%} chat), input tokens "
                 f"p50 {self.input_tokens.p50:.0f} / p99 {self.input_tokens.p99:.0f}, output "
                 f"tokens p50 {self.output_tokens.p50:.0f} / p99 {self.output_tokens.p99:.0f}, "
-                f"shared prefix {self.shared_prefix_fraction:.0%}, {loop}")
+                f"shared prefix {self.shared_prefix_fraction:.0%}, prompt 3-gram repetition "
+                f"{self.ngram_repetition:.0%}, {loop}")
 
 
 class Workload(BaseModel):
@@ -155,6 +159,7 @@ class Workload(BaseModel):
             input_tokens=_token_stats([r.input_tokens for r in reqs]),
             output_tokens=_token_stats([r.expected_output_tokens for r in reqs]),
             shared_prefix_fraction=shared_prefix_fraction([r.text for r in reqs]),
+            ngram_repetition=ngram_repetition([r.text for r in reqs]),
             open_loop=open_loop, duration_s=duration, offered_rps=rps,
         )
 
@@ -170,6 +175,21 @@ def _strata(reqs: Sequence[Request]) -> list[tuple[int, int, str]]:
     shared = {h for h, k in Counter(heads).items() if k > 1}
     return [(int(a), int(b), h if h in shared else "")
             for a, b, h in zip(in_q, out_q, heads, strict=True)]
+
+
+def ngram_repetition(texts: Sequence[str], n: int = 3) -> float:
+    """Share of the trace's word n-grams that already occurred earlier in the same prompt
+    (summaries, code edits and retrieval answers quote their input; chit-chat does not):
+    the repetition n-gram speculative decoding proposes from."""
+    seen_total = repeated = 0
+    for text in texts:
+        words, seen = text.split(), set()
+        for i in range(len(words) - n + 1):
+            gram = tuple(words[i:i + n])
+            repeated += gram in seen
+            seen.add(gram)
+        seen_total += max(0, len(words) - n + 1)
+    return repeated / seen_total if seen_total else 0.0
 
 
 def shared_prefix_fraction(texts: Sequence[str]) -> float:

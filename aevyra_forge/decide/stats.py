@@ -188,6 +188,52 @@ def _welch_half_width(x: Sequence[float], y: Sequence[float], p: float,
     return t_quantile(p, dof) * math.sqrt(total)
 
 
+Look = Literal["keep", "drop"]
+INTERIM_CONFIDENCE = 0.99
+"""The confidence of the interval that may stop a bench early with a keep. Every look at
+the data is another chance for noise to clear the threshold, so an early keep must clear
+it by more than the final one (a Pocock-like bound): at 0.99 per look, four looks keep
+no more A/A pairs than one look at 0.95 (benchmarks/decision_rates.py)."""
+FUTILITY_CONFIDENCE = 0.80  # of the interval whose upper bound may stop a bench with a drop
+MIN_PASSES = 2  # the fewest passes a sequential decision is taken on: one shows no spread
+
+
+def sequential_look(candidate: Sequence[float], incumbent: Sequence[float], *,
+                    threshold: float, max_passes: int, min_passes: int = MIN_PASSES,
+                    confidence: float = DEFAULT_CONFIDENCE,
+                    interim_confidence: float = INTERIM_CONFIDENCE,
+                    futility_confidence: float = FUTILITY_CONFIDENCE,
+                    noise: NoiseEstimate | None = None,
+                    boot_cv: float = DEFAULT_BOOT_CV) -> Look | None:
+    """After each pass of a candidate, whether more passes can still change the verdict:
+    "keep" when the interval's lower bound already clears `threshold` (a fraction: 0.01
+    for +1 %) at `interim_confidence`, "drop" when its upper bound at `confidence` is
+    below it (clearly worse, or clearly within the threshold: no later pass is likely to
+    make it a keep), None to run another pass. At `max_passes` (today's fixed count) the
+    bench ends anyway and the verdict decides as before. The incumbent's passes are
+    complete; only the candidate's grow."""
+    n = len(candidate)
+    if n < min_passes or n >= max_passes or len(incumbent) < 2:
+        return None
+    strict = relative_interval(candidate, incumbent, confidence=interim_confidence,
+                               noise=noise, boot_cv=boot_cv)
+    if strict.low > threshold:
+        return "keep"
+    now = relative_interval(candidate, incumbent, confidence=futility_confidence,
+                            noise=noise, boot_cv=boot_cv)
+    # The half-width the final interval will have with every pass run (the spread so far
+    # carried over): a candidate must clear the threshold by that much to be kept.
+    x, y = _logs(candidate, incumbent)
+    mean = sum(x) / len(x)
+    final = _welch_half_width(x + [mean] * (max_passes - n), y, (1 + confidence) / 2, noise,
+                              2 * math.log1p(boot_cv ** 2))
+    judged = relative_interval(candidate, incumbent, confidence=confidence, noise=noise,
+                               boot_cv=boot_cv)
+    if judged.low <= threshold and math.log1p(now.high) < math.log1p(threshold) + final:
+        return "drop"  # and the verdict on these passes does not keep it either
+    return None
+
+
 @lru_cache(maxsize=8192)
 def t_quantile(p: float, df: float) -> float:
     """The p-quantile of Student's t with `df` >= 1 (possibly fractional) degrees of

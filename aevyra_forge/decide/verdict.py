@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aevyra_forge.core.settings import TuneSettings
-from aevyra_forge.core.slo import Slo, check_passes
+from aevyra_forge.core.slo import Slo, check_passes, parse_slo
+from aevyra_forge.core.trial import PassStop
 from aevyra_forge.core.values import (
     MAX_FAILED_REQUEST_SHARE,
     BenchMetrics,
@@ -25,6 +26,7 @@ from aevyra_forge.decide.stats import (
     between_boot_noise,
     pooled_noise,
     relative_interval,
+    sequential_look,
 )
 
 
@@ -78,6 +80,34 @@ def judge(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
                       reference_note=_why_not_the_baseline(history),
                       output_changes=output_changes)
     return Verdict(value, decision, interval, violations)
+
+
+def pass_stop(s: TuneSettings, incumbent: Sequence[BenchMetrics], incumbent_id: str,
+              history: Sequence[ExperimentRecord]) -> PassStop | None:
+    """The early-stop rule for a candidate judged against `incumbent`'s passes, with the
+    same noise figures `judge` will use; None when there is nothing to compare with yet
+    (the baseline), or too few passes for a look before the last one."""
+    if s.repeats <= 2 or len(incumbent) < 2:
+        return None
+    slo = s.parsed_slo()
+    noise = _pass_noise(s, slo, history, incumbent_id)
+    return PassStop(incumbent=tuple(pass_values(incumbent, s.objective, slo)),
+                    objective=s.objective, slo=s.slo,
+                    threshold=s.min_improvement_pct / 100, confidence=s.confidence,
+                    boot_cv=_boot_cv(s, slo, history, incumbent_id),
+                    noise_variance=noise.variance if noise else 0.0,
+                    noise_df=noise.df if noise else 0.0, max_passes=s.repeats)
+
+
+def should_stop(rule: PassStop, passes: Sequence[BenchMetrics]) -> bool:
+    """Whether the candidate's passes so far already decide its verdict (a keep, or a
+    drop no later pass is likely to turn): the bench may end here."""
+    slo = parse_slo(rule.slo) if rule.slo else None
+    noise = NoiseEstimate(rule.noise_variance, rule.noise_df) if rule.noise_df else None
+    look = sequential_look(pass_values(passes, rule.objective, slo), rule.incumbent,
+                           threshold=rule.threshold, max_passes=rule.max_passes,
+                           confidence=rule.confidence, noise=noise, boot_cv=rule.boot_cv)
+    return look is not None
 
 
 def _unmeasured(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],

@@ -6,16 +6,18 @@ pool of GPUs or to Ray."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from aevyra_forge.core.recipe import Recipe, recipe_from_dict
 from aevyra_forge.core.slo import Slo
-from aevyra_forge.core.trial import Measurement, Trial
-from aevyra_forge.core.values import BenchOutcome, LaunchFailure, QualityScore
+from aevyra_forge.core.trial import Measurement, PassStop, Trial
+from aevyra_forge.core.values import BenchMetrics, BenchOutcome, LaunchFailure, QualityScore
 from aevyra_forge.core.workload import Workload
+from aevyra_forge.engine.prepare import PrepareResult
 from aevyra_forge.measure.accuracy import QualityError, reference_quality
 from aevyra_forge.measure.metrics import median_pass
 
@@ -41,8 +43,13 @@ class Launcher(Protocol[S]):
 
 
 class Benchmarker(Protocol[S_contra]):
+    """Measures a live server over up to `passes` passes; `stop`, when given, is asked
+    after each pass whether the passes so far already decide the verdict."""
+
     def bench(self, server: S_contra, workload: Workload, concurrency: int,
-              passes: int = 1, slo: Slo | None = None) -> BenchOutcome: ...
+              passes: int = 1, slo: Slo | None = None,
+              stop: Callable[[Sequence[BenchMetrics]], bool] | None = None
+              ) -> BenchOutcome: ...
 
 
 class QualityProbe(Protocol[S_contra]):
@@ -77,7 +84,10 @@ class LocalExecutor(Generic[S]):
     def __init__(self, launcher: Launcher[S], benchmarker: Benchmarker[S],
                  quality: QualityProbe[S], workload: Workload, *, concurrency: int,
                  repeats: int, slo: Slo | None, log_path: Callable[[int], Path],
-                 log_root: Path, on_phase: Callable[[int, str], None] | None = None
+                 log_root: Path, on_phase: Callable[[int, str], None] | None = None,
+                 check_boot: Callable[[Recipe, Path], str | None] | None = None,
+                 stopper: Callable[[PassStop, Sequence[BenchMetrics]], bool] | None = None,
+                 prepare: Callable[[Recipe, Path], PrepareResult | None] | None = None
                  ) -> None:
         self.launcher = launcher
         self.benchmarker = benchmarker
@@ -90,8 +100,32 @@ class LocalExecutor(Generic[S]):
         self.log_root = log_root
         # told (experiment id, phase) as a trial moves through boot, bench and accuracy
         self.on_phase = on_phase or (lambda exp, phase: None)
+        # why a healthy server does not count (a chosen kernel plug-in left no proof in its
+        # log: space/plugins.unproven); None when it does
+        self.check_boot = check_boot or (lambda recipe, log: None)
+        # decides a trial's early stop from its rule (decide.verdict.should_stop): the
+        # rule travels with the trial as data, the decision is made here, between passes
+        self.stopper = stopper
+        # writes the quantized checkpoint a recipe serves before the boot (engine/prepare)
+        self.prepare = prepare
 
     def run(self, trial: Trial) -> Measurement:
+        """Prepare what the recipe needs (its time recorded as prepare_s), then serve."""
+        if self.prepare is None:
+            return self._serve(trial)
+        recipe = recipe_from_dict(trial.recipe, source=f"experiment {trial.exp}")
+        log_path = self.log_path(trial.exp)
+        self.on_phase(trial.exp, "prepare")
+        prepared = self.prepare(recipe, log_path.with_name(log_path.stem + ".prepare.log"))
+        if prepared is None:
+            return self._serve(trial)
+        if prepared.failure is not None:
+            return Measurement(status="prepare_failed", reason=prepared.failure,
+                               prepare_s=prepared.seconds,
+                               log=self._relative(prepared.log) if prepared.log else None)
+        return self._serve(trial).model_copy(update={"prepare_s": prepared.seconds})
+
+    def _serve(self, trial: Trial) -> Measurement:
         recipe = recipe_from_dict(trial.recipe, source=f"experiment {trial.exp}")
         log_path = self.log_path(trial.exp)
         self.on_phase(trial.exp, "boot")
@@ -100,9 +134,14 @@ class LocalExecutor(Generic[S]):
                 return Measurement(status=server.status, reason=server.reason,
                                    boot_s=server.boot_s, log=self._relative(log_path),
                                    suggested_max_model_len=server.suggested_max_model_len)
+            refused = self.check_boot(recipe, log_path)
+            if refused:  # what was asked for never ran: a failed boot, not "no gain"
+                return Measurement(status="boot_failed", reason=refused, boot_s=server.boot_s,
+                                   log=self._relative(log_path))
             self.on_phase(trial.exp, "bench")
             outcome = self.benchmarker.bench(server, self.workload, self.concurrency,
-                                             self.repeats, self.slo)
+                                             self.repeats, self.slo,
+                                             stop=self._stop(trial))
             quality: QualityScore | None = None
             captured: dict[str, Any] | None = None
             if outcome.status == "ok":
@@ -120,9 +159,15 @@ class LocalExecutor(Generic[S]):
             metrics = median_pass(outcome.passes)
         return Measurement(
             status=outcome.status, reason="; ".join(filter(None, (outcome.reason, note))),
-            passes=outcome.passes,
+            passes=outcome.passes, pass_isolation=outcome.pass_isolation,
             metrics=metrics, quality=quality, quality_reference=captured,
             boot_s=boot_s, bench_s=outcome.bench_s, log=self._relative(log_path))
+
+    def _stop(self, trial: Trial) -> Callable[[Sequence[BenchMetrics]], bool] | None:
+        """The trial's early-stop predicate, None to run every pass."""
+        if trial.stop is None or self.stopper is None:
+            return None
+        return partial(self.stopper, trial.stop)
 
     def _capture(self, server: S) -> tuple[dict[str, Any] | None, str]:
         """The reference outputs, or None and why accuracy goes unmeasured this run."""

@@ -36,14 +36,17 @@ from aevyra_forge.engine.process import (
 )
 from aevyra_forge.measure.client import auth_headers
 from aevyra_forge.space.child_env import child_env
-from aevyra_forge.space.rendering import serve_argv
+from aevyra_forge.space.rendering import serve_argv, served_name
 
 BOOT_TIMEOUT_S = 900.0  # first boots compile; CUDA-graph capture alone can take a minute
 HEALTH_POLL_S = 1.0
 RELEASE_TIMEOUT_S = 60.0  # waiting for the GPU memory to come back after teardown
 RELEASE_SLACK_MIB = 512
 PORT_ATTEMPTS = 3  # another process can take the free port before vLLM binds it
-DEFAULT_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+# VLLM_PLUGINS is always set: unset, vLLM would load every installed general plug-in, so
+# installing one could change the baseline. The user's own list (inherited) wins over the
+# empty default, and a recipe that chose a kernel plug-in (space/plugins.py) over both.
+DEFAULT_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_PLUGINS": ""}
 _PORT_TAKEN = re.compile(r"address already in use", re.IGNORECASE)
 API_KEY_ENV = "VLLM_API_KEY"  # vLLM's own: the server then refuses /v1 without it
 API_KEY_FLAG = "--api-key"  # takes precedence over VLLM_API_KEY, as in vLLM
@@ -146,7 +149,7 @@ class VllmLauncher:
                 return LaunchFailure(status="boot_failed",
                                      reason=f"cannot run {self.vllm_bin}: {exc.strerror}")
         track(proc)
-        server = VllmServer(url=f"http://127.0.0.1:{port}", served_model=recipe.model,
+        server = VllmServer(url=f"http://127.0.0.1:{port}", served_model=served_name(recipe),
                             boot_s=0.0, process=proc, log_path=log_path,
                             api_key=_api_key(cmd, env), group=ServerGroup.of(proc.pid, port))
         if self.recorder is not None and server.group is not None:

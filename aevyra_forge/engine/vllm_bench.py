@@ -10,17 +10,17 @@ import asyncio
 import contextlib
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
 
 from aevyra_forge.core.slo import Slo
-from aevyra_forge.core.values import BenchMetrics, BenchOutcome, Status
+from aevyra_forge.core.values import BenchMetrics, BenchOutcome, PassIsolation, Status
 from aevyra_forge.core.workload import Workload
 from aevyra_forge.engine.failures import classify, log_cause, request_failures
 from aevyra_forge.engine.launcher import HEALTH_POLL_S, VllmServer
-from aevyra_forge.measure.client import BenchConfig, Progress, bench_passes
+from aevyra_forge.measure.client import BenchConfig, BenchRun, Progress, auth_headers, bench_run
 from aevyra_forge.measure.metrics import median_pass, parse_metrics
 
 WARMUP_SLOTS = 8  # most untimed warm-up requests sent before the first timed pass
@@ -38,6 +38,7 @@ class _Watched:
     """How a watched bench ended: its passes, or the server died, or it stalled."""
 
     passes: list[BenchMetrics] = field(default_factory=list)
+    isolation: PassIsolation | None = None
     died: bool = False
     stalled: str = ""  # why the watchdog stopped the bench
 
@@ -64,8 +65,10 @@ class VllmBenchmarker:
         self.on_pass = on_pass  # told (k, n) as timed pass k of n begins
 
     def bench(self, server: VllmServer, workload: Workload, concurrency: int,
-              passes: int = 1, slo: Slo | None = None) -> BenchOutcome:
-        config = BenchConfig(concurrency=concurrency, passes=passes, slo=slo,
+              passes: int = 1, slo: Slo | None = None,
+              stop: Callable[[Sequence[BenchMetrics]], bool] | None = None
+              ) -> BenchOutcome:
+        config = BenchConfig(concurrency=concurrency, passes=passes, slo=slo, stop=stop,
                              request_timeout_s=self.request_timeout_s,
                              bench_timeout_s=self.bench_timeout_s,
                              warmup_requests=self._warmup(concurrency))
@@ -87,8 +90,13 @@ class VllmBenchmarker:
         result = watched.passes
         metrics = median_pass(result)
         status, reason = self._classify(server, result)
+        isolation = watched.isolation
+        if isolation is not None and isolation.method in ("reset", "warm_pass"):
+            # a fallback changed how this config was measured: said where people look
+            reason = "; ".join(filter(None, (reason, isolation.note)))
         return BenchOutcome(status=status, metrics=metrics, passes=tuple(result),
-                            bench_s=elapsed, reason=reason)
+                            pass_isolation=watched.isolation, bench_s=elapsed,
+                            reason=reason)
 
     @staticmethod
     def _classify(server: VllmServer, passes: list[BenchMetrics]) -> tuple[Status, str]:
@@ -126,19 +134,30 @@ class VllmBenchmarker:
                     return {}
                 return parse_metrics(resp.text) if resp.status_code == 200 else {}
 
-            task = asyncio.create_task(bench_passes(
+            async def reset_cache() -> bool:
+                # vLLM serves this only with VLLM_SERVER_DEV_MODE=1 (404 otherwise);
+                # it answers success false while blocks are held
+                try:
+                    resp = await client.post(server.url + "/reset_prefix_cache",
+                                             headers=auth_headers(server.api_key))
+                    return resp.status_code == 200 and resp.json().get("success") is True
+                except (httpx.HTTPError, ValueError, AttributeError):
+                    return False
+
+            task: asyncio.Task[BenchRun] = asyncio.create_task(bench_run(
                 server.url, server.served_model, workload, config, self.clock,
-                scrape=scrape, api_key=server.api_key, progress=progress))
+                scrape=scrape, api_key=server.api_key, progress=progress,
+                reset_cache=reset_cache))
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self.watch_interval_s)
                 if done:
-                    passes = task.result()
+                    run = task.result()
                     # Requests to a dead server fail at once, so the bench can finish
                     # before this watch notices the death: refused connections are a
                     # crash when the server is gone, not a pass full of failures.
-                    if _refused(passes) and _dies_within(server, DEATH_GRACE_S):
+                    if _refused(run.passes) and _dies_within(server, DEATH_GRACE_S):
                         return _Watched(died=True)
-                    return _Watched(passes=passes)
+                    return _Watched(passes=run.passes, isolation=run.isolation)
                 idle_s = self.clock() - progress.last_token_s
                 stalled = progress.in_flight > 0 and idle_s > self.stall_timeout_s
                 if stalled or not server.alive():

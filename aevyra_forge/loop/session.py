@@ -9,6 +9,7 @@ import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from threading import Lock
 from typing import Any
 
 from aevyra_forge import __version__
@@ -24,6 +25,7 @@ from aevyra_forge.core.settings import (
 )
 from aevyra_forge.core.values import Hardware
 from aevyra_forge.core.workload import Workload, load_workload
+from aevyra_forge.decide.verdict import should_stop
 from aevyra_forge.engine import device_lock
 from aevyra_forge.engine.executor import (
     Benchmarker,
@@ -33,20 +35,27 @@ from aevyra_forge.engine.executor import (
     S,
 )
 from aevyra_forge.engine.launcher import VllmLauncher
+from aevyra_forge.engine.prepare import Preparer
 from aevyra_forge.engine.process import ours, terminate_group
 from aevyra_forge.engine.sim.engine import SimulatedEngine
 from aevyra_forge.engine.vllm_bench import VllmBenchmarker
-from aevyra_forge.loop import plan
+from aevyra_forge.loop import plan, scale
 from aevyra_forge.loop.events import Note, Observer, Planned, TrialPhase
 from aevyra_forge.loop.ports import Executor, RunLog
+from aevyra_forge.loop.quant_setup import hub_siblings
+from aevyra_forge.loop.quant_setup import offer as _layer2
 from aevyra_forge.loop.tuner import Tuner
 from aevyra_forge.measure.accuracy import VllmQualityProbe
+from aevyra_forge.space import plugins
+from aevyra_forge.space.child_env import child_env, pinned
 from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.hardware import detect, memory_used_mib, try_detect_gpu
+from aevyra_forge.space.hub import CACHE_FILE
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import profile
 from aevyra_forge.space.playbook import Playbook, ensure_valid, load_playbook
 from aevyra_forge.space.vllm_flags import introspect
+from aevyra_forge.space.weights import check_weights_fit
 from aevyra_forge.store.run_store import (
     RunStore,
     logged_recipes,
@@ -89,13 +98,14 @@ def vllm_executable(settings: TuneSettings) -> str:
     return found
 
 
-def knob_space(settings: TuneSettings, hw: Hardware, note: Callable[[str], None]
-               ) -> KnobSpace:
+def knob_space(settings: TuneSettings, hw: Hardware, note: Callable[[str], None],
+               summary: str = "") -> KnobSpace:
     """The knobs this run may touch: this hardware, this model, and for real runs the
-    flags the installed vLLM accepts (read once per vLLM version)."""
+    flags the installed vLLM accepts (read once per vLLM version), and plug-ins' offers."""
     model = profile(settings.model)
     if settings.dry_run:
-        return KnobSpace(hw, model, simulated=True)
+        return plugins.knob_space(hw, model, settings.model, summary, note,
+                                  concurrency=settings.concurrency)
     binary = vllm_executable(settings)
     note(f"reading the flags {binary} accepts (cached per vLLM version)")
     vllm = introspect(binary)
@@ -105,25 +115,35 @@ def knob_space(settings: TuneSettings, hw: Hardware, note: Callable[[str], None]
     if hw.device != "cpu" and vllm.is_cpu_build:
         raise UsageError(f"{binary} is the CPU build of vLLM ({vllm.version}); use "
                          "--device cpu, or point --vllm-bin at a GPU build")
-    return KnobSpace(hw, model, vllm=vllm)
+    return plugins.knob_space(hw, model, settings.model, summary, note, vllm, binary,
+                              settings.concurrency)
 
 
 def _executor(settings: TuneSettings, hw: Hardware, space: KnobSpace, workload: Workload,
-              run: RunLog, observer: Observer) -> Executor:
-    """Where trials run: the simulator for --dry-run, else real vLLM on this host."""
-    phases = _Phases(observer)
-    if settings.dry_run:
-        sim = _simulator(settings, hw, space)
-        return _local(sim, sim, sim, settings, workload, run, phases)
-    device = hw.device
-    launcher = VllmLauncher(
-        vllm_executable(settings),
-        boot_timeout_s=settings.boot_timeout_s,
-        memory_used_mib=None if device == "cpu" else (lambda: memory_used_mib(device)),
-        recorder=ServerLog(run.path, device_lock.devices(hw)))
-    bench = VllmBenchmarker(request_timeout_s=settings.request_timeout_s,
-                            on_pass=phases.bench_pass)
-    return _local(launcher, bench, VllmQualityProbe(workload), settings, workload, run, phases)
+              run: RunLog, observer: Observer, prepare: Preparer | None = None) -> Executor:
+    """Where trials run: the simulator for --dry-run, else real vLLM on this host; with
+    several workers (--parallel, --gpus) a pool of them, one per GPU or group of GPUs."""
+    def worker(observer: Observer, gpus: tuple[int, ...], lock: Lock | None) -> Executor:
+        """One worker: the simulator, or real vLLM pinned to `gpus` (all of hw's: ())."""
+        phases = _Phases(observer)
+        if settings.dry_run:
+            sim = _simulator(settings, hw, space)
+            return _local(sim, sim, sim, settings, workload, run, phases)
+        device, env = hw.device, (pinned(os.environ, hw.device, gpus) if gpus else None)
+        launcher = VllmLauncher(
+            vllm_executable(settings), boot_timeout_s=settings.boot_timeout_s,
+            env=None if env is None else child_env(env),
+            memory_used_mib=None if device == "cpu" else (lambda: memory_used_mib(device, env)),
+            recorder=scale.recorder(ServerLog(run.path, device_lock.devices(
+                scale.per_worker(hw, gpus))), lock))
+        bench = VllmBenchmarker(request_timeout_s=settings.request_timeout_s,
+                                on_pass=phases.bench_pass)
+        return _local(launcher, bench, VllmQualityProbe(workload), settings, workload, run,
+                      phases, plugins.boot_check(space.plugins), prepare)
+
+    if settings.executor == "ray":
+        return scale.on_ray(settings, vllm_executable(settings), workload, run.path)
+    return scale.pooled(settings, hw, observer, worker)
 
 
 def _simulator(settings: TuneSettings, hw: Hardware, space: KnobSpace) -> SimulatedEngine:
@@ -132,14 +152,15 @@ def _simulator(settings: TuneSettings, hw: Hardware, space: KnobSpace) -> Simula
 
 
 def _local(launcher: Launcher[S], benchmarker: Benchmarker[S], quality: QualityProbe[S],
-           settings: TuneSettings, workload: Workload, run: RunLog, phases: _Phases
-           ) -> Executor:
+           settings: TuneSettings, workload: Workload, run: RunLog, phases: _Phases,
+           check_boot: Callable[[Recipe, Path], str | None] | None = None,
+           prepare: Preparer | None = None) -> Executor:
     """Trials in this process, all measured the same way (the run's fixed settings)."""
     return LocalExecutor(launcher, benchmarker, quality, workload,
                          concurrency=settings.concurrency, repeats=settings.repeats,
                          slo=settings.parsed_slo(), log_path=run.log_path,
-                         log_root=run.path,
-                         on_phase=phases.phase)
+                         log_root=run.path, stopper=should_stop,
+                         on_phase=phases.phase, check_boot=check_boot, prepare=prepare)
 
 
 class _Phases:
@@ -176,9 +197,11 @@ def _proposer(settings: TuneSettings, api_key: str | None) -> Proposer:
 
 
 def _baseline(settings: TuneSettings, space: KnobSpace) -> Recipe:
-    if settings.recipe:
-        return space.check_recipe(load_recipe(Path(settings.recipe)), settings.recipe)
-    return space.baseline(settings.model)
+    recipe = (space.check_recipe(load_recipe(Path(settings.recipe), settings.model),
+                                 settings.recipe)
+              if settings.recipe else space.baseline(settings.model))
+    check_weights_fit(recipe, space.model, space.hw)  # a model no GPU holds: no boot
+    return recipe
 
 
 def start(settings: TuneSettings, observer: Observer, api_key: str | None = None) -> Tuner:
@@ -188,8 +211,11 @@ def start(settings: TuneSettings, observer: Observer, api_key: str | None = None
     notes = [*workload.notes, *_fit(settings, workload)]  # shown once inputs are checked
     proposer = _proposer(settings, api_key)
     notes += getattr(proposer, "notes", ())
-    hw = resolve_hardware(settings, notes.append)
-    space = knob_space(settings, hw, lambda text: observer.notify(Note(text)))
+    hw = scale.selected(settings, resolve_hardware(settings, notes.append))
+    siblings = hub_siblings(settings, hw, None, notes.append)
+    space = knob_space(settings, scale.trial_hardware(settings, hw),
+                       lambda text: observer.notify(Note(text)), workload.stats.summary())
+    preparer = _layer2(settings, space, siblings, notes.append, vllm_executable)
     baseline = _baseline(settings, space)
     estimate = ((settings.dry_run and plan.from_simulator(_simulator(settings, hw, space),
                                                           baseline, workload, settings))
@@ -209,14 +235,16 @@ def start(settings: TuneSettings, observer: Observer, api_key: str | None = None
         "settings": settings.model_dump(mode="json"),
     }
     run = RunStore(Path(settings.run_dir)).create_run(config)
+    if siblings is not None:
+        run.write_artifact(CACHE_FILE, siblings.model_dump_json(indent=2) + "\n")
     for text in notes:
         observer.notify(Note(text))
     observer.notify(Planned(night))
     if warning:
         observer.notify(Note(warning))
     return Tuner(settings, hw, workload, space, playbook, proposer,
-                 _executor(settings, hw, space, workload, run, observer), run, baseline,
-                 observer)
+                 _executor(settings, hw, space, workload, run, observer, preparer), run,
+                 baseline, observer)
 
 
 def resume(run_dir: Path, observer: Observer, api_key: str | None = None,
@@ -250,9 +278,13 @@ def resume(run_dir: Path, observer: Observer, api_key: str | None = None,
         raise UsageError(f"{settings.workload}: the workload changed since run "
                          f"{target.name} started; restore it or start a new run")
     hw = Hardware.model_validate(config["hardware_detail"])
+    siblings = hub_siblings(settings, hw, target, lambda text: observer.notify(Note(text)))
     proposer = _proposer(settings, api_key)
-    space = knob_space(settings, hw, lambda text: observer.notify(Note(text)))
-    _vet_log(target, space, settings.model)
+    space = knob_space(settings, scale.trial_hardware(settings, hw),
+                       lambda text: observer.notify(Note(text)), workload.stats.summary())
+    preparer = _layer2(settings, space, siblings, lambda text: observer.notify(Note(text)),
+                       vllm_executable)
+    _vet_log(target, space, _baseline(settings, space))
     _claim_host(settings, hw, target.parent.parent, observer)
     run = RunStore(target.parent.parent).open_run(target)
     observer.notify(Note(f"resuming {target} ({len(run.records())} experiments recorded)"))
@@ -265,7 +297,7 @@ def resume(run_dir: Path, observer: Observer, api_key: str | None = None,
             f"{redact_urls(value)}"
             for name, value in changes.items())))
     return Tuner(settings, hw, workload, space, playbook, proposer,
-                 _executor(settings, hw, space, workload, run, observer), run,
+                 _executor(settings, hw, space, workload, run, observer, preparer), run,
                  _baseline(settings, space), observer)
 
 
@@ -274,8 +306,9 @@ def _claim_host(settings: TuneSettings, hw: Hardware, store_root: Path,
     """Before anything boots: this host's devices locked for this tuner (one tuner per
     GPU), the servers a killed forge left behind in this store torn down (each verified
     as ours first), and a GPU holding another process's memory refused unless
-    --allow-busy-gpu. A dry run touches no device."""
-    if settings.dry_run:
+    --allow-busy-gpu. A dry run touches no device, nor does a Ray driver (its trials run
+    where Ray places them)."""
+    if settings.dry_run or settings.executor == "ray":
         return
     names = device_lock.devices(hw)
     device_lock.claim(names)
@@ -288,7 +321,8 @@ def _claim_host(settings: TuneSettings, hw: Hardware, store_root: Path,
         mark_gone(run, rec)
     if hw.device == "cpu":
         return  # no device memory to read; the lock is the guard
-    why = device_lock.busy(memory_used_mib(hw.device), names)
+    why = scale.busy_gpu(hw, memory_used_mib) if scale.workers(settings, hw) else \
+        device_lock.busy(memory_used_mib(hw.device), names)
     if why and not settings.allow_busy_gpu:
         raise HardwareError(f"{why}: wait for it to finish and retry, or pass "
                             "--allow-busy-gpu to tune beside it (its load distorts every "
@@ -326,10 +360,11 @@ def _fit(settings: TuneSettings, workload: Workload) -> list[str]:
     return []
 
 
-def _vet_log(run_dir: Path, space: KnobSpace, model: str) -> None:
+def _vet_log(run_dir: Path, space: KnobSpace, start: Recipe) -> None:
     """Every recipe the run's logs hold passes the checks a --recipe file does (known
     knobs, values this vLLM accepts, allow-listed environment) and serves this run's
-    model: whoever can write the log must not get flags or variables past them."""
+    model with its starting recipe's fixed engine arguments (no experiment changes them):
+    whoever can write the log must not get flags or variables past them."""
     for where, data in logged_recipes(run_dir):
         try:
             recipe = space.check_recipe(recipe_from_dict(data, source=where), where)
@@ -338,10 +373,11 @@ def _vet_log(run_dir: Path, space: KnobSpace, model: str) -> None:
                              "if the line was edited, delete it or restore the log from a "
                              "backup; if vLLM changed, reinstall the version the run started "
                              "with") from None
-        if recipe.model != model:
-            raise StoreError(f"{where}: the recipe serves {recipe.model!r}, but this run "
-                             f"tunes {model!r}; the line was edited: delete it or restore "
-                             "the log from a backup, then retry")
+        if (recipe.model, space.fixed(recipe)) != (start.model, space.fixed(start)):
+            raise StoreError(f"{where}: the recipe serves {recipe.model!r} with "
+                             f"{space.fixed(recipe)}, but this run tunes {start.model!r} "
+                             f"with {space.fixed(start)}; the line was edited: delete it or "
+                             "restore the log from a backup, then retry")
 
 
 def _resumable(path: Path) -> Path:

@@ -28,6 +28,23 @@ def refused(rec: ExperimentRecord) -> bool:
     return rec.status in REFUSED
 
 
+@dataclass(frozen=True)
+class Incumbent:
+    """What a trial is judged against, fixed when it was asked: the trials of a round are
+    all judged against the incumbent the round started from."""
+
+    recipe: Recipe
+    score: float | None
+    passes: tuple[BenchMetrics, ...]
+    passes_on: dict[str, tuple[BenchMetrics, ...]]
+    history: tuple[ExperimentRecord, ...]
+
+    def passes_for(self, worker: str | None) -> tuple[BenchMetrics, ...]:
+        """The incumbent's passes as `worker` measured them when it has, else its
+        latest passes anywhere."""
+        return self.passes_on.get(worker, self.passes) if worker else self.passes
+
+
 @dataclass
 class LoopState:
     """The records, folded into what the next decision needs."""
@@ -43,6 +60,10 @@ class LoopState:
     accuracy_base: Recipe | None = field(init=False, default=None)
     best_passes: tuple[BenchMetrics, ...] = field(init=False, default=())
     best_measured_exp: int = field(init=False, default=0)  # the incumbent's latest boot
+    # the incumbent's latest passes on each worker (several workers: two GPUs are two
+    # instruments, so a trial is judged against the incumbent as its own GPU measured it)
+    passes_on: dict[str, tuple[BenchMetrics, ...]] = field(init=False, default_factory=dict)
+    measured_on: dict[str, int] = field(init=False, default_factory=dict)  # worker -> exp
 
     def __post_init__(self) -> None:
         self.best = self.baseline
@@ -62,12 +83,18 @@ class LoopState:
                 self.reference = rec.metrics
                 self.accuracy_base = self.accuracy_base or recipe_from_dict(
                     rec.recipe, source=f"experiment {rec.exp}")
+            if rec.recipe_id != self.best.id:
+                self.passes_on, self.measured_on = {}, {}
             self.best = recipe_from_dict(rec.recipe, source=f"experiment {rec.exp}")
             self.best_record = rec
         if rec.recipe_id == self.best.id and (rec.kept or rec.remeasure):
-            self.best_measured_exp = rec.exp
+            self.best_measured_exp = max(self.best_measured_exp, rec.exp)
             if rec.status == "ok" and healthy(rec.passes):  # failed requests never judge
                 self.best_passes = rec.passes
+                if rec.worker is not None:
+                    self.passes_on[rec.worker] = rec.passes
+                    self.measured_on[rec.worker] = max(self.measured_on.get(rec.worker, 0),
+                                                       rec.exp)
 
     def add(self, rec: ExperimentRecord) -> None:
         self.records.append(rec)
@@ -84,16 +111,34 @@ class LoopState:
         return sum(1 for r in self.records if not refused(r))
 
     def experiments_since(self, exp: int) -> int:
-        """Experiments run after row `exp`."""
-        return sum(1 for r in self.records[exp + 1:] if not refused(r))
+        """Experiments run after row `exp` (by id: trials of a round are recorded in the
+        order they finish)."""
+        return sum(1 for r in self.records if r.exp > exp and not refused(r))
+
+    def incumbent(self) -> Incumbent:
+        return Incumbent(recipe=self.best, score=self.best_score, passes=self.best_passes,
+                         passes_on=dict(self.passes_on), history=tuple(self.records))
+
+    @property
+    def next_round(self) -> int:
+        return max((r.round for r in self.records if r.round is not None), default=0) + 1
 
     @property
     def tried_ids(self) -> frozenset[str]:
         return frozenset(r.recipe_id for r in self.records if not refused(r))
 
     def spent_s(self) -> float:
-        return sum((r.prepare_s or 0.0) + (r.boot_s or 0.0) + (r.bench_s or 0.0)
-                   for r in self.records)
+        """Time the experiments took, as the run's clock saw it: the trials of a round ran
+        at once, so a round takes as long as its longest trial."""
+        rounds: dict[int, float] = {}
+        alone = 0.0
+        for r in self.records:
+            took = (r.prepare_s or 0.0) + (r.boot_s or 0.0) + (r.bench_s or 0.0)
+            if r.round is None:
+                alone += took
+            else:
+                rounds[r.round] = max(rounds.get(r.round, 0.0), took)
+        return alone + sum(rounds.values())
 
     def spent_usd(self) -> float:
         return sum(r.llm.cost_usd for r in self.records)

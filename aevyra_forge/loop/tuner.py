@@ -22,8 +22,9 @@ from aevyra_forge.core.values import (
     Status,
 )
 from aevyra_forge.core.workload import Workload
+from aevyra_forge.decide.diagnosis import diagnose
 from aevyra_forge.decide.rules import output_changes
-from aevyra_forge.decide.verdict import judge
+from aevyra_forge.decide.verdict import judge, pass_stop
 from aevyra_forge.loop import plan
 from aevyra_forge.loop.events import (
     LayerEscalated,
@@ -39,7 +40,8 @@ from aevyra_forge.loop.events import (
     TrialStarted,
 )
 from aevyra_forge.loop.ports import Executor, RunLog
-from aevyra_forge.loop.state import LoopState, refused
+from aevyra_forge.loop.rounds import Rounds
+from aevyra_forge.loop.state import Incumbent, LoopState, refused
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.playbook import Playbook
 
@@ -75,6 +77,9 @@ class Tuner:
         self.exhausted: set[int] = set()
         self.unbilled = LLMUsage()  # LLM usage not yet attached to a recorded row
         self.refusals_in_a_row = 0  # this session's; a resume gives the agent a new chance
+        workers = tuple(getattr(executor, "workers", ()))
+        # several workers: trials are asked, run and judged a round at a time
+        self.rounds = Rounds(self, workers) if len(workers) > 1 else None
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> RunOutcome:
@@ -82,11 +87,14 @@ class Tuner:
         torn down; the run stays resumable."""
         st = self.state
         self.observer.notify(RunStarted(recorded=len(st.records), spent_s=st.spent_s()))
+        if self.rounds is not None:
+            self.rounds.rerun(self.unfinished())
         for pending in self.unfinished():
             self.execute(pending)
         if not st.records:
             self.execute(Trial(exp=0, recipe=st.baseline.to_dict(),
-                               recipe_id=st.baseline.id, layer=1))
+                               recipe_id=st.baseline.id, layer=1,
+                               worker=self.rounds.workers[0] if self.rounds else None))
         self._replan()
         while True:
             why = self._budget_spent()
@@ -97,6 +105,9 @@ class Tuner:
                 why = "every layer converged"
                 break
             try:
+                if self.rounds is not None:
+                    self.rounds.step(layer)
+                    continue
                 trial = self.ask(layer)
             except BudgetExceeded as exc:
                 why = str(exc)
@@ -163,7 +174,8 @@ class Tuner:
         self._refuse(exp, layer, proposal, raw, status, feedback, usage)
         return None
 
-    def _context(self, layer: Layer, feedback: str | None, attempt: int) -> AgentContext:
+    def _context(self, layer: Layer, feedback: str | None, attempt: int, want: int = 1,
+                 pending: tuple[Trial, ...] = ()) -> AgentContext:
         st = self.state
         return AgentContext(
             hardware=self.hw, workload=self.workload.stats, layer=layer, space=self.space,
@@ -175,7 +187,9 @@ class Tuner:
                 dollars_left=(None if self.s.max_dollars is None
                               else self.s.max_dollars - self._spent_usd())),
             tried_ids=st.tried_ids, feedback=feedback, attempt=attempt,
-            objective=self.s.objective, slo=self.s.parsed_slo())
+            objective=self.s.objective, slo=self.s.parsed_slo(), want=want,
+            pending=tuple(t.proposal for t in pending if t.proposal is not None),
+            pending_ids=frozenset(t.recipe_id for t in pending))
 
     def _incumbent_stale(self) -> bool:
         """Re-measure the incumbent on a fresh boot every --remeasure-every experiments
@@ -187,7 +201,7 @@ class Tuner:
                     and st.experiments_since(st.best_measured_exp) + 1 >= every
                     and self.s.max_experiments - st.experiments >= 2)
 
-    def _vet(self, proposal: Proposal, layer: Layer
+    def _vet(self, proposal: Proposal, layer: Layer, pending: tuple[Trial, ...] = ()
              ) -> tuple[Recipe | None, str, Status]:
         """The recipe a proposal leads to, or why it must not be run, before any GPU
         time. The proposal is validated and applied once, here."""
@@ -206,6 +220,10 @@ class Tuner:
             if rec.recipe_id == recipe.id and not refused(rec):
                 return None, f"repeat of experiment {rec.exp} (recipe {recipe.id})", \
                     "duplicate"
+        for trial in pending:
+            if trial.recipe_id == recipe.id:
+                return None, (f"repeat of experiment {trial.exp}, chosen for this round "
+                              f"(recipe {recipe.id})"), "duplicate"
         return recipe, "", "ok"
 
     def _refuse(self, exp: int, layer: Layer, proposal: Proposal | None, raw: str | None,
@@ -231,41 +249,63 @@ class Tuner:
     def execute(self, trial: Trial) -> ExperimentRecord:
         """Log the trial's start, run it, judge and record it. The accuracy reference is
         attached here, from the state as it is now (also for a trial re-run on resume)."""
+        trial = self.begin(trial)
+        return self.tell(trial, self.executor.run(trial))
+
+    def begin(self, trial: Trial) -> Trial:
+        """The trial stamped and its start logged (on disk when this returns)."""
         st = self.state
         trial = trial.model_copy(update={
             "started_at": trial.started_at or _now(),
             "capture_reference": st.reference is None,
-            "quality_reference": st.quality_reference})
+            "quality_reference": st.quality_reference,
+            # a candidate's bench may end once its passes decide (never a drift check's)
+            "stop": None if trial.remeasure else pass_stop(
+                self.s, st.incumbent().passes_for(trial.worker), st.best.id, st.records)})
         self.run_log.start(trial)
         self.observer.notify(TrialStarted(trial))
-        return self.tell(trial, self.executor.run(trial))
+        return trial
 
     # -- judge and record -----------------------------------------------------------------
-    def tell(self, trial: Trial, m: Measurement) -> ExperimentRecord:
+    def tell(self, trial: Trial, m: Measurement, against: Incumbent | None = None,
+             rival: ExperimentRecord | None = None) -> ExperimentRecord:
+        """Judge `m` against `against` (the round's incumbent; default: the incumbent now)
+        and record it. `rival` is the round's best kept trial so far: a trial of the same
+        round must beat it too to be kept, so the round's best surviving trial leads."""
         st = self.state
         exp = trial.exp
+        inc = against or st.incumbent()
         verdict = judge(self.s, m.status, m.passes, m.metrics,
                         m.quality.agreement if m.quality else None,
-                        reference=st.reference, incumbent=st.best_passes,
-                        incumbent_id=st.best.id, best_score=st.best_score,
-                        history=st.records, identical=exp > 0 and trial.recipe_id == st.best.id,
+                        reference=st.reference, incumbent=inc.passes_for(trial.worker),
+                        incumbent_id=inc.recipe.id, best_score=inc.score,
+                        history=inc.history,
+                        identical=exp > 0 and trial.recipe_id == inc.recipe.id,
                         output_changes=output_changes(
                             st.accuracy_base or st.baseline,
                             recipe_from_dict(trial.recipe, source=f"experiment {exp}")))
         kept, decision = verdict.decision.kept, verdict.decision.reason
         if trial.remeasure:
             kept, decision = False, f"drift check of the incumbent: {decision}"
+        elif kept and rival is not None and (verdict.score or 0.0) <= (rival.score or 0.0):
+            kept, decision = False, (f"{decision}; but experiment {rival.exp} of the same "
+                                     f"round scored higher ({rival.score:.3f})")
         reason = m.reason
         if exp == 0 and m.status == "ok":
             reason = "; ".join(filter(None, ("baseline: vLLM's defaults on this hardware",
                                              reason)))
         interval = verdict.interval
         recipe = trial.recipe
+        # what bound the baseline (or the first config that served): the engine read once
+        diagnosis = diagnose(m.status, m.reason, m.metrics, recipe_from_dict(recipe),
+                             self.space, self.workload.stats, self.s.concurrency) \
+            if exp == 0 or (st.reference is None and not trial.remeasure) else None
         rec = self._record(ExperimentRecord(
             exp=exp, recipe=recipe, recipe_id=trial.recipe_id,
             parent_id=recipe.get("parent_id"), generation=int(recipe.get("generation", 0)),
             layer=trial.layer, proposal=trial.proposal, raw_reply=trial.raw_reply,
             status=m.status, reason=reason, metrics=m.metrics, passes=m.passes,
+            pass_isolation=m.pass_isolation,
             accuracy=m.quality.agreement if m.quality else None,
             accuracy_method=m.quality.method if m.quality else None,
             logprob_shift=m.quality.logprob_shift if m.quality else None,
@@ -274,8 +314,14 @@ class Tuner:
             slo_violations=verdict.slo_violations, remeasure=trial.remeasure,
             quality_reference=m.quality_reference, started_at=trial.started_at,
             finished_at=_now(), prepare_s=m.prepare_s, boot_s=m.boot_s, bench_s=m.bench_s,
-            log=m.log, suggested_max_model_len=m.suggested_max_model_len, worker=m.worker,
-            llm=trial.llm))
+            log=m.log, suggested_max_model_len=m.suggested_max_model_len,
+            worker=m.worker or trial.worker, round=trial.round,
+            llm=trial.llm, diagnosis=diagnosis))
+        if m.status == "boot_failed" and m.reason.startswith("unsupported on this hardware"):
+            gone = self.space.refuse_quant(recipe_from_dict(recipe), m.reason)  # learned gate
+            if gone:
+                self.observer.notify(Note(f"layer 2: this host refused {gone}; it is not "
+                                          "offered again this run"))
         # Accuracy measured another way, or not at all, is said once: with the reference.
         if trial.capture_reference and m.status == "ok" and m.reason and (
                 m.quality is None or m.quality.method != "teacher_forced"):

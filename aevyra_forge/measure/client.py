@@ -17,8 +17,9 @@ from typing import Any
 import httpx
 
 from aevyra_forge.core.slo import Slo
-from aevyra_forge.core.values import BenchMetrics
+from aevyra_forge.core.values import BenchMetrics, IsolationMethod, PassIsolation
 from aevyra_forge.core.workload import Request, Workload
+from aevyra_forge.measure.isolation import IsolationCheck, check_passes, isolation
 from aevyra_forge.measure.metrics import RequestResult, aggregate, counter_deltas
 
 Clock = Callable[[], float]
@@ -38,6 +39,12 @@ class BenchConfig:
     warmup_requests: int = 2
     passes: int = 1
     slo: Slo | None = None  # per-request bounds for goodput
+    # when salted passes prove not independent, reset the cache or add a warm pass
+    # (False only to measure what the fallback saves)
+    isolation_fallback: bool = True
+    # asked after each timed pass whether the passes so far already decide the verdict
+    # (decide.stats.sequential_look): True ends the bench before `passes`
+    stop: Callable[[Sequence[BenchMetrics]], bool] | None = None
 
 
 @dataclass
@@ -273,17 +280,46 @@ def warmup_requests(count: int, seed: int) -> list[Request]:
     return out
 
 
+@dataclass(frozen=True)
+class BenchRun:
+    """The timed passes of one bench and how they were kept independent."""
+
+    passes: list[BenchMetrics]
+    isolation: PassIsolation
+
+
 async def bench_passes(base_url: str, model: str, workload: Workload, config: BenchConfig,
                        clock: Clock = time.perf_counter,
                        transport: httpx.AsyncBaseTransport | None = None,
                        scrape: Callable[[], Awaitable[dict[str, float]]] | None = None,
-                       api_key: str | None = None, progress: Progress | None = None
+                       api_key: str | None = None, progress: Progress | None = None,
+                       reset_cache: Callable[[], Awaitable[bool]] | None = None
                        ) -> list[BenchMetrics]:
+    """The timed passes of `bench_run` (see there)."""
+    run = await bench_run(base_url, model, workload, config, clock, transport, scrape,
+                          api_key, progress, reset_cache)
+    return run.passes
+
+
+async def bench_run(base_url: str, model: str, workload: Workload, config: BenchConfig,
+                    clock: Clock = time.perf_counter,
+                    transport: httpx.AsyncBaseTransport | None = None,
+                    scrape: Callable[[], Awaitable[dict[str, float]]] | None = None,
+                    api_key: str | None = None, progress: Progress | None = None,
+                    reset_cache: Callable[[], Awaitable[bool]] | None = None
+                    ) -> BenchRun:
     """Warm up, then replay the workload `config.passes` times, each under its own cache
     salt. The whole bench is bounded by `config.bench_timeout_s` (asyncio.TimeoutError).
     `transport` (a test double) replaces the HTTP connections when given; `api_key` is
     sent with every request when the server demands one; `progress` is kept up to date
-    for a stall watchdog."""
+    for a stall watchdog.
+
+    After the second pass the salting is checked (measure/isolation.py, from the
+    prefix-cache counters `scrape` reads and pass 1's speed). When later passes hit cache
+    pass 1 filled, `reset_cache` (the server's POST /reset_prefix_cache; False where it
+    is not offered) is called before every later pass and pass 2 is measured again; when
+    it cannot reset, or pass 1 was slow for another reason, pass 1 becomes an untimed warm
+    pass and one more pass replaces it, so every timed pass sees the same cache state."""
     headers = auth_headers(api_key)
     # One transport, holding one keep-alive connection, per request in flight: a shared
     # pool scans every connection for every queued request, which made one pool the
@@ -298,24 +334,56 @@ async def bench_passes(base_url: str, model: str, workload: Workload, config: Be
             stack.push_async_callback(own.aclose)
             transports.append(own)
 
-        async def body() -> list[BenchMetrics]:
+        async def body() -> BenchRun:
             if config.warmup_requests:
                 await run_pass(transports[:config.warmup_requests], base_url, model,
                                warmup_requests(config.warmup_requests, 0),
                                config.request_timeout_s, clock, f"forge-warmup-{run_id}",
                                headers, progress=progress)
-            out = []
-            for k in range(config.passes):
+            out: list[BenchMetrics] = []
+            method: IsolationMethod = "salt"
+            found: IsolationCheck | None = None
+            sent = 0  # passes run, set-aside ones included: each gets a fresh salt
+            while len(out) < config.passes:
                 if progress is not None and progress.on_pass is not None:
-                    progress.on_pass(k + 1, config.passes)
+                    progress.on_pass(len(out) + 1, config.passes)
+                if method == "reset" and not (reset_cache and await reset_cache()):
+                    # The reset stopped working: the cache now holds the last pass's
+                    # prompts, so the cold passes so far cannot be pooled with what follows.
+                    method, out = "warm_pass", []
                 before = await scrape() if scrape else {}
                 results, duration = await run_pass(
                     transports, base_url, model, workload.requests,
-                    config.request_timeout_s, clock, f"forge-{run_id}-pass{k}", headers,
+                    config.request_timeout_s, clock, f"forge-{run_id}-pass{sent}", headers,
                     progress=progress)
+                sent += 1
                 after = await scrape() if scrape else {}
                 out.append(aggregate(results, duration, counter_deltas(before, after),
                                      slo=config.slo))
-            return out
+                if method == "salt" and found is None and len(out) == 2:
+                    check = check_passes(out)
+                    if not check.isolated:
+                        found = check
+                        method, out = await _fall_back(check, out, config, reset_cache)
+                if config.stop is not None and len(out) < config.passes \
+                        and config.stop(tuple(out)):
+                    break
+            if len(out) < 2:  # one pass asked for, or a stop after the first
+                return BenchRun(out, isolation("unchecked", out))
+            return BenchRun(out, isolation(method, out, found))
 
         return await asyncio.wait_for(body(), timeout=config.bench_timeout_s)
+
+
+async def _fall_back(check: IsolationCheck, out: list[BenchMetrics], config: BenchConfig,
+                     reset_cache: Callable[[], Awaitable[bool]] | None
+                     ) -> tuple[IsolationMethod, list[BenchMetrics]]:
+    """The method the remaining passes use, and the passes kept so far. A cache the salt
+    did not separate is reset where the server allows it (pass 1 saw an empty cache of
+    its prompts, so it stands; pass 2 is measured again after a reset); otherwise pass 1
+    is the warm pass and pass 2, which ran warm, stands."""
+    if not config.isolation_fallback:
+        return "salt", out
+    if check.leaked and reset_cache is not None and await reset_cache():
+        return "reset", out[:1]
+    return "warm_pass", out[1:]

@@ -93,11 +93,23 @@ COUNTERS = {  # /metrics name -> our key; counters are reported as deltas over a
     "vllm:prompt_tokens_total": "prompt_tokens",
     "vllm:generation_tokens_total": "generation_tokens",
     "vllm:request_success_total": "requests_succeeded",
+    # histogram sums and counts: where requests spent their time, tokens per engine step
+    "vllm:request_queue_time_seconds_sum": "queue_time_s",
+    "vllm:request_prefill_time_seconds_sum": "prefill_time_s",
+    "vllm:request_decode_time_seconds_sum": "decode_time_s",
+    "vllm:iteration_tokens_total_sum": "iteration_tokens",
+    "vllm:iteration_tokens_total_count": "iterations",
 }
 GAUGES = {"vllm:kv_cache_usage_perc": "kv_cache_usage", "vllm:num_requests_waiting":
           "requests_waiting"}
 # vllm:request_success_total also counts aborted and failed requests under these labels
 _NOT_SUCCESS = re.compile(r'finished_reason="(abort|error)"')
+# the KV cache's size in tokens, from the labels of vllm:cache_config_info (a gauge fixed
+# at 1 whose labels are the engine's CacheConfig): kv_cache_size_tokens, else blocks x size
+CACHE_INFO, KV_CAPACITY = "vllm:cache_config_info", "kv_cache_capacity_tokens"
+_SIZE_TOKENS = re.compile(r'kv_cache_size_tokens="(\d+)"')
+_BLOCKS = re.compile(r'num_gpu_blocks="(\d+)"')
+_BLOCK_SIZE = re.compile(r'block_size="(\d+)"')
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -108,6 +120,14 @@ def parse_metrics(text: str) -> dict[str, float]:
             continue
         name, _, rest = line.partition("{") if "{" in line.split(" ", 1)[0] else (
             line.split(" ", 1)[0], "", line.split(" ", 1)[1] if " " in line else "")
+        if name == CACHE_INFO:
+            tokens, blocks, size = (p.search(rest) for p in (_SIZE_TOKENS, _BLOCKS,
+                                                              _BLOCK_SIZE))
+            if tokens:
+                out[KV_CAPACITY] = float(tokens[1])
+            elif blocks and size:
+                out[KV_CAPACITY] = float(int(blocks[1]) * int(size[1]))
+            continue
         key = COUNTERS.get(name) or GAUGES.get(name)
         if key is None or _NOT_SUCCESS.search(rest):
             continue
@@ -125,7 +145,7 @@ def counter_deltas(before: Mapping[str, float], after: Mapping[str, float]
     rate of the pass."""
     out = {key: after[key] - before.get(key, 0.0) for key in COUNTERS.values()
            if key in after}
-    out.update({key: after[key] for key in GAUGES.values() if key in after})
+    out.update({key: after[key] for key in (*GAUGES.values(), KV_CAPACITY) if key in after})
     queries = out.get("prefix_cache_queries", 0.0)
     if queries > 0:
         out["prefix_cache_hit_rate"] = out.get("prefix_cache_hits", 0.0) / queries

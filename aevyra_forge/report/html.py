@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from html import escape
 from typing import Any
 
+from aevyra_forge.decide.diagnosis import summary as diagnosis_summary
 from aevyra_forge.report import cost, fmt
 from aevyra_forge.report.charts import Chart, charts
 from aevyra_forge.report.model import ExperimentRow, Report
@@ -48,6 +49,7 @@ def render_html(report: Report) -> str:
         _deploy(report),
         _cost(report),
         _run_facts(report),
+        _diagnosis(report),
         "<h2>Charts</h2>",
         *(_figure(c) for c in charts(report)),
         "<h2>Experiments</h2>",
@@ -150,6 +152,17 @@ def _experiments(rows: Sequence[ExperimentRow]) -> str:
     return '<div class="scroll">' + _table(
         _COLUMNS, (cells(e) for e in rows), numeric=numeric,
         classes=lambda row: "kept" if row[4] == "yes" else "") + "</div>"
+
+
+def _diagnosis(report: Report) -> str:
+    """What bound the baseline and the knobs that could not matter (decide.diagnosis)."""
+    d = report.diagnosis
+    if d is None:
+        return ""
+    items = "".join(f"<li>{escape(line.removeprefix('- '))}</li>"
+                    for line in diagnosis_summary(d).splitlines()[1:])
+    return (f"<h2>What bound the baseline</h2><p>{escape(d.binding.replace('_', ' '))}: "
+            f"{escape(d.why)}</p>" + (f"<ul>{items}</ul>" if items else ""))
 
 
 def _failures(report: Report) -> str:

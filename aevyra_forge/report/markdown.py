@@ -8,6 +8,7 @@ import shlex
 import textwrap
 from collections.abc import Sequence
 
+from aevyra_forge.decide.diagnosis import summary as diagnosis_summary
 from aevyra_forge.report import cost, fmt
 from aevyra_forge.report.model import ExperimentRow, Report
 
@@ -42,6 +43,10 @@ def render_md(report: Report) -> str:
                                                        for v in best.slo])
     if best is not None and best.deploy_command:
         lines += ["", "### Deploy", "", "```bash", *_command(best.deploy_command), "```"]
+    if report.diagnosis is not None:
+        lines += ["", "### What bound the baseline", ""]
+        for line in diagnosis_summary(report.diagnosis).splitlines():
+            lines += _wrap(line, indent="  " if line.startswith("- ") else "")
     lines += _cost(report)
     top = sorted((e for e in report.experiments if e.score is not None),
                  key=lambda e: -(e.score or 0.0))[:TOP_ROWS]

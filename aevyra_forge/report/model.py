@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from aevyra_forge.core.errors import ForgeError
 from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.values import (
+    Diagnosis,
     ExperimentRecord,
     LatencyStats,
     Scalar,
@@ -132,6 +133,8 @@ class Report(Model):
     stop_reason: str | None  # None while the run is still going (or was interrupted)
     totals: Totals
     cost: Cost  # an estimate: GPU rent per million tokens, against commercial APIs
+    # what bound the baseline (or the first config that served); None in older runs
+    diagnosis: Diagnosis | None = None
 
 
 def build_report(run_dir: Path, gpu_price: float | None = None) -> Report:
@@ -155,7 +158,16 @@ def build_report(run_dir: Path, gpu_price: float | None = None) -> Report:
         stop_reason=str(completed.get("reason", "")) or None if completed else None,
         totals=_totals(records),
         cost=build_cost(path, config, records, gpu_price),
+        diagnosis=_diagnosis(records),
     )
+
+
+def _diagnosis(records: Sequence[ExperimentRecord]) -> Diagnosis | None:
+    """The diagnosis the run tuned by: the latest of a config that served, else the
+    baseline's (why it did not boot)."""
+    found = [r.diagnosis for r in records if r.diagnosis is not None]
+    return next((d for d in reversed(found) if d.binding != "boot"),
+                found[0] if found else None)
 
 
 # -- summary ---------------------------------------------------------------------------
@@ -197,6 +209,10 @@ def _note(records: Sequence[ExperimentRecord], baseline: ExperimentRecord | None
         return f"best is experiment {best.exp} (recipe {best.recipe_id})"
     if baseline is not None and baseline.status != "ok":
         why = f": {baseline.reason}" if baseline.reason else ""
+        if not any(r.status == "ok" for r in records):
+            return (f"nothing served: all {len(records)} experiment(s) failed, the "
+                    f"baseline included ({baseline.status}{why}); nothing to deploy; check "
+                    "the baseline's log under logs/")
         return (f"the baseline failed ({baseline.status}{why}) and no experiment was kept; "
                 "check the baseline's log under logs/")
     return "no experiment was kept"

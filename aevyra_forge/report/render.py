@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from aevyra_forge.core.errors import UsageError
+from aevyra_forge.decide.diagnosis import summary as diagnosis_summary
 from aevyra_forge.report.cost import one_line
 from aevyra_forge.report.model import Report, RunSummary, build_report
 from aevyra_forge.store.rows import COLUMNS, format_cell, rows_to_tsv
@@ -109,6 +110,9 @@ def _panel(report: Report) -> Panel:
     ]
     if report.best is not None and report.best.deploy_command:
         lines.insert(-1, f"deploy      {report.best.deploy_command}")
+    if report.diagnosis is not None:
+        binding = diagnosis_summary(report.diagnosis).splitlines()[0]
+        lines.insert(-1, f"diagnosis   {binding}")
     return Panel(Text("\n".join(lines)), title="aevyra-forge run", expand=False)
 
 

@@ -63,3 +63,19 @@ def child_env_allowed(name: str) -> bool:
 def child_env(environ: Mapping[str, str]) -> dict[str, str]:
     """`environ` narrowed to CHILD_ENV."""
     return {k: v for k, v in environ.items() if child_env_allowed(k)}
+
+
+# What selects a process's GPUs, per device: the variable a worker's server is pinned by,
+# and those that would renumber or override it if inherited.
+PIN_VARIABLE = {"cuda": "CUDA_VISIBLE_DEVICES", "rocm": "HIP_VISIBLE_DEVICES"}
+_RENUMBERING = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+
+
+def pinned(env: Mapping[str, str], device: str, gpus: tuple[int, ...]) -> dict[str, str]:
+    """`env` for a server that may use only `gpus` (the host's own indices, as
+    nvidia-smi / rocm-smi list them): the device's selection variable set to them and the
+    others dropped (an inherited ROCR_VISIBLE_DEVICES would renumber them first)."""
+    out = {k: v for k, v in env.items() if k not in _RENUMBERING}
+    if gpus and device in PIN_VARIABLE:
+        out[PIN_VARIABLE[device]] = ",".join(str(g) for g in gpus)
+    return out

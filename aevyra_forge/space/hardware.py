@@ -17,6 +17,7 @@ from aevyra_forge.core.errors import HardwareError
 from aevyra_forge.core.values import Device, GpuInfo, Hardware
 from aevyra_forge.space.gpu_catalogue import find_gpu_spec, nvidia_compute_capability
 from aevyra_forge.space.host import cpu_cores, host_memory_gib
+from aevyra_forge.space.quant import probe_cpu_isa
 
 SMI_TIMEOUT_S = 20.0
 MIB_BYTES = 1024 * 1024
@@ -39,7 +40,8 @@ def detect(device: Device, env: Mapping[str, str] | None = None) -> Hardware:
     """Detect the hardware for `device`; raise HardwareError when it is not there."""
     env = os.environ if env is None else env
     if device == "cpu":
-        return Hardware(device="cpu", cpu_cores=cpu_cores(), memory_gib=host_memory_gib())
+        return Hardware(device="cpu", cpu_cores=cpu_cores(), memory_gib=host_memory_gib(),
+                        cpu_isa=probe_cpu_isa())
     gpus = _nvidia_gpus(env) if device == "cuda" else _amd_gpus(env)
     if not gpus:
         tool = "nvidia-smi" if device == "cuda" else "rocm-smi"

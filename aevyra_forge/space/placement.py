@@ -1,7 +1,8 @@
 """Where a knob lives in a recipe and how vLLM receives it: an engine argument in `config`,
-a field of `quant` or `kernel` with its own flag, a field of `compilation_config`, or an
-allow-listed environment variable. Every knob names one; reading, writing, checking and
-rendering a recipe go through it, so a new kind of place is one more class here."""
+a field of `quant` or `kernel` with its own flag, a field of `compilation_config`, an
+allow-listed environment variable, or a kernel plug-in's settings. Every knob names one;
+reading, writing, checking and rendering a recipe go through it, so a new kind of place
+is one more class here."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from aevyra_forge.core.recipe import ConfigValue, Recipe
 from aevyra_forge.core.values import Scalar
 
 if TYPE_CHECKING:
+    from aevyra_forge.space.plugins import KernelCandidate
     from aevyra_forge.space.registry import Knob
 
 Draft = dict[str, Any]  # a recipe as Recipe.to_dict() gives it, being edited
@@ -190,6 +192,69 @@ class RecipeField(Placement):
         if value in self.unset or not self._applies(recipe):
             return [], {}
         return [self.flag, str(value)], {}
+
+
+PLUGINS_ENV = "VLLM_PLUGINS"
+NO_PLUGIN = "none"
+
+
+@dataclass(frozen=True)
+class PluginSlot(EnvVar):
+    """A kernel plug-in candidate (space/plugins.py), chosen by name: the recipe holds what
+    it sets, literally (VLLM_PLUGINS and its switches in `kernel.env`, its serve arguments
+    in `config`), so a recipe renders and deploys without the plug-in's generator. The
+    registry's slot has no candidates; KnobSpace gives each run its own."""
+
+    candidates: tuple[KernelCandidate, ...] = ()
+    user_plugins: tuple[str, ...] = ()  # the user's own VLLM_PLUGINS, kept in every boot
+
+    def plugins_value(self, candidate: KernelCandidate) -> str:
+        names = [*self.user_plugins, *(p for p in candidate.plugins
+                                       if p not in self.user_plugins)]
+        return ",".join(names)
+
+    def chosen(self, recipe: Recipe) -> KernelCandidate | None:
+        """The candidate whose settings the recipe holds, all of them."""
+        env, config = recipe.kernel.env, recipe.config
+        for cand in self.candidates:
+            if (env.get(PLUGINS_ENV) == self.plugins_value(cand)
+                    and all(env.get(k) == v for k, v in cand.env.items())
+                    and all(config.get(k) == v for k, v in cand.serve_args.items())):
+                return cand
+        return None
+
+    def read(self, recipe: Recipe, knob: Knob) -> Scalar:
+        """The chosen candidate's name; the raw VLLM_PLUGINS when it matches none of this
+        run's (so that checking refuses it); None when the recipe enables no plug-in."""
+        if PLUGINS_ENV not in recipe.kernel.env:
+            return None
+        found = self.chosen(recipe)
+        return found.name if found else recipe.kernel.env[PLUGINS_ENV]
+
+    def owned(self, recipe: Recipe) -> tuple[set[str], set[str]]:
+        """The `kernel.env` and `config` keys the chosen candidate accounts for."""
+        found = self.chosen(recipe)
+        if found is None:
+            return set(), set()
+        return {PLUGINS_ENV, *found.env}, set(found.serve_args)
+
+    def write(self, draft: Draft, knob: Knob, value: Scalar, is_default: bool) -> None:
+        env, config = draft["kernel"]["env"], draft["config"]
+        for cand in self.candidates:  # whatever candidate the draft held goes first
+            for key, val in cand.env.items():
+                if env.get(key) == val:
+                    env.pop(key)
+            for key, arg in cand.serve_args.items():
+                if config.get(key) == arg:
+                    config.pop(key)
+        env.pop(PLUGINS_ENV, None)
+        if is_default or value == NO_PLUGIN:
+            return
+        chosen = next((c for c in self.candidates if c.name == value), None)
+        if chosen is None:
+            raise KnobError(f"no kernel plug-in candidate named {value!r} in this run")
+        env.update({PLUGINS_ENV: self.plugins_value(chosen), **chosen.env})
+        config.update(chosen.serve_args)
 
 
 def layout_position(path: tuple[str, ...]) -> tuple[int, ...]:

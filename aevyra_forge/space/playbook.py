@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from aevyra_forge.core.errors import PlaybookError
 from aevyra_forge.core.values import Scalar
 from aevyra_forge.space.knob_space import KNOBS, NOT_TUNABLE, Knob
+from aevyra_forge.space.placement import PluginSlot
 
 REQUIRED_SECTIONS: tuple[str, ...] = (
     "Goal", "Knobs and safe ranges", "What to try first",
@@ -340,6 +341,8 @@ def _value_problem(knob: Knob, value: Scalar) -> str | None:
         options = _all_choices(knob)
         if not isinstance(value, bool) and value in options:
             return None
+        if isinstance(knob.placement, PluginSlot) and isinstance(value, str):
+            return None  # a kernel plug-in's candidate: known per run, checked then
         return f"{knob.name} must be one of {', '.join(map(str, options))}; got {value!r}"
     if isinstance(value, bool) or not isinstance(value, int | float) or (
             knob.kind == "int" and not isinstance(value, int)):

@@ -2,7 +2,9 @@
 choices, default per hardware class, gate, the place it lives in a recipe (which decides
 how it reaches vLLM) and a one-line note. Recipe validation and rendering, the builtin
 strategy, the simulator, the playbook check and the agent's prompt all read it (through
-knob_space.KnobSpace, which narrows it to one run). A new knob is one entry in KNOBS.
+knob_space.KnobSpace, which narrows it to one run). A new knob is one entry in REGISTRY;
+a third-party package adds its own through the `aevyra_forge.knobs` entry-point group
+(space/plugins.py), and both go through `register`.
 
 Based on vLLM's V1 engine: chunked prefill is always on and prefix caching is on by
 default, so neither is offered as a win (prefix caching can only be turned off)."""
@@ -15,12 +17,13 @@ from typing import Literal
 
 from aevyra_forge.core.errors import KnobError
 from aevyra_forge.core.values import Device, Hardware, Layer, Scalar
-from aevyra_forge.space import quant
+from aevyra_forge.space import layer2, quant
 from aevyra_forge.space.placement import (
     CompilationField,
     EngineArg,
     EnvVar,
     Placement,
+    PluginSlot,
     RecipeField,
     layout_position,
 )
@@ -51,6 +54,12 @@ class Knob:
     choices: Mapping[str, tuple[Scalar, ...]] = field(default_factory=dict)  # device|"*"
     grid: tuple[Scalar, ...] = ()  # values worth trying, inside the safe range
     gate: ChoiceGate | None = None  # drops the choices this hardware cannot take
+    # knobs set alongside this one when it leaves its default and the recipe leaves them
+    # unset (dropped again when it returns): --spec-method needs --spec-tokens
+    companions: Mapping[str, Scalar] = field(default_factory=dict)
+    needs: str | None = None  # a knob that must be off its default for this one to apply
+    # choice -> the distribution it needs in the vLLM environment (never installed by us)
+    choice_packages: Mapping[str, str] = field(default_factory=dict)
 
     def default_for(self, hw: Hardware) -> Scalar:
         return self.default.get(hw_class(hw), self.default.get(ANY))
@@ -108,6 +117,12 @@ def _within_gpu_count(choice: Scalar, hw: Hardware, simulated: bool) -> bool:
     return isinstance(choice, int) and choice <= max(1, hw.gpu_count)
 
 
+def _replicas_fit(choice: Scalar, hw: Hardware, simulated: bool) -> bool:
+    """Data-parallel replicas each need a GPU of their own (times tensor parallelism,
+    which check_combination enforces)."""
+    return choice == 1 or (isinstance(choice, int) and choice <= hw.gpu_count)
+
+
 # -- places in a recipe ----------------------------------------------------------------
 CONFIG, COMPILATION, ENV = EngineArg(), CompilationField(), EnvVar()
 # A checkpoint carries its own quantization config; forcing --quantization on it can pick
@@ -117,6 +132,7 @@ QUANT_METHOD = RecipeField(("quant", "method"), "--quantization", ("none",),
 KV_CACHE_DTYPE = RecipeField(("quant", "kv_cache_dtype"), "--kv-cache-dtype", ("auto",))
 ATTENTION_BACKEND = RecipeField(("kernel", "attention_backend"), "--attention-backend",
                                 (None, ""))
+PLUGIN = PluginSlot()  # KnobSpace gives it this run's kernel plug-in candidates
 
 REGISTRY: tuple[Knob, ...] = (
     # -- layer 1: serving config -------------------------------------------------------
@@ -165,6 +181,31 @@ REGISTRY: tuple[Knob, ...] = (
          "KV-cache size in GiB on the CPU backend (GPU memory utilization does not apply "
          "there).",
          {ANY: 4}, devices=frozenset({"cpu"}), low=1, high=512, grid=(1, 2, 4, 8, 16)),
+    Knob("data_parallel_size", 1, "choice", CONFIG,
+         "Independent replicas of the model behind one API server, one per GPU (times "
+         "tensor_parallel_size): for a model that fits one GPU, the throughput lever on a "
+         "multi-GPU host; latency per request is unchanged.",
+         {ANY: 1}, devices=GPU_DEVICES, choices={ANY: (1, 2, 4, 8)}, gate=_replicas_fit),
+    Knob("long_prefill_token_threshold", 1, "int", CONFIG,
+         "A prompt longer than this is prefilled in chunks of at most this many tokens per "
+         "step, so short requests are not stuck behind it (0 = no cap). Pays on traces that "
+         "mix long prompts with short ones; costs the long ones' TTFT.",
+         {ANY: 0}, low=0, high=131072, grid=(0, 256, 512, 1024, 2048, 4096)),
+    Knob("spec_method", 1, "choice", CONFIG,
+         "Speculative decoding with no draft model: 'ngram' proposes tokens copied from the "
+         "prompt, 'suffix' from earlier outputs (needs arctic-inference). Lossless; pays when "
+         "outputs repeat their input (summaries, code edits, RAG) at low concurrency, costs "
+         "at high concurrency. A draft model / EAGLE head only where one is known.",
+         {ANY: None}, choices={ANY: (None, "ngram", "suffix")},
+         companions={"spec_tokens": 3}, choice_packages={"suffix": "arctic-inference"}),
+    Knob("spec_tokens", 1, "int", CONFIG,
+         "Tokens proposed per speculative step (with spec_method): more pays only with high "
+         "acceptance (highly repetitive output).",
+         {ANY: None}, low=1, high=16, grid=(1, 2, 3, 4, 5, 8), needs="spec_method"),
+    Knob("spec_model", 1, "choice", CONFIG,
+         "The draft model or EAGLE head a draft spec_method runs; set by forge with the "
+         "method, offered only where one is known for this model (KnobSpace.drafts).",
+         {ANY: None}, choices={ANY: (None,)}, needs="spec_method"),
     # -- layer 2: quantization ---------------------------------------------------------
     Knob("quant_method", 2, "choice", QUANT_METHOD,
          "Weight quantization. A pre-quantized checkpoint is preferred; fp8 can also be "
@@ -177,6 +218,11 @@ REGISTRY: tuple[Knob, ...] = (
          {ANY: "auto"}, devices=GPU_DEVICES,
          choices={ANY: ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")},
          gate=quant.kv_cache_dtype_usable),
+    Knob("quant_candidate", 2, "choice", layer2.SLOT,
+         "A quantized checkpoint forge lists for this run (a pre-quantized Hub sibling, or "
+         "one forge writes here), chosen by name; vLLM reads the method from it. 'none' "
+         "serves the model's own weights. Accuracy is checked against the baseline.",
+         {ANY: layer2.NO_CANDIDATE}, choices={ANY: (layer2.NO_CANDIDATE,)}),
     # -- layer 3: kernels --------------------------------------------------------------
     Knob("attention_backend", 3, "choice", ATTENTION_BACKEND,
          "Attention kernel via --attention-backend (the VLLM_ATTENTION_BACKEND variable "
@@ -198,15 +244,58 @@ REGISTRY: tuple[Knob, ...] = (
          "OpenMP thread binding for the CPU backend: 'auto' binds one thread per "
          "physical core of a NUMA node; 'nobind' leaves placement to the OS.",
          {ANY: "auto"}, devices=frozenset({"cpu"}), choices={ANY: ("auto", "nobind")}),
+    Knob("optimization_level", 3, "choice", CONFIG,
+         "vLLM's -O level: 0 no compilation or CUDA graphs (fastest boot), 1 compiled with "
+         "piecewise graphs, 2 (default) full and piecewise graphs, 3 currently as 2. Lower "
+         "boots faster and decodes slower.",
+         {ANY: 2}, choices={ANY: (0, 1, 2, 3)}),
+    Knob("max_cudagraph_capture_size", 3, "int", CONFIG,
+         "Largest decode batch captured as a CUDA graph (default min(512, 2 x max_num_seqs)); "
+         "larger batches run without graphs. Match it to the concurrency the workload "
+         "reaches: capturing fewer sizes boots faster and frees graph memory.",
+         {ANY: None}, devices=GPU_DEVICES, low=1, high=4096,
+         grid=(8, 16, 32, 64, 128, 256, 512, 1024)),
+    Knob("kernel_plugin", 3, "choice", PLUGIN,
+         "A kernel from an installed plug-in (an `aevyra_forge.kernel_generators` entry "
+         "point), enabled through VLLM_PLUGINS for this experiment only; 'none' is vLLM's "
+         "own. Proven to have loaded from the server log, or the boot counts as failed.",
+         {ANY: "none"}, choices={ANY: ("none",)}),
 )
 
-KNOBS: dict[str, Knob] = {k.name: k for k in REGISTRY}
+KNOBS: dict[str, Knob] = {}
+
+# Draft models and EAGLE heads known for a model: model id -> {spec method: draft}. The
+# seam for speculative decoding with a draft: KnobSpace offers these methods (with their
+# draft as spec_model) and nothing else; a Hub lookup (space/hub.py) is meant to fill it
+# per run. Empty until a pair has been measured.
+DRAFTS: dict[str, dict[str, str]] = {}
+
+
+def register(knob: Knob) -> Knob:
+    """Add a knob to the registry: the built-in ones below, and those third-party packages
+    declare through the `aevyra_forge.knobs` entry-point group (plugins.load_knobs).
+    Registering the same knob again is a no-op; another knob under a taken name, or in a
+    place it cannot live, is refused."""
+    known = KNOBS.get(knob.name)
+    if known is not None:
+        if known == knob:
+            return known
+        raise KnobError(f"knob '{knob.name}' is already registered")
+    if knob.name in NOT_TUNABLE:
+        raise KnobError(f"'{knob.name}' is not tunable: {NOT_TUNABLE[knob.name]}")
+    layout_position(knob.placement.path)  # a place a recipe has, or ValueError
+    KNOBS[knob.name] = knob
+    return knob
 
 NOT_TUNABLE: dict[str, str] = {
     "enable_chunked_prefill": "always on in the V1 engine",
     "async_scheduling": "on by default in recent vLLM",
     "VLLM_ATTENTION_BACKEND": "ignored by recent vLLM; use attention_backend",
+    "VLLM_PLUGINS": "forge sets it on every boot; a plug-in is chosen with kernel_plugin",
 }
+
+for _knob in REGISTRY:
+    register(_knob)
 
 
 def places(knobs: Iterable[Knob]) -> list[list[Knob]]:

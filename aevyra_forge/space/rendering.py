@@ -20,11 +20,19 @@ def render(recipe: Recipe) -> tuple[list[str], dict[str, str]]:
     return argv, env
 
 
+def served_name(recipe: Recipe) -> str:
+    """The model name the server answers to: a deployment's fixed `served_model_name`,
+    else the recipe's model (a quantized checkpoint is served under the name it
+    replaces)."""
+    fixed = recipe.config.get("served_model_name")
+    return str(fixed) if fixed is not None else recipe.model
+
+
 def serve_argv(recipe: Recipe, host: str, port: int) -> tuple[list[str], dict[str, str]]:
-    """argv after `vllm serve` for a server on `host:port` answering to the recipe's model
-    name (a quantized checkpoint is served under the name it replaces), and the extra
-    environment. The launcher and the deploy exports both call this, so a deployment runs
-    exactly what was measured."""
+    """argv after `vllm serve` for a server on `host:port` answering to `served_name`, and
+    the extra environment. The launcher and the deploy exports both call this, so a
+    deployment runs exactly what was measured."""
     argv, env = render(recipe)
-    return [*argv, "--host", host, "--port", str(port),
-            "--served-model-name", recipe.model], env
+    named = [] if "served_model_name" in recipe.config else [
+        "--served-model-name", recipe.model]  # rendered with the recipe's own arguments
+    return [*argv, "--host", host, "--port", str(port), *named], env

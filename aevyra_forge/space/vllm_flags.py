@@ -6,16 +6,18 @@ vLLM would reject is refused before anything boots."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import os
 import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from aevyra_forge.core.errors import HardwareError
+from aevyra_forge.core.errors import HardwareError, RecipeError
+from aevyra_forge.core.recipe import ConfigValue
 from aevyra_forge.space.child_env import child_env
 
 HELP_TIMEOUT_S = 300.0  # `vllm serve --help=all` imports vLLM: 20-30 s on a slow CPU
@@ -33,6 +35,7 @@ class ArgInfo:
     choices: tuple[str, ...] | None
     default: str | None  # as printed, e.g. "None", "0.9", "True"
     boolean: bool  # takes --x / --no-x
+    switch: bool = False  # takes no value and has no --no-x form (store_true)
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,10 @@ def _start(spec: str) -> dict[str, object] | None:
     if not long_flags or long_flags[0] == "--help":
         return None
     boolean = any(f.startswith("--no-") for f in flags)
+    switch = not boolean and all(" " not in part for part in head.split(", "))
     dest = long_flags[0][2:].replace("-", "_")
     return {"dest": dest, "flags": tuple(flags), "choices": choices, "default": None,
-            "boolean": boolean}
+            "boolean": boolean, "switch": switch}
 
 
 def _run(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
@@ -193,3 +197,59 @@ def default_cache_dir() -> Path:
 def _tail(proc: subprocess.CompletedProcess[str]) -> str:
     lines = (proc.stderr or proc.stdout or "").strip().splitlines()
     return lines[-1][:200] if lines else f"exit code {proc.returncode}"
+
+
+# -- a recipe's fixed engine arguments ------------------------------------------------------
+
+VENDORED = Path(__file__).resolve().parent.parent / "data" / "vllm_serve_args.json"
+"""The flags of vLLM 0.32 (`serve --help=all`, parsed), for checking a --dry-run's recipe
+without a vLLM installed; tests/space/test_vllm_flags.py keeps it equal to the recorded
+help text."""
+
+FORGE_SETS: dict[str, str] = {
+    "model": "set the recipe's top-level `model:` instead",
+    "model_tag": "set the recipe's top-level `model:` instead",
+    "host": "forge chooses where each server listens (deploy.sh keeps it)",
+    "port": "forge chooses where each server listens (deploy.sh keeps it)",
+    "uds": "forge talks to the server over HTTP on 127.0.0.1",
+    "headless": "forge benches the server's HTTP API",
+    "api_key": "a key in a recipe would be copied into the run's logs; set VLLM_API_KEY "
+               "in the environment instead",
+}
+
+
+def vendored() -> VllmArgs:
+    """The vendored flag list (VENDORED)."""
+    data = json.loads(VENDORED.read_text())
+    return VllmArgs(version=data["version"], args={
+        d: ArgInfo(**{**a, "flags": tuple(a["flags"]),
+                      "choices": tuple(a["choices"]) if a["choices"] else None})
+        for d, a in data["args"].items()})
+
+
+def check_fixed(config: Mapping[str, ConfigValue], vllm: VllmArgs, source: str
+                ) -> dict[str, ConfigValue]:
+    """A recipe's engine arguments that are no knob: kept exactly as given (never tuned),
+    each one an argument this vLLM accepts with a value of the right shape. An unknown one
+    is a RecipeError naming the nearest flag."""
+    for key, value in config.items():
+        where = f"{source}: config.{key}"
+        if key in FORGE_SETS:
+            raise RecipeError(f"{where}: not for a recipe: {FORGE_SETS[key]}")
+        info = vllm.args.get(key)
+        if info is None:
+            near = difflib.get_close_matches(key, vllm.args, n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise RecipeError(f"{where}: vLLM {vllm.version} has no such argument (see "
+                              f"vllm serve --help=all){hint}")
+        flag = info.flags[0]
+        if info.boolean and not isinstance(value, bool) and value is not None:
+            raise RecipeError(f"{where}: {flag} is on or off: write true or false")
+        if info.switch and value not in (True, None):
+            raise RecipeError(f"{where}: {flag} takes no value: write true to pass it, or "
+                              "drop the key")
+        if not (info.boolean or info.switch) and isinstance(value, bool):
+            raise RecipeError(f"{where}: {flag} takes a value, not {str(value).lower()}")
+        if info.choices and value is not None and str(value) not in info.choices:
+            raise RecipeError(f"{where}: {value!r} is not one of {', '.join(info.choices)}")
+    return dict(config)

@@ -85,15 +85,21 @@ def check_unique(path: Path, records: Sequence[tuple[int, ExperimentRecord]]) ->
 
 def check_nothing_lost(path: Path, records: Sequence[tuple[int, ExperimentRecord]],
                        trials_path: Path, started: Sequence[tuple[int, Trial]]) -> None:
-    """The loop records a trial before it starts the next one, so only the trial started
-    last can lack a record (the run was killed while it ran). Earlier trials without a
-    record mean lines were cut from `path`: say so rather than quietly running them again."""
+    """The loop records a trial before it starts the next one (with several workers, a
+    round's trials before the next round), so only the trials started last can lack a
+    record (the run was killed while they ran). Earlier trials without a record mean
+    lines were cut from `path`: say so rather than quietly running them again."""
     recorded = {rec.exp for _, rec in records}
     last_start: dict[int, int] = {}
     for index, (_, trial) in enumerate(started):
         last_start[trial.exp] = index
+    in_flight = len(started) - 1  # where the trials that may lack a record begin
+    last_round = started[-1][1].round if started else None
+    while last_round is not None and in_flight > 0 \
+            and started[in_flight - 1][1].round == last_round:
+        in_flight -= 1
     lost = sorted(exp for exp, index in last_start.items()
-                  if exp not in recorded and index < len(started) - 1)
+                  if exp not in recorded and index < in_flight)
     if lost:
         shown = ", ".join(str(e) for e in lost[:10]) + (" ..." if len(lost) > 10 else "")
         raise StoreError(

@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from aevyra_forge.agent import AgentContext, Budget, BuiltinStrategy
 from aevyra_forge.core.recipe import Recipe
-from aevyra_forge.core.values import ExperimentRecord, Layer, Proposal, Status
+from aevyra_forge.core.values import (
+    Diagnosis,
+    ExperimentRecord,
+    InertKnob,
+    Layer,
+    Proposal,
+    Status,
+)
 from aevyra_forge.core.workload import load_workload
 from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.knob_space import KNOBS, KnobSpace
@@ -189,3 +196,81 @@ def test_never_proposes_a_combination_vllm_rejects() -> None:
         checked += 1
         history.append(_rec(len(history), child, score=0.98, changes=dict(proposal.changes)))
     assert checked > 0, "the strategy proposed nothing, so no combination was checked"
+
+
+# -- the baseline's diagnosis ---------------------------------------------------------------
+
+ROOMY = Diagnosis(  # the issue's long-context run at concurrency 32 on one GPU
+    binding="decode_bandwidth", why="decode takes 80% of request time",
+    inert=(InertKnob(knob="max_num_seqs", at_least=32, reason="at most 32 in flight"),
+           InertKnob(knob="gpu_memory_utilization", reason="the KV cache never filled"),
+           InertKnob(knob="dtype", values=("bfloat16", "float16"), reason="16-bit here")))
+
+
+def _drive(space: KnobSpace, diagnosis: Diagnosis | None, layers: tuple[Layer, ...],
+           steps: int = 30) -> list[Proposal]:
+    """Ask the strategy layer by layer, every move measured as no change, until each layer
+    has nothing left: the moves it spends boots on."""
+    base = space.baseline(MODEL_8B)
+    history = [_rec(0, base, kept=True).model_copy(update={"diagnosis": diagnosis})]
+    out: list[Proposal] = []
+    strategy = BuiltinStrategy()
+    for layer in layers:
+        for _ in range(steps):
+            proposal = strategy.propose(_ctx(space, base, history, layer=layer)).proposal
+            if proposal is None:
+                break
+            out.append(proposal)
+            child = space.apply(base, proposal.changes)
+            history.append(_rec(len(history), child, score=1.0, layer=layer,
+                                changes=dict(proposal.changes)).model_copy(
+                                    update={"proposal": proposal}))
+    return out
+
+
+def test_moves_the_diagnosis_proves_nil_are_skipped_with_the_reason() -> None:
+    moves = _drive(H100, ROOMY, (1,))
+    for move in moves:
+        for name, value in move.changes.items():
+            assert ROOMY.inert_reason(name, value) is None, move
+    said = " ".join(m.rationale for m in moves)
+    assert "gpu_memory_utilization=0.93 (the KV cache never filled)" in said
+    assert "max_num_seqs=512, max_num_batched_tokens=16384 (at most 32 in flight)" in said
+    assert said.count("gpu_memory_utilization=0.93 (") == 1  # recorded once, where skipped
+    without = _drive(H100, None, (1,))  # control: the same strategy spends boots on them
+    assert {"gpu_memory_utilization": 0.93} in [m.changes for m in without]
+
+
+def test_a_layer_whose_levers_are_all_off_escalates_at_once() -> None:
+    client = Diagnosis(binding="client", why="open loop: the server kept up")
+    assert _drive(H100, client, (1,)) == []
+    assert _drive(H100, client, (2,)) != []  # the next layer still has its own levers
+
+
+def test_fp8_and_fp8_e4m3_kv_caches_are_one_value_on_nvidia() -> None:
+    moves = _drive(H100, ROOMY, (2,))
+    kv = [m.changes["kv_cache_dtype"] for m in moves if "kv_cache_dtype" in m.changes]
+    assert "fp8" in kv and "fp8_e4m3" not in kv
+
+
+def test_a_round_gets_distinct_moves_none_of_them_pending() -> None:
+    """Asked again with the round's chosen moves pending, the strategy never repeats one
+    (neither a playbook move nor a search move)."""
+    import dataclasses
+
+    base = H100.baseline(MODEL_8B)
+    history = [_rec(0, base, "ok", score=1.0, kept=True)]
+    chosen: list[Proposal] = []
+    ids: set[str] = set()
+    layer: Layer = 3
+    for _ in range(4):
+        ctx = dataclasses.replace(_ctx(H100, base, history, layer=layer), want=4 - len(chosen),
+                                  pending=tuple(chosen), pending_ids=frozenset(ids))
+        reply = BuiltinStrategy(seed=0).propose(ctx)
+        if reply.proposal is None:
+            break
+        recipe_id = H100.apply(base, dict(reply.proposal.changes)).id
+        assert recipe_id not in ids
+        ids.add(recipe_id)
+        chosen.append(reply.proposal)
+    assert len(chosen) >= 2

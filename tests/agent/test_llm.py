@@ -394,3 +394,26 @@ def test_provider_down_ends_resumably_then_resume(tmp_path: Path,
 class _Quiet:
     def notify(self, event: Event) -> None:
         del event
+
+
+def test_several_workers_get_their_proposals_from_one_call(fake: FakeProvider,
+                                                          wire: str) -> None:
+    """A round of three: one request asks for three distinct proposals (naming the one
+    already chosen), and a reply repeating a change is sent back like any invalid one."""
+    import dataclasses
+    import json
+
+    pending = (Proposal(rationale="r", layer=1, changes={"block_size": 32}),)
+    batch = [json.loads(proposal({"max_num_seqs": v})) for v in (64, 64)]
+    fixed = [json.loads(proposal({"max_num_seqs": v})) for v in (64, 128)]
+    fake.script(Reply(json.dumps({"proposals": batch})),
+                Reply(json.dumps({"proposals": fixed})))
+    ctx = dataclasses.replace(_ctx(), want=2, pending=pending)
+    reply = _proposer(fake, wire).propose(ctx)
+    assert reply.error is None
+    assert [p.changes for p in reply.proposals] == [{"max_num_seqs": 64},
+                                                    {"max_num_seqs": 128}]
+    assert len(fake.requests) == 2  # the first reply refused, once
+    asked = json.dumps(fake.requests[0].body)
+    assert "Propose 2 DIFFERENT experiments" in asked and "block_size=32" in asked
+    assert "proposals 1 and 2 make the same change" in json.dumps(fake.requests[1].body)

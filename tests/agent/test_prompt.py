@@ -18,7 +18,9 @@ from aevyra_forge.core.settings import Objective
 from aevyra_forge.core.slo import Slo, parse_slo
 from aevyra_forge.core.values import (
     BenchMetrics,
+    Diagnosis,
     ExperimentRecord,
+    InertKnob,
     LatencyStats,
     Layer,
     Proposal,
@@ -210,8 +212,79 @@ def test_any_history_fits_and_keeps_the_latest(n: int, budget: int, failing: Sta
                     reason="x" * 300, kept=i % 11 == 0) for i in range(n)]
     user = build_prompt(_ctx(history), budget_tokens=budget).user
     head = build_prompt(_ctx([]), budget_tokens=budget).user
-    # The budget holds whenever the fixed sections plus three full rows fit in it.
-    if estimate_tokens(head) + 3 * 120 <= budget:
+    # The budget holds whenever the fixed sections plus three full rows (and the history's
+    # title and labels, ~20 tokens) fit in it.
+    if estimate_tokens(head) + 3 * 120 + 20 <= budget:
         assert estimate_tokens(user) <= budget
     if n:
         assert f"exp {n - 1} [layer 1]" in user
+
+
+def test_the_baselines_diagnosis_is_shown_with_the_knobs_that_cannot_matter() -> None:
+    diagnosis = Diagnosis(binding="kv_capacity", why="KV cache peaked at 99% with 40 preemptions",
+                          inert=(InertKnob(knob="max_num_seqs", at_least=32,
+                                           reason="at most 32 requests are ever in flight"),))
+    user = build_prompt(_ctx([_rec(0, None).model_copy(update={"diagnosis": diagnosis})])).user
+    assert "## What bound experiment 0" in user
+    assert "binding: kv capacity (KV cache peaked at 99% with 40 preemptions)" in user
+    assert "max_num_seqs >= 32 cannot matter: at most 32 requests are ever in flight" in user
+    assert "What bound" not in build_prompt(_ctx([_rec(0, None)])).user  # control
+
+
+def test_layer_two_lists_each_candidate_with_its_cost_and_what_the_cpu_refuses() -> None:
+    """A CPU without AVX-512: the candidates forge built, each with what it costs, one
+    refused at boot, and what this instruction set cannot serve."""
+    from aevyra_forge.core.values import Hardware
+    from aevyra_forge.space.layer2 import QuantCandidate
+    cpu = Hardware(device="cpu", cpu_cores=2, memory_gib=16, cpu_isa=("avx2",))
+    space = KnobSpace(cpu, profile(MODEL_8B))
+    space.offer_quant([
+        QuantCandidate(name="hub:org/m-w8a8", kind="hub", method="w8a8_int8", bits=8,
+                       checkpoint="org/m-w8a8", download_bytes=2**31),
+        QuantCandidate(name="rtn-w8a8", kind="rtn", method="w8a8_int8", bits=8,
+                       checkpoint="/q/w8a8", prepare_s=90.0),
+        QuantCandidate(name="rtn-fp8", kind="rtn", method="fp8", bits=8,
+                       checkpoint="/q/fp8", prepare_s=90.0)])
+    base = space.baseline(MODEL_8B)
+    space.refuse_quant(space.apply(base, {"quant_candidate": "rtn-fp8"}),
+                       "unsupported on this hardware: no fp8 kernel")
+    ctx = AgentContext(hardware=cpu, workload=WORKLOAD, layer=2, space=space, best=base,
+                       best_score=1.0, history=(), playbook=PLAYBOOK,
+                       budget=Budget(10, 2.0, None), tried_ids=frozenset())
+    user = build_prompt(ctx).user
+    assert "- quant_candidate: one of none, hub:org/m-w8a8, rtn-w8a8;" in user
+    assert "  - hub:org/m-w8a8: w8a8_int8, 8-bit; download ~2.00 GiB" in user
+    assert "  - rtn-w8a8: w8a8_int8, 8-bit; ~1.5 min to write before its boot" in user
+    assert "rtn-fp8:" not in user.split("Not possible")[0]
+    refused = user.split("Not possible on this hardware (do not propose): ")[1]
+    assert refused.startswith("w4a16 checkpoints: this CPU lacks avx512_bf16 + avx512f")
+    assert "fp8 KV cache: this CPU lacks avx512f" in refused
+    assert "rtn-fp8: refused when it booted here (unsupported on this hardware" in refused
+    assert "Not possible" not in build_prompt(
+        AgentContext(**{**ctx.__dict__, "layer": 1})).user
+
+
+def test_layer_three_lists_each_kernel_plugin_with_its_note() -> None:
+    from aevyra_forge.space import plugins
+    cand = plugins.KernelCandidate(name="fast_attn", plugins=("fast_kernels",),
+                                   proof="fast-kernels: loaded", generator="fast_pkg",
+                                   note="a generated attention kernel for head dim 128")
+    space = KnobSpace(A100.hw, profile(MODEL_8B), simulated=True,
+                      plugins=plugins.slot([cand], {}))
+    booted = _rec(1, {"optimization_level": 0})
+    unproven = _rec(2, {"kernel_plugin": "fast_attn"}, status="invalid", layer=3,
+                    reason="invalid: kernel plug-in 'fast_attn' did not load").model_copy(
+        update={"status": "boot_failed"})
+    ctx = AgentContext(hardware=A100.hw, workload=WORKLOAD, layer=3, space=space, best=BASE,
+                       best_score=1.0, history=(booted.model_copy(update={"boot_s": 41.0}),
+                                                unproven.model_copy(update={"boot_s": 30.0})),
+                       playbook=PLAYBOOK, budget=Budget(10, 2.0, None), tried_ids=frozenset())
+    user = build_prompt(ctx).user
+    assert "- kernel_plugin: one of none, fast_attn; default here none;" in user
+    assert "  - fast_attn (from fast_pkg): a generated attention kernel for head dim 128" in user
+    assert "boot 41 s" in user  # compilation settings are judged on their boot time too
+    assert "exp 2 [layer 3] kernel_plugin=fast_attn -> boot_failed: invalid: kernel " \
+           "plug-in 'fast_attn' did not load" in user
+    layer1 = build_prompt(AgentContext(**{**ctx.__dict__, "layer": 1})).user
+    assert "- spec_method: one of null, ngram, suffix; default here unset;" in layer1
+    assert "prompt 3-gram repetition" in layer1  # what n-gram speculation could copy

@@ -15,6 +15,7 @@ from aevyra_forge.agent.providers import (
     ChatClient,
     ChatTurn,
     ProviderUnavailable,
+    check_reachable,
     connect,
     parse_spec,
     resolve_key,
@@ -169,3 +170,60 @@ def test_missing_sdk_is_one_line(monkeypatch: pytest.MonkeyPatch, module: str, s
     with pytest.raises(AgentError) as exc:
         connect(PROVIDERS[spec], "m", "k")
     assert needle in str(exc.value) and "--llm builtin" in str(exc.value)
+
+
+# -- the check before the baseline ---------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:  # a port that was free a moment ago
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("wire", ["anthropic", "openai"])
+def test_the_check_lists_models_with_the_key_and_costs_no_tokens(fake: FakeProvider,
+                                                                  wire: str) -> None:
+    check_reachable(_client(fake, wire), "x/some-model", fake.url)
+    (headers,) = fake.models_asked
+    assert "SECRET-1" in (headers.get("x-api-key", "") + headers.get("authorization", ""))
+    assert fake.requests == []  # no chat call: nothing billed, nothing scripted consumed
+
+
+@pytest.mark.parametrize("wire", ["anthropic", "openai"])
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_key_is_one_line_naming_builtin(fake: FakeProvider, wire: str,
+                                                  status: int) -> None:
+    fake.models_reply = Fail(status, message="invalid x-api-key SECRET-1")
+    with pytest.raises(AgentError) as exc:
+        check_reachable(_client(fake, wire), "x/some-model", fake.url)
+    message = str(exc.value)
+    assert f"rejected the API key (HTTP {status})" in message
+    assert "--llm builtin" in message and "\n" not in message
+    assert "SECRET-1" not in message
+
+
+@pytest.mark.parametrize("status", [404, 405, 429])
+def test_a_server_without_a_models_list_or_busy_counts_as_reachable(
+        fake: FakeProvider, status: int) -> None:
+    fake.models_reply = Fail(status)
+    check_reachable(_client(fake, "openai"), "x/some-model", fake.openai_url)
+    assert len(fake.models_asked) == 1
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_a_failing_server_is_unreachable(fake: FakeProvider, status: int) -> None:
+    fake.models_reply = Fail(status)
+    with pytest.raises(AgentError, match=rf"unreachable at {fake.url} \(HTTP {status}\)"):
+        check_reachable(_client(fake, "anthropic"), "x/some-model", fake.url)
+
+
+def test_nothing_listening_is_unreachable_without_the_credentials_in_the_url() -> None:
+    url = f"http://me:pw-SECRET@127.0.0.1:{_free_port()}/v1"
+    client = connect(PROVIDERS["openai"], "m", "SECRET-1", url, timeout_s=1.0)
+    with pytest.raises(AgentError) as exc:
+        check_reachable(client, "openai/m", url, timeout_s=1.0)
+    message = str(exc.value)
+    assert message.startswith("openai/m is unreachable at http://REDACTED@127.0.0.1:")
+    assert "(cannot connect); check the network and --llm-base-url, or use --llm " \
+        "builtin" in message
+    assert "SECRET" not in message

@@ -11,7 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aevyra_forge.agent.reply import ReplyError, clip, extract_json, parse_reply
+from aevyra_forge.agent.reply import (
+    ReplyError,
+    batch_instructions,
+    clip,
+    extract_json,
+    parse_replies,
+    parse_reply,
+)
 from aevyra_forge.core.values import Layer, Proposal
 from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.knob_space import KnobSpace
@@ -183,3 +190,58 @@ def test_clip_keeps_short_text_and_says_when_it_cut(text: str, limit: int) -> No
         assert out.endswith(f"[cut: {len(text) - limit} of {len(text)} characters not "
                             "shown]")
         assert len(out) <= limit + 60
+
+
+# -- several proposals in one reply --------------------------------------------------------
+
+def _batch(*changes: dict[str, Any], **extra: Any) -> str:
+    return json.dumps({"proposals": [json.loads(_reply(c)) for c in changes], **extra})
+
+
+def test_a_batch_reply_gives_each_proposal_validated() -> None:
+    text = "Here they are:\n```json\n" + _batch({"max_num_seqs": 64},
+                                              {"block_size": 32}) + "\n```"
+    got = parse_replies(text, A100, 1, want=3)
+    assert [p.changes for p in got] == [{"max_num_seqs": 64}, {"block_size": 32}]
+    single = parse_replies(_reply({"max_num_seqs": 64}), A100, 1, want=3)
+    assert [p.changes for p in single] == [{"max_num_seqs": 64}]  # one object is a list of one
+    assert parse_replies(_batch({}), A100, 1, want=2) == ()  # nothing worth trying
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (_batch({"max_num_seqs": 64}, {"max_num_seqs": 64}), "proposals 1 and 2 make the same"),
+    (_batch({"max_num_seqs": 64}, {"no_such_knob": 1}), "proposal 2: unknown knob"),
+    (_batch({"max_num_seqs": 64}, {"block_size": 32}, {"max_num_seqs": 32}),
+     "3 proposals, but only 2 experiments run at once"),
+    (_batch({"max_num_seqs": 64}, note="x"), "unexpected key 'note'"),
+    (json.dumps({"proposals": {"max_num_seqs": 64}}), "must be a list"),
+])
+def test_a_bad_batch_is_refused_naming_the_entry(text: str, message: str) -> None:
+    with pytest.raises(ReplyError, match=message):
+        parse_replies(text, A100, 1, want=2)
+
+
+def test_batch_instructions_name_the_count_and_the_chosen_ones() -> None:
+    chosen = (Proposal(rationale="r", layer=1, changes={"max_num_seqs": 64}),)
+    text = batch_instructions(4, chosen)
+    assert "Propose 4 DIFFERENT experiments" in text and '{"proposals": [...]}' in text
+    assert "do not repeat): max_num_seqs=64" in text
+
+
+def test_a_kernel_plugin_is_chosen_by_its_candidate_name_only() -> None:
+    from aevyra_forge.space import plugins
+    cand = plugins.KernelCandidate(name="fast_attn", plugins=("fast_kernels",),
+                                   proof="fast-kernels: loaded")
+    space = KnobSpace(A100.hw, A100.model, simulated=True, plugins=plugins.slot([cand], {}))
+
+    def reply(changes: dict[str, Any], layer: int = 3) -> str:
+        return json.dumps({"rationale": "try it", "layer": layer, "changes": changes})
+
+    got = parse_reply(reply({"kernel_plugin": "fast_attn"}), space, 3)
+    assert got is not None and got.changes == {"kernel_plugin": "fast_attn"}
+    with pytest.raises(ReplyError, match="kernel_plugin must be one of none, fast_attn"):
+        parse_reply(reply({"kernel_plugin": "fast_kernels"}), space, 3)
+    with pytest.raises(ReplyError, match="not available on this hardware or vLLM"):
+        parse_reply(reply({"kernel_plugin": "fast_attn"}), A100, 3)  # none offered here
+    off = parse_reply(reply({"spec_method": None}, 1), space, 1)  # null turns it off
+    assert off is not None and off.changes == {"spec_method": None}

@@ -166,3 +166,32 @@ def test_empty_recipe_file_needs_a_model(tmp_path: Path) -> None:
     path.write_text("")
     with pytest.raises(RecipeError, match="missing required key 'model'"):
         load_recipe(path)
+
+
+# -- --model and the recipe's model --------------------------------------------------------
+
+def test_a_recipe_without_a_model_serves_the_one_given(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("config:\n  seed: 3\n")
+    recipe = load_recipe(path, MODEL)
+    assert recipe.model == MODEL and recipe.config == {"seed": 3}
+    path.write_text("")
+    assert load_recipe(path, MODEL) == Recipe(model=MODEL)
+
+
+def test_a_recipe_naming_another_model_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: Qwen/Qwen2.5-7B-Instruct\n")
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path, MODEL)
+    assert str(exc.value) == (f"{path}: the recipe serves model 'Qwen/Qwen2.5-7B-Instruct' "
+                              f"but --model is '{MODEL}'; make them agree, or drop `model:` "
+                              "from the recipe")
+    path.write_text(f"model: {MODEL}\n")
+    assert load_recipe(path, MODEL) == Recipe(model=MODEL)  # agreeing is fine
+
+
+def test_ids_of_recipes_without_fixed_arguments_did_not_move() -> None:
+    """Runs recorded before recipes could fix engine arguments keep their ids."""
+    assert Recipe(model=MODEL).id == "9b54e7a4"
+    assert Recipe(model=MODEL, config={"max_num_seqs": 64}).id == "d02b9d55"

@@ -606,3 +606,28 @@ def test_sample_is_a_subset_of_exactly_n(tmp_path: Path, n: int, seed: int) -> N
     assert len(part.requests) == min(n, 50)
     by_line = {r.line: r for r in wl.requests}
     assert all(by_line[r.line] == r for r in part.requests)
+
+
+# -- repetition (what n-gram speculative decoding could copy) --------------------------------
+
+def test_ngram_repetition_of_known_prompts() -> None:
+    from aevyra_forge.core.workload import ngram_repetition
+
+    assert ngram_repetition(["a b c d e f"]) == 0.0  # nothing repeats
+    # "x y z" three times: 7 trigrams, of which the last 4 were seen before in the prompt
+    assert ngram_repetition(["x y z x y z x y z"]) == pytest.approx(4 / 7)
+    # repetition across prompts does not count (that is the prefix cache's business)
+    assert ngram_repetition(["p q r s", "p q r s"]) == 0.0
+    assert ngram_repetition(["", "one two"]) == 0.0
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.sampled_from("abcde"), max_size=30).map(" ".join), max_size=6))
+def test_ngram_repetition_is_a_share(texts: list[str]) -> None:
+    from aevyra_forge.core.workload import ngram_repetition
+
+    share = ngram_repetition(texts)
+    assert 0.0 <= share <= 1.0
+    for text in texts:  # a prompt quoting itself: every trigram of the copy was seen
+        grams = max(0, len(text.split()) - 2)
+        assert ngram_repetition([f"{text} {text}"]) >= grams / (2 * grams + 2)

@@ -16,6 +16,7 @@ from aevyra_forge.decide.stats import (
     between_boot_noise,
     pooled_noise,
     relative_interval,
+    sequential_look,
     t_quantile,
 )
 
@@ -143,3 +144,41 @@ def test_a_zero_throughput_incumbent_gives_a_clipped_interval_with_its_reason() 
     assert str(iv).endswith("(clipped at 100x: a pass at or near zero, or a huge spread)")
     healthy = relative_interval([1050.0, 1040.0, 1060.0], [1000.0, 1010.0, 990.0])
     assert not healthy.clipped and "clipped" not in str(healthy)
+
+
+# -- the sequential test ----------------------------------------------------------------------
+
+HISTORY = NoiseEstimate(variance=math.log1p(0.03 ** 2), df=32.0)  # 3 % CV per pass
+INCUMBENT = [100.0, 103.0, 97.0, 101.0, 99.0]
+
+
+def _look(candidate: list[float], **kwargs: object) -> str | None:
+    return sequential_look(candidate, INCUMBENT, threshold=0.01, max_passes=5,
+                           noise=HISTORY, boot_cv=0.01, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_clearly_better_or_worse_candidate_stops_after_two_passes() -> None:
+    assert _look([120.0, 121.0]) == "keep"
+    assert _look([85.0, 86.0]) == "drop"
+    assert _look([100.0, 101.0]) == "drop"  # clearly within: +1 % cannot be reached
+    assert _look([104.0, 106.0]) is None  # maybe: run another pass
+
+
+def test_no_decision_before_the_minimum_or_at_the_maximum() -> None:
+    assert _look([150.0]) is None
+    assert _look([150.0, 151.0], min_passes=3) is None
+    assert _look([150.0] * 5) is None  # the bench ends there anyway; the verdict decides
+    assert sequential_look([150.0, 151.0], [100.0], threshold=0.01, max_passes=5) is None
+
+
+@given(st.lists(st.floats(min_value=60.0, max_value=160.0), min_size=2, max_size=4))
+def test_an_early_stop_never_contradicts_the_verdict_on_the_same_passes(
+        candidate: list[float]) -> None:
+    """An early keep clears the threshold at the verdict's confidence too, and an early
+    drop is a config the verdict would not keep on these passes."""
+    look = _look(candidate)
+    low = relative_interval(candidate, INCUMBENT, noise=HISTORY, boot_cv=0.01).low
+    if look == "keep":
+        assert low > 0.01
+    if look == "drop":
+        assert low <= 0.01

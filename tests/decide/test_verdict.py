@@ -12,7 +12,7 @@ import pytest
 
 from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.values import BenchMetrics, ExperimentRecord, LatencyStats, Status
-from aevyra_forge.decide.verdict import Verdict, judge
+from aevyra_forge.decide.verdict import Verdict, judge, pass_stop, should_stop
 from aevyra_forge.measure.metrics import median_pass
 
 INCUMBENT = "incumbent-recipe"
@@ -244,3 +244,22 @@ def test_a_lossy_change_without_an_accuracy_figure_is_refused_however_fast() -> 
                   output_changes=["kv_cache_dtype"])
     assert not blind.decision.kept and blind.decision.gate == "accuracy"
     assert "no accuracy figure: kv_cache_dtype" in blind.decision.reason
+
+
+# -- stopping a bench early -------------------------------------------------------------------
+
+
+def test_the_stop_rule_carries_what_judge_will_use_and_decides_like_it() -> None:
+    history = [_row(i, f"earlier-{i}", _boot(900.0 + 10 * i)) for i in range(3)]
+    incumbent = _boot(1000.0)
+    rule = pass_stop(SETTINGS.model_copy(update={"repeats": 5}), incumbent, INCUMBENT,
+                     history)
+    assert rule is not None and rule.max_passes == 5 and rule.threshold == 0.01
+    assert rule.incumbent == tuple(m.output_throughput for m in incumbent)
+    assert rule.noise_df == 6.0  # three earlier configs of three passes pooled
+    assert should_stop(rule, _passes(800.0, 805.0))  # clearly worse: drop now
+    assert should_stop(rule, _passes(1300.0, 1305.0))  # clearly better: keep now
+    assert not should_stop(rule, _passes(1000.0))  # one pass shows no spread
+    assert pass_stop(SETTINGS.model_copy(update={"repeats": 2}), incumbent, INCUMBENT,
+                     history) is None  # no look before the last pass
+    assert pass_stop(SETTINGS, (), INCUMBENT, []) is None  # the baseline runs every pass

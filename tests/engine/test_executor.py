@@ -4,6 +4,7 @@ the accuracy probe against a fake vLLM that refuses teacher forcing or the probe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 
 from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.slo import parse_slo
-from aevyra_forge.core.trial import Measurement, Trial
+from aevyra_forge.core.trial import Measurement, PassStop, Trial
 from aevyra_forge.core.values import BenchMetrics, BenchOutcome, LaunchFailure, QualityScore
 from aevyra_forge.core.workload import Workload, load_workload
 from aevyra_forge.engine.executor import LocalExecutor, serving
@@ -52,10 +53,10 @@ class Watched:
         self.stopped.append(server.url)
 
     def bench(self, server: SimServer, workload: Workload, concurrency: int,
-              passes: int = 1, slo: Any = None) -> BenchOutcome:
+              passes: int = 1, slo: Any = None, stop: Any = None) -> BenchOutcome:
         if self.interrupt_bench:
             raise KeyboardInterrupt
-        return self.sim.bench(server, workload, concurrency, passes, slo)
+        return self.sim.bench(server, workload, concurrency, passes, slo, stop=stop)
 
     def reference(self, server: SimServer) -> dict[str, Any]:
         return {"captured from": server.recipe.id}
@@ -99,6 +100,28 @@ def test_a_later_trial_is_scored_against_the_reference_it_carries(
         _trial(engine, exp=4, quality_reference=reference))
     assert engine.references == [reference]
     assert m.quality == QualityScore(agreement=0.5) and m.quality_reference is None
+
+
+def test_a_trials_stop_rule_ends_its_bench_between_passes(tmp_path: Path,
+                                                         small_workload: Path) -> None:
+    """The rule travels with the trial as data; the executor's stopper decides on it after
+    each pass; a trial without a rule, or an executor without a stopper, runs them all."""
+    engine, asked = Watched(), []
+    rule = PassStop(incumbent=(1.0, 1.0), objective="throughput", slo=None, threshold=0.01,
+                    confidence=0.95, boot_cv=0.01, max_passes=3)
+
+    def stopper(got: PassStop, passes: Sequence[BenchMetrics]) -> bool:
+        asked.append((got, len(passes)))
+        return len(passes) >= 2
+
+    stopping = LocalExecutor(engine, engine, engine, load_workload(small_workload),
+                             concurrency=4, repeats=3, slo=None, stopper=stopper,
+                             log_path=lambda exp: tmp_path / f"{exp}.log", log_root=tmp_path)
+    assert len(stopping.run(_trial(engine, exp=1, stop=rule)).passes) == 2
+    assert asked == [(rule, 1), (rule, 2)]
+    assert len(stopping.run(_trial(engine, exp=2)).passes) == 3
+    plain = _executor(tmp_path, engine, small_workload)
+    assert len(plain.run(_trial(engine, exp=3, stop=rule)).passes) == 3
 
 
 def test_a_boot_failure_is_a_measurement_with_vllms_suggestion(
@@ -145,7 +168,7 @@ class OnFakeVllm:
         del server
 
     def bench(self, server: FakeServed, workload: Workload, concurrency: int,
-              passes: int = 1, slo: Any = None) -> BenchOutcome:
+              passes: int = 1, slo: Any = None, stop: Any = None) -> BenchOutcome:
         m = BenchMetrics(completed=4, duration_s=1.0, input_tokens=40, output_tokens=40,
                          request_throughput=4.0, output_throughput=40.0,
                          total_token_throughput=80.0)
@@ -199,3 +222,74 @@ def test_a_reference_that_cannot_be_captured_is_said_in_the_measurement(
                          capture_reference=True)
     assert teacher.quality == QualityScore(agreement=1.0, logprob_shift=0.0)
     assert teacher.reason == "" and teacher.quality_reference is not None
+
+
+def _quant_trial(engine: Watched, tmp_path: Path) -> tuple[Trial, Any]:
+    """A trial serving a round-to-nearest W8A8 checkpoint of a (fake) local model."""
+    from aevyra_forge.engine import prepare
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    quant = prepare.job(source, "w8a8", tmp_path / "quant", {"torch": "x"})
+    recipe = engine.space.baseline(MODEL_8B).child(
+        quant={"method": "w8a8_int8", "checkpoint": str(quant.out), "kv_cache_dtype": "auto"})
+    return Trial(exp=5, recipe=recipe.to_dict(), recipe_id=recipe.id, layer=2), quant
+
+
+def test_a_failed_prepare_is_a_row_and_nothing_boots(tmp_path: Path,
+                                                     small_workload: Path) -> None:
+    """The dev environment has no torch, so the real script fails: prepare_failed, with
+    its time and its log, and no server."""
+    import sys
+
+    from aevyra_forge.engine.prepare import Preparer
+    engine = Watched()
+    trial, quant = _quant_trial(engine, tmp_path)
+    executor = _executor(tmp_path, engine, small_workload)
+    executor.prepare = Preparer(sys.executable, {str(quant.out): quant})
+    m = executor.run(trial)
+    assert m.status == "prepare_failed" and "No module named 'torch'" in m.reason
+    assert m.prepare_s is not None and m.prepare_s > 0
+    assert m.log == "logs/exp_005.prepare.log" and (tmp_path / m.log).is_file()
+    assert engine.launched == [] and m.boot_s is None
+
+
+def test_a_prepared_checkpoint_is_reused_and_its_time_recorded(tmp_path: Path,
+                                                               small_workload: Path) -> None:
+    from aevyra_forge.engine.prepare import MANIFEST, Preparer
+    engine = Watched()
+    trial, quant = _quant_trial(engine, tmp_path)
+    quant.out.mkdir(parents=True)
+    (quant.out / MANIFEST).write_text("{}")
+    ticks = iter([10.0, 10.25])
+    executor = _executor(tmp_path, engine, small_workload)
+    executor.prepare = Preparer("/no/python/needed", {str(quant.out): quant},
+                                clock=lambda: next(ticks))
+    m = executor.run(trial)
+    assert m.status == "ok" and m.prepare_s == 0.25 and len(engine.launched) == 1
+
+
+def test_a_chosen_kernel_plugin_that_left_no_proof_is_a_failed_boot_not_benched(
+        tmp_path: Path, small_workload: Path) -> None:
+    """The server booted, but the plug-in asked for never ran: the trial is a failed boot
+    saying so (not a measurement of vLLM's own kernel passed off as the plug-in's; not the
+    `invalid` status, which is not counted and may be proposed again), and is torn down."""
+    from aevyra_forge.space import plugins
+
+    engine = Watched()
+    slot = plugins.slot([plugins.KernelCandidate(
+        name="fast_attn", plugins=("fast_kernels",), proof="fast-kernels: loaded")], {})
+    space = KnobSpace(engine.space.hw, engine.space.model, simulated=True, plugins=slot)
+    recipe = space.apply(space.baseline(MODEL_8B), {"kernel_plugin": "fast_attn"})
+    checked = LocalExecutor(engine, engine, engine, load_workload(small_workload),
+                            concurrency=4, repeats=3, slo=None,
+                            log_path=lambda exp: tmp_path / f"{exp}.log", log_root=tmp_path,
+                            check_boot=plugins.boot_check(slot))
+    m = checked.run(Trial(exp=1, recipe=recipe.to_dict(), recipe_id=recipe.id, layer=3))
+    assert m.status == "boot_failed"
+    assert m.reason.startswith("invalid: kernel plug-in 'fast_attn' did not load")
+    assert m.passes == () and m.metrics is None and m.boot_s is not None
+    assert engine.stopped == engine.launched and len(engine.launched) == 1
+    baseline = space.baseline(MODEL_8B)  # no plug-in chosen: measured as always
+    m = checked.run(Trial(exp=2, recipe=baseline.to_dict(), recipe_id=baseline.id, layer=1))
+    assert m.status == "ok" and len(m.passes) == 3

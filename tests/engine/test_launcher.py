@@ -42,6 +42,25 @@ def test_boot_and_stop(tmp_path: Path, pidfile: Path, recipe: Recipe) -> None:
     assert server.pgid not in process._LIVE
 
 
+def test_a_fixed_served_model_name_is_what_the_server_answers_to(
+        tmp_path: Path, pidfile: Path) -> None:
+    launcher = make_launcher(pidfile)
+    recipe = Recipe(model=MODEL, config={"served_model_name": "chat-prod"})
+    server = launcher.launch(recipe, tmp_path / "exp.log")
+    assert isinstance(server, VllmServer), server
+    try:
+        assert server.served_model == "chat-prod"  # healthy only once it lists that name
+        workload = Workload(path="mem.jsonl", sha256="0" * 64, requests=(
+            Request(line=1, prompt="hello there", expected_output_tokens=3),))
+        outcome = VllmBenchmarker(request_timeout_s=10.0, warmup_requests=0).bench(
+            server, workload, 1)
+    finally:
+        launcher.stop(server)
+    assert outcome.status == "ok", outcome.reason
+    first = (tmp_path / "exp.log").read_text().splitlines()[0]
+    assert first.count("--served-model-name") == 1 and "--served-model-name chat-prod" in first
+
+
 def test_invalid_argument_fails_fast(tmp_path: Path, pidfile: Path) -> None:
     launcher = make_launcher(pidfile)
     bad = Recipe(model=MODEL, config={"num_scheduler_steps": 8})  # a removed V0 flag

@@ -286,3 +286,30 @@ def test_a_server_key_in_the_environment_is_sent(vllm_bin: str, tiny_model: Path
     assert b"VLLM_API_KEY=engine-test-key" in environ
     assert not [e for e in environ if e.startswith(b"ANTHROPIC_API_KEY=")]
     assert "engine-test-key" not in log.read_text()
+
+
+def test_real_vllm_honours_the_cache_salt_and_can_reset_its_cache(
+        vllm_bin: str, tiny_model: Path, workload: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The facts pass isolation rests on, on the installed vLLM: per-pass prefix-cache
+    counters, salted passes that do not hit each other's cache (the system prompt shared
+    within a pass still hits), and POST /reset_prefix_cache in dev mode."""
+    monkeypatch.setenv("VLLM_SERVER_DEV_MODE", "1")
+    wl = load_workload(workload)
+    launcher = VllmLauncher(vllm_bin, boot_timeout_s=300)
+    server = launcher.launch(_recipe(tiny_model, enforce_eager=True), tmp_path / "exp.log")
+    assert not isinstance(server, LaunchFailure), server
+    try:
+        outcome = VllmBenchmarker().bench(server, wl, concurrency=4, passes=3)
+        reset = httpx.post(server.url + "/reset_prefix_cache", timeout=30.0)
+    finally:
+        launcher.stop(server)
+    assert outcome.status == "ok", outcome.reason
+    isolation = outcome.pass_isolation
+    assert isolation is not None and isolation.method in ("salt", "warm_pass"), isolation
+    assert "cache_salt ignored" not in isolation.note
+    rates = [m.server["prefix_cache_hit_rate"] for m in outcome.passes]
+    assert all(0 < r < 0.9 for r in rates), rates  # within-pass sharing only
+    assert max(rates) - min(rates) < 0.1, rates
+    assert reset.status_code == 200 and reset.json() == {"success": True}
+    FIGURES["pass isolation"] = {"method": isolation.method, "note": isolation.note}

@@ -151,6 +151,52 @@ def test_sigkill_between_a_trials_start_and_its_finish(tmp_path: Path,
                                            if r["status"] not in ("invalid", "duplicate")})
 
 
+POOL_MOVES = [{"max_num_seqs": v} for v in (8, 16, 32, 64, 128, 512, 1024, 2048)] + \
+    [{"max_num_batched_tokens": v} for v in (512, 1024, 2048, 4096, 8192, 16384, 32768)] + \
+    [{"gpu_memory_utilization": v} for v in (0.8, 0.85, 0.95)]
+
+
+def test_sigkill_with_a_pool_of_workers_then_resume(
+        tmp_path: Path, small_workload: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--parallel 4, proposals from a fake LLM asked once per round: a round's trials are
+    all logged before any runs and recorded as each finishes; killed mid-round and
+    resumed, the trials in flight are run again, every finished one never, and the run
+    completes with every experiment once."""
+    from tests.fake_provider import FakeProvider
+    from tests.loop.test_scale import KEY, batch_agent, llm_options
+
+    with FakeProvider(batch_agent(POOL_MOVES)) as fake:
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        run_dir = tmp_path / "pool"
+        cmd = _cmd(run_dir, small_workload, "--parallel", "4")
+        cmd[cmd.index("--llm"):cmd.index("--llm") + 2] = llm_options(fake)
+        _sigkill_the_pool_and_resume(run_dir, cmd)
+
+
+def _sigkill_the_pool_and_resume(run_dir: Path, cmd: list[str]) -> None:
+    caught: set[int] = set()
+    finished_before: set[int] = set()
+    _kill_at_boot(cmd, 3)
+    for _ in range(8):  # a dry-run round is short: the kill can land between rounds
+        recorded = {int(str(r["exp"])) for r in _records(run_dir)}
+        finished_before |= recorded
+        caught |= {exp for exp in _started(run_dir) if exp not in recorded}
+        if len(caught) >= 2:
+            break
+        _kill_at_boot(_resume_cmd(run_dir), 2)
+    assert caught, "never killed a round in flight"
+
+    done = subprocess.run(_resume_cmd(run_dir), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    records = _records(run_dir)
+    assert sorted(int(str(r["exp"])) for r in records) == list(range(BUDGET))
+    started = _started(run_dir)
+    assert all(started.count(exp) >= 2 for exp in caught)  # run again on resume
+    assert all(started.count(exp) == 1 for exp in finished_before)  # never repeated
+    assert {r["worker"] for r in records} == {"sim0", "sim1", "sim2", "sim3"}
+    assert max(int(str(r["round"] or 0)) for r in records) >= 4
+
+
 # -- detached runs: SIGHUP -----------------------------------------------------------------
 
 LONG = 200  # a budget the run cannot spend before the test has sent its signal
@@ -246,6 +292,32 @@ def _finished_run(tmp_path: Path, workload: Path, capsys: pytest.CaptureFixture[
     (run,) = (tmp_path / ".forge" / "runs").glob("0*")
     (run / "completed.json").unlink()
     return run
+
+
+def test_a_deployment_recipe_resumes_and_its_fixed_arguments_cannot_be_edited(
+        tmp_path: Path, small_workload: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "prod.yaml"
+    recipe.write_text("config:\n  trust_remote_code: true\n  seed: 7\n")
+    code, _, err = run_cli(["tune", "--dry-run", "--gpu", "A100-80GB", "--model", MODEL_8B,
+                            "--workload", str(small_workload), "--llm", "builtin",
+                            "--run-dir", str(tmp_path / ".forge"), "--recipe", str(recipe),
+                            "--max-experiments", "2"], capsys)
+    assert code == 0, err
+    (run,) = (tmp_path / ".forge" / "runs").glob("0*")
+    (run / "completed.json").unlink()
+    code, _, err = run_cli(["tune", "resume", "--run-dir", str(tmp_path / ".forge"),
+                            "--max-experiments", "3"], capsys)
+    assert code == 0, err  # the fixed arguments pass the resume's checks
+    path = run / "experiments.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["recipe"]["config"]["seed"] == 7 for r in rows)
+    (run / "completed.json").unlink()
+    rows[1]["recipe"]["config"]["seed"] = 8  # an edited log: not the run's deployment
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = run_cli(["tune", "resume", "--run-dir", str(tmp_path / ".forge"),
+                            "--max-experiments", "4"], capsys)
+    line = _one_line_error(code, err)
+    assert f"{path}:2: " in line and "'seed': 8" in line and "'seed': 7" in line, line
 
 
 def _one_line_error(code: int, err: str) -> str:
@@ -620,3 +692,4 @@ def test_a_gpu_busy_with_another_process_is_reported_before_the_baseline(
         assert _records(run_dir)[0]["status"] == "ok"
     finally:
         _kill_groups(run_dir)
+

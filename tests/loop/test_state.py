@@ -104,3 +104,31 @@ def test_refusal_rows_are_not_experiments_nor_tried_nor_patience() -> None:
     measured = _row(4, WINNER, _passes(90.0))
     state.add(measured)
     assert state.experiments == 3 and state.active_layer(settings, set()) == 2
+
+
+def _on(rec: ExperimentRecord, worker: str, round_: int | None = None,
+        took_s: float = 0.0) -> ExperimentRecord:
+    return rec.model_copy(update={"worker": worker, "round": round_, "boot_s": took_s})
+
+
+def test_each_worker_keeps_the_incumbents_passes_until_another_takes_the_lead() -> None:
+    records = [_on(HISTORY[0], "gpu0"), _on(DRIFT_CHECK, "gpu1", 1)]
+    state = LoopState(records=records, baseline=BASELINE)
+    inc = state.incumbent()
+    assert inc.passes_for("gpu0") == FIRST and inc.passes_for("gpu1") == AGAIN
+    assert inc.passes_for("gpu2") == AGAIN  # never measured there: the latest passes
+    assert inc.passes_for(None) == AGAIN and state.measured_on == {"gpu0": 0, "gpu1": 2}
+    won = _passes(120.0, 121.0, 119.0)
+    state.add(_on(_row(3, WINNER, won, kept=True, score=1.2), "gpu2", 2))
+    assert state.incumbent().passes_for("gpu0") == won  # gpu0's passes were another's
+    assert state.measured_on == {"gpu2": 3}
+
+
+def test_a_round_takes_as_long_as_its_longest_trial() -> None:
+    records = [_on(HISTORY[0], "gpu0", None, 100.0),
+               _on(HISTORY[1], "gpu0", 1, 50.0), _on(DRIFT_CHECK, "gpu1", 1, 70.0),
+               _on(_row(3, WINNER, FIRST, score=1.0), "gpu0", 2, 30.0)]
+    state = LoopState(records=records, baseline=BASELINE)
+    assert state.spent_s() == 100.0 + 70.0 + 30.0
+    assert state.next_round == 3
+    assert state.experiments_since(1) == 2  # by id, whatever order rows were recorded in

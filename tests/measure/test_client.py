@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import httpx
 import numpy as np
@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aevyra_forge.core.values import BenchMetrics
 from aevyra_forge.core.workload import Message, Request, Workload
 from aevyra_forge.measure.client import (
     WARMUP_OUTPUT_TOKENS,
@@ -308,7 +309,7 @@ def test_warmup_is_not_timed_and_is_salted_apart(fake: FakeVllm) -> None:
     reqs = [completion(i, 6, 5) for i in range(5)]
     passes = asyncio.run(bench_passes(fake.url, MODEL, workload(*reqs),
                                       BenchConfig(concurrency=2, warmup_requests=3,
-                                                  passes=2)))
+                                                  passes=2, isolation_fallback=False)))
     assert [m.completed for m in passes] == [5, 5]
     assert all(m.output_tokens == 25 for m in passes)
     bodies = [r.body for r in fake.requests if r.method == "POST"]
@@ -322,6 +323,31 @@ def test_warmup_is_not_timed_and_is_salted_apart(fake: FakeVllm) -> None:
     for b in bodies[:3]:
         assert b is not None
         assert not workload_words & set(b["prompt"].split())  # shares no prompt text
+
+
+def test_a_stop_predicate_ends_the_bench_after_the_pass_it_accepts(fake: FakeVllm) -> None:
+    """Asked after each timed pass with the passes so far; True ends the bench there, and
+    no later pass is sent. Never asked after the last pass."""
+    reqs = [completion(i, 6, 5) for i in range(3)]
+    seen: list[int] = []
+
+    def stop(passes: Sequence[BenchMetrics]) -> bool:
+        seen.append(len(passes))
+        return len(passes) == 2
+
+    passes = asyncio.run(bench_passes(fake.url, MODEL, workload(*reqs), BenchConfig(
+        concurrency=1, warmup_requests=0, passes=5, isolation_fallback=False, stop=stop)))
+    assert len(passes) == 2 and seen == [1, 2]
+    assert len([r for r in fake.requests if r.method == "POST"]) == 2 * 3
+    seen.clear()
+
+    def never(passes: Sequence[BenchMetrics]) -> bool:
+        seen.append(len(passes))
+        return False
+
+    every = asyncio.run(bench_passes(fake.url, MODEL, workload(*reqs), BenchConfig(
+        concurrency=1, warmup_requests=0, passes=2, isolation_fallback=False, stop=never)))
+    assert len(every) == 2 and seen == [1]
 
 
 def test_each_pass_sees_a_cold_prefix_cache(fake: FakeVllm) -> None:

@@ -164,7 +164,8 @@ def test_parse_recorded_metrics() -> None:
     assert parse_metrics(RECORDED_METRICS) == {
         "requests_waiting": 0.0, "kv_cache_usage": 0.0, "prefix_cache_queries": 390.0,
         "prefix_cache_hits": 128.0, "num_preemptions": 0.0, "prompt_tokens": 390.0,
-        "generation_tokens": 156.0, "requests_succeeded": 4.0}
+        "generation_tokens": 156.0, "requests_succeeded": 4.0,
+        "kv_cache_capacity_tokens": 2023680.0}
 
 
 def test_counter_deltas_on_recorded_metrics() -> None:
@@ -175,6 +176,7 @@ def test_counter_deltas_on_recorded_metrics() -> None:
         "num_preemptions": 0.0, "prefix_cache_queries": 362.0, "prefix_cache_hits": 128.0,
         "prompt_tokens": 362.0, "generation_tokens": 150.0, "requests_succeeded": 2.0,
         "kv_cache_usage": 0.0, "requests_waiting": 0.0,
+        "kv_cache_capacity_tokens": 2023680.0,
         "prefix_cache_hit_rate": pytest.approx(128 / 362)}
 
 
@@ -187,6 +189,23 @@ def test_parse_metrics_sums_engines_and_skips_aborts() -> None:
             "vllm:prompt_tokens_total{engine=\"0\"} not-a-number\n")
     assert parse_metrics(text) == {"num_preemptions": 7.0, "requests_succeeded": 5.0,
                                    "generation_tokens": 12.0}
+
+
+def test_where_requests_spent_their_time_and_the_cache_size_are_read() -> None:
+    """Histogram sums and counts (vLLM 0.32 names) become deltas over a pass; the KV
+    cache's size comes from cache_config_info's labels, in blocks when no token count."""
+    def scrape(queue: float, steps: int) -> str:
+        return (f'vllm:request_queue_time_seconds_sum{{engine="0"}} {queue}\n'
+                'vllm:request_queue_time_seconds_count{engine="0"} 4.0\n'
+                'vllm:request_prefill_time_seconds_sum{engine="0"} 2.5\n'
+                'vllm:request_decode_time_seconds_sum{engine="0"} 7.5\n'
+                f'vllm:iteration_tokens_total_sum{{engine="0"}} {steps * 10}\n'
+                f'vllm:iteration_tokens_total_count{{engine="0"}} {steps}\n'
+                'vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="1000"} 1.0\n')
+    deltas = counter_deltas(parse_metrics(scrape(1.0, 5)), parse_metrics(scrape(3.5, 25)))
+    assert deltas["queue_time_s"] == 2.5 and deltas["iterations"] == 20.0
+    assert deltas["iteration_tokens"] == 200.0 and deltas["prefill_time_s"] == 0.0
+    assert deltas["kv_cache_capacity_tokens"] == 16000.0
 
 
 def test_counter_deltas_without_cache_queries() -> None:

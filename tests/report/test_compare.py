@@ -116,7 +116,8 @@ def test_a_failed_run_on_one_side(a: Report, tmp_path: Path,
     failed = _report(tmp_path / "b", FAILED)
     c = compare(a, failed)
     assert c.diff == [] and c.b.best_exp is None
-    assert any(f.startswith("Run B has no best recipe (the baseline failed (boot_failed")
+    assert any(f.startswith("Run B has no best recipe (nothing served: all 1 "
+                            "experiment(s) failed, the baseline included (boot_failed")
                for f in c.facts)
     assert all(m.b is None and m.change is None for m in c.metrics
                if m.name != "GPU $/hour")  # the price is known before anything is measured

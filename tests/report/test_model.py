@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 
 from aevyra_forge.core.recipe import diff
-from aevyra_forge.core.values import best_record
+from aevyra_forge.core.values import Diagnosis, InertKnob, best_record
 from aevyra_forge.decide.rules import pass_values
 from aevyra_forge.decide.stats import relative_interval
 from aevyra_forge.loop.state import LoopState
 from aevyra_forge.report.best import Change, SloVerdict
+from aevyra_forge.report.html import render_html
+from aevyra_forge.report.markdown import render_md
 from aevyra_forge.report.model import build_report
 from aevyra_forge.store.rows import experiment_rows
 from tests.report.conftest import BASE, CONFIG, FP8, HISTORY, make_run, rec
@@ -151,3 +153,21 @@ def test_completed_json_damaged_reads_as_running(run_dir: Path) -> None:
     (run_dir / "completed.json").write_text("{not json")
     assert build_report(run_dir).stop_reason is None
     assert json.loads((run_dir / "config.json").read_text())["model"] == CONFIG["model"]
+
+
+def test_the_baselines_diagnosis_reaches_every_renderer(tmp_path: Path) -> None:
+    diagnosis = Diagnosis(binding="kv_capacity", why="KV cache peaked at 99% with 40 preemptions",
+                          inert=(InertKnob(knob="dtype", values=("bfloat16",),
+                                           reason="auto already resolves to bfloat16"),))
+    records = [HISTORY[0].model_copy(update={"diagnosis": diagnosis}), *HISTORY[1:]]
+    with make_run(tmp_path, records) as run:
+        run.complete({"reason": "every layer converged"})
+    report = build_report(run.path)
+    assert report.diagnosis == diagnosis
+    for text in (render_md(report), render_html(report)):
+        assert "What bound the baseline" in text
+        assert "dtype=bfloat16 cannot matter: auto already resolves to bfloat16" in text
+    with make_run(tmp_path / "old", HISTORY) as old:  # a run logged before diagnoses
+        pass
+    assert build_report(old.path).diagnosis is None
+    assert "What bound" not in render_md(build_report(old.path))

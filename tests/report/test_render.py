@@ -110,6 +110,17 @@ def test_failed_baseline_with_nothing_kept_says_so(tmp_path: Path) -> None:
         s = summarize(run.path)
     assert s.baseline_throughput is None
     assert s.best_exp is None and s.best_score is None and s.best_throughput is None
+    # nothing healthy at all, not even the baseline: said plainly
+    assert s.note.startswith("nothing served: all 2 experiment(s) failed, the baseline "
+                             "included (boot_failed: max_model_len exceeds KV")
+    assert "nothing to deploy" in s.note
+
+
+def test_failed_baseline_with_a_healthy_unkept_experiment(tmp_path: Path) -> None:
+    records = [rec(0, status="boot_failed", reason="max_model_len exceeds KV cache"),
+               rec(1, rationale="smaller batch", kept=False)]
+    with make_run(tmp_path, records) as run:
+        s = summarize(run.path)
     assert s.note.startswith("the baseline failed (boot_failed: max_model_len exceeds KV")
     assert "no experiment was kept" in s.note
 

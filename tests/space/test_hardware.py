@@ -15,6 +15,7 @@ from aevyra_forge.core.values import Hardware
 from aevyra_forge.space import hardware
 from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.hardware import detect, try_detect_gpu
+from aevyra_forge.space.quant import probe_cpu_isa
 
 SMI = Path(__file__).parents[1] / "data" / "smi"
 A100_UUIDS = [line.split(", ")[-1].strip()
@@ -241,7 +242,8 @@ def test_try_detect_gpu_finds_whichever_vendor_is_there(log: Path) -> None:
 
 def test_cpu_device(log: Path) -> None:
     hw = detect("cpu", host(None, log))
-    assert hw == Hardware(device="cpu", cpu_cores=hw.cpu_cores, memory_gib=hw.memory_gib)
+    assert hw == Hardware(device="cpu", cpu_cores=hw.cpu_cores, memory_gib=hw.memory_gib,
+                          cpu_isa=probe_cpu_isa())
     assert hw.cpu_cores >= 1 and hw.memory_gib > 0 and hw.gpu is None
     assert hw.describe().startswith("CPU (")
     assert calls(log) == []

@@ -3,19 +3,26 @@ read from it, and guessing a checkpoint's method from its name."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from aevyra_forge.core.values import GpuInfo, Hardware
 from aevyra_forge.space import gpu_catalogue
 from aevyra_forge.space.quant import (
+    CHECKPOINT_ONLY,
     QUANT_METHODS,
     UNKNOWN,
+    checkpoint_refusal,
     facts,
     has_fp8,
     is_fp8_kv,
     kv_cache_dtype_usable,
     method_of_checkpoint,
     method_usable,
+    probe_cpu_isa,
+    refusal,
+    usable,
 )
 from aevyra_forge.space.registry import KNOBS
 
@@ -90,3 +97,47 @@ def test_fp8_kv_cache_needs_fp8_hardware() -> None:
 ])
 def test_method_of_checkpoint(checkpoint: str, method: str | None) -> None:
     assert method_of_checkpoint(checkpoint) == method
+
+
+AVX512 = Hardware(device="cpu", cpu_cores=2, memory_gib=24,
+                  cpu_isa=("avx2", "avx512f", "avx512_bf16"))
+AVX2 = Hardware(device="cpu", cpu_cores=2, memory_gib=24, cpu_isa=("avx2",))
+
+
+@pytest.mark.parametrize(("hw", "served"), [
+    (AVX512, ["none", "awq", "gptq", "fp8", "w8a8_int8", "w4a16"]),
+    (AVX2, ["none", "fp8", "w8a8_int8"]),  # no cpu_gemm_wna16 without AVX-512 + BF16
+    (CPU, ["none", "fp8", "w8a8_int8"]),  # an unknown instruction set: the safe side
+    (GPUS["H100"], ["none", "awq", "gptq", "fp8", "w8a8_int8", "w4a16"]),
+    (GPUS["T4"], ["none", "awq", "gptq", "w8a8_int8", "w4a16"]),  # no fp8 Marlin on 7.5
+])
+def test_checkpoints_served_here(hw: Hardware, served: list[str]) -> None:
+    """The measured CPU-build table (VLLM_NOTES.md) and the GPU kernels' capabilities."""
+    assert usable([*QUANT_METHODS, *CHECKPOINT_ONLY], hw) == served
+
+
+def test_refusals_name_the_missing_instruction_set() -> None:
+    assert checkpoint_refusal("w4a16", AVX2) == (
+        "this CPU lacks avx512_bf16 + avx512f: 4-bit kernels: Marlin needs compute "
+        "capability >= 8.0 (older GPUs fall back to slower ones); on the CPU build "
+        "cpu_gemm_wna16 exists only with AVX-512 + BF16")
+    assert checkpoint_refusal("bitsandbytes", GPUS["H100"]) == "forge does not know it"
+    assert refusal(None, AVX512) is not None  # nothing to apply while loading
+
+
+def test_fp8_on_the_fly_fails_on_every_cpu_and_fp8_kv_needs_avx512() -> None:
+    for cpu in (AVX512, AVX2, CPU):
+        assert not method_usable("fp8", cpu, False)
+        assert refusal(QUANT_METHODS["fp8"].on_the_fly, cpu) == (
+            "--quantization fp8 fails on every CPU (static_scaled_fp8_quant)")
+    assert kv_cache_dtype_usable("fp8", AVX512, False)
+    assert not kv_cache_dtype_usable("fp8_e5m2", AVX2, False)
+    assert not kv_cache_dtype_usable("fp8", CPU, False)
+
+
+def test_probe_cpu_isa_keeps_the_flags_that_matter(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 ht\n\n"
+                       "processor\t: 1\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 ht\n")
+    assert probe_cpu_isa(cpuinfo) == ("avx2", "avx512f", "avx512_bf16")
+    assert probe_cpu_isa(tmp_path / "missing") == ()

@@ -98,11 +98,42 @@ RENDERED: dict[str, tuple[Hardware, Scalar, list[str], dict[str, str]]] = {
                        ["--compilation-config", '{"cudagraph_mode": "PIECEWISE"}'], {}),
     "enforce_eager": (H100, True, ["--enforce-eager"], {}),
     "VLLM_CPU_OMP_THREADS_BIND": (CPU, "nobind", [], {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}),
+    "data_parallel_size": (H100X2, 2, ["--data-parallel-size", "2"], {}),
+    "long_prefill_token_threshold": (H100, 1024, ["--long-prefill-token-threshold", "1024"],
+                                     {}),
+    # spec_method brings spec_tokens along (companions), and takes it away again
+    "spec_method": (CPU, "ngram", ["--spec-method", "ngram", "--spec-tokens", "3"], {}),
+    "optimization_level": (H100, 0, ["--optimization-level", "0"], {}),
+    "max_cudagraph_capture_size": (H100, 64, ["--max-cudagraph-capture-size", "64"], {}),
 }
+# knobs that apply only with another one set (Knob.needs): that one's argv comes first
+NEEDS_RENDERED: dict[str, tuple[Hardware, Scalar, list[str]]] = {
+    "spec_tokens": (CPU, 5, ["--spec-method", "ngram", "--spec-tokens", "5"]),
+}
+# knobs whose values exist per run only (kernel plug-ins: tests/space/test_plugins.py)
+PER_RUN = {"kernel_plugin", "quant_candidate", "spec_model"}
+SLOTS = PER_RUN - {"spec_model"}  # of those, the ones with no vLLM flag of their own
 
 
 def test_every_knob_has_a_rendering_row() -> None:
-    assert set(RENDERED) == set(KNOBS)
+    assert set(RENDERED) | set(NEEDS_RENDERED) | PER_RUN == set(KNOBS)
+
+
+@pytest.mark.parametrize("name", list(NEEDS_RENDERED))
+def test_a_knob_that_needs_another_renders_after_it(name: str) -> None:
+    hw, value, argv = NEEDS_RENDERED[name]
+    knob, sp = KNOBS[name], KnobSpace(hw, PROFILE, simulated=True)
+    alone = sp.apply(sp.baseline(MODEL), {name: value})
+    with pytest.raises(KnobError, match=rf"{name} applies only with {knob.needs} set"):
+        sp.check_combination(alone)
+    assert knob.needs is not None
+    first = sp.apply(sp.baseline(MODEL), {knob.needs: "ngram"})
+    recipe = sp.apply(first, {name: value})
+    sp.check_combination(recipe)
+    assert render(recipe) == ([MODEL, *argv], {})
+    assert sp.check_recipe(recipe).id == recipe.id
+    off = sp.apply(recipe, {knob.needs: sp.default(KNOBS[knob.needs])})
+    assert render(off) == ([MODEL], {})  # the companion goes with it
 
 
 @pytest.mark.parametrize("name", list(RENDERED))
@@ -124,23 +155,24 @@ def test_every_engine_argument_a_knob_needs_is_a_vllm_flag() -> None:
     args = parse_help(HELP.read_text())
     for knob in REGISTRY:
         arg = knob.placement.engine_arg(knob)
-        assert arg is None if isinstance(knob.placement, EnvVar) else arg in args, knob.name
+        assert (arg is None if isinstance(knob.placement, EnvVar) or knob.name in SLOTS
+                else arg in args), knob.name
 
 
 def test_places_follow_recipe_yaml_order() -> None:
     assert [group[0].placement.path for group in places(REGISTRY)] == [
-        ("config",), ("quant", "method"), ("quant", "kv_cache_dtype"),
+        ("config",), ("quant", "method"), ("quant", "checkpoint"), ("quant", "kv_cache_dtype"),
         ("kernel", "attention_backend"), ("kernel", "compilation_config"), ("kernel", "env")]
 
 
 # -- a new knob is one entry -------------------------------------------------------------------
 
 NEW_KNOBS = (
-    Knob("long_prefill_token_threshold", 1, "int", EngineArg(),
-         "Prompts longer than this are prefilled in smaller chunks alongside decodes.",
+    Knob("cpu_offload_gb", 1, "int", EngineArg(),
+         "GiB of weights kept in CPU memory and streamed in.",
          {ANY: 0}, low=0, high=65536, grid=(256, 1024)),
-    Knob("max_cudagraph_capture_size", 3, "int", CompilationField(),
-         "Largest batch captured in a CUDA graph; larger batches run piecewise.",
+    Knob("cudagraph_num_of_warmups", 3, "int", CompilationField(),
+         "Warm-up runs before a CUDA graph is captured.",
          {ANY: 512}, devices=knobs.GPU_DEVICES, low=1, high=4096, grid=(256, 1024)),
     Knob("VLLM_USE_FLASHINFER_SAMPLER", 3, "bool", EnvVar(),
          "Sample with FlashInfer's top-k/top-p kernels instead of PyTorch's.",
@@ -154,22 +186,28 @@ def test_a_knob_of_each_kind_of_place_is_one_entry(monkeypatch: pytest.MonkeyPat
     sp = KnobSpace(H100, PROFILE)
     assert {k.name for k in NEW_KNOBS} <= {k.name for k in sp.knobs()}
     base = sp.baseline(MODEL)
-    recipe = sp.apply(base, {"long_prefill_token_threshold": 1024,
-                             "max_cudagraph_capture_size": 256,
+    recipe = sp.apply(base, {"cpu_offload_gb": 1024,
+                             "cudagraph_num_of_warmups": 256,
                              "VLLM_USE_FLASHINFER_SAMPLER": True})
     assert [sp.value(recipe, k) for k in NEW_KNOBS] == [1024, 256, True]
     assert render(recipe) == (
-        [MODEL, "--long-prefill-token-threshold", "1024",
-         "--compilation-config", '{"max_cudagraph_capture_size": 256}'],
+        [MODEL, "--cpu-offload-gb", "1024",
+         "--compilation-config", '{"cudagraph_num_of_warmups": 256}'],
         {"VLLM_USE_FLASHINFER_SAMPLER": "true"})
     assert sp.check_recipe(recipe).id == recipe.id
-    back = sp.apply(recipe, {"long_prefill_token_threshold": 0,
-                             "max_cudagraph_capture_size": 512,
+    back = sp.apply(recipe, {"cpu_offload_gb": 0,
+                             "cudagraph_num_of_warmups": 512,
                              "VLLM_USE_FLASHINFER_SAMPLER": False})
     assert back.id == base.id
 
 
-def test_without_the_entry_the_same_recipe_is_refused() -> None:
-    recipe = Recipe(model=MODEL, config={"long_prefill_token_threshold": 1024})
-    with pytest.raises(RecipeError, match=r"unknown key 'config\.long_prefill_token_threshold'"):
-        KnobSpace(H100, PROFILE).check_recipe(recipe)
+def test_without_the_entry_the_setting_is_fixed_not_tuned() -> None:
+    """No knob: an argument vLLM accepts stays in the recipe as given, and is not offered
+    to the agent; one vLLM does not accept is refused."""
+    sp = KnobSpace(H100, PROFILE)
+    recipe = Recipe(model=MODEL, config={"cpu_offload_gb": 1024})
+    assert sp.check_recipe(recipe).config == {"cpu_offload_gb": 1024}
+    assert "cpu_offload_gb" not in {k.name for k in sp.knobs()}
+    with pytest.raises(RecipeError, match=r"config\.cpu_offload_gib: vLLM 0\.32\.0 has no "
+                                          r"such argument .*did you mean cpu_offload_gb\?"):
+        sp.check_recipe(Recipe(model=MODEL, config={"cpu_offload_gib": 1024}))

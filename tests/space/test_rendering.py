@@ -131,3 +131,73 @@ def test_render_never_emits_newlines_or_nul_even_from_odd_strings(key: str,
     except RecipeError:
         return  # refusing the recipe is a fine answer
     assert not any("\n" in a or "\x00" in a for a in argv)
+
+
+# -- a real deployment as the starting point (--recipe) --------------------------------------
+
+DEPLOYMENT = """\
+model: meta-llama/Llama-3.2-1B-Instruct
+config:
+  trust_remote_code: true
+  served_model_name: chat-prod
+  max_model_len: 8192
+  enable_chunked_prefill: false
+  seed: 1234
+  max_num_seqs: 128
+  disable_log_stats: true
+"""
+
+
+def _deployment(tmp_path: Any) -> Recipe:
+    from aevyra_forge.core.recipe import load_recipe
+    from aevyra_forge.space.gpu_catalogue import gpu_spec
+    from aevyra_forge.space.knob_space import KnobSpace
+    from aevyra_forge.space.model_profile import profile
+
+    path = tmp_path / "deploy.yaml"
+    path.write_text(DEPLOYMENT)
+    space = KnobSpace(gpu_spec("A100-80GB").hardware(), profile(MODEL), simulated=True)
+    return space.check_recipe(load_recipe(path, MODEL), str(path))
+
+
+def test_a_deployment_recipe_renders_every_fixed_argument_as_given(tmp_path: Any) -> None:
+    from aevyra_forge.space.rendering import serve_argv, served_name
+
+    recipe = _deployment(tmp_path)
+    argv, env = serve_argv(recipe, "127.0.0.1", 8000)
+    assert argv == [
+        MODEL,
+        "--disable-log-stats",
+        "--no-enable-chunked-prefill",
+        "--max-model-len", "8192",
+        "--max-num-seqs", "128",
+        "--seed", "1234",
+        "--served-model-name", "chat-prod",
+        "--trust-remote-code",
+        "--host", "127.0.0.1", "--port", "8000",  # the server answers to its own name
+    ]
+    assert env == {} and served_name(recipe) == "chat-prod"
+    assert serve_argv(Recipe(model=MODEL), "h", 1)[0][-2:] == ["--served-model-name", MODEL]
+
+
+def test_fixed_arguments_are_never_tuned_and_survive_every_change(tmp_path: Any) -> None:
+    from aevyra_forge.core.errors import KnobError
+    from aevyra_forge.space.gpu_catalogue import gpu_spec
+    from aevyra_forge.space.knob_space import KnobSpace
+    from aevyra_forge.space.model_profile import profile
+
+    space = KnobSpace(gpu_spec("A100-80GB").hardware(), profile(MODEL), simulated=True)
+    recipe = _deployment(tmp_path)
+    child = space.apply(recipe, {"max_num_seqs": 64, "max_model_len": 4096})  # knobs
+    assert {k: child.config[k] for k in ("trust_remote_code", "served_model_name", "seed",
+                                         "enable_chunked_prefill", "disable_log_stats")} == {
+        "trust_remote_code": True, "served_model_name": "chat-prod", "seed": 1234,
+        "enable_chunked_prefill": False, "disable_log_stats": True}
+    assert child.config["max_num_seqs"] == 64 and child.config["max_model_len"] == 4096
+    for name in ("trust_remote_code", "seed", "served_model_name"):
+        assert name not in {k.name for k in space.knobs()}
+        try:
+            space.check(name, 1)
+        except KnobError:
+            continue
+        raise AssertionError(f"{name} was accepted as a change")

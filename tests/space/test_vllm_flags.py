@@ -9,16 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from aevyra_forge.core.errors import HardwareError
+from aevyra_forge.core.errors import HardwareError, RecipeError
 from aevyra_forge.core.values import Hardware
 from aevyra_forge.space import gpu_catalogue
 from aevyra_forge.space.knob_space import KNOBS, KnobSpace
 from aevyra_forge.space.model_profile import profile
 from aevyra_forge.space.vllm_flags import (
     VllmArgs,
+    check_fixed,
     interpreter,
     introspect,
     parse_help,
+    vendored,
     vllm_version,
 )
 
@@ -134,3 +136,66 @@ def test_a_cache_that_cannot_be_written_costs_only_time(tmp_path: Path) -> None:
     blocked.write_text("a file where the cache folder would go")
     args = introspect(str(_fake_vllm(tmp_path)), cache_dir=blocked / "cache")
     assert args.accepts("max_num_seqs")
+
+
+# -- a recipe's fixed engine arguments ------------------------------------------------------
+
+def test_the_vendored_flags_are_the_recorded_help() -> None:
+    """A dry run checks recipes against this list: it must be vLLM's, not a hand copy."""
+    flags = vendored()
+    assert flags.version == "0.32.0" and flags.args == ARGS
+
+
+def test_switches_booleans_and_valued_flags_are_told_apart() -> None:
+    assert ARGS["disable_log_stats"].switch and not ARGS["disable_log_stats"].boolean
+    assert ARGS["trust_remote_code"].boolean and not ARGS["trust_remote_code"].switch
+    assert not (ARGS["max_model_len"].switch or ARGS["max_model_len"].boolean)
+    assert not ARGS["served_model_name"].switch  # nargs="+": takes values
+
+
+VLLM = VllmArgs(version="0.32.0", args=ARGS)
+
+
+def test_fixed_arguments_are_kept_exactly_as_given() -> None:
+    config = {"trust_remote_code": True, "served_model_name": "svc", "seed": 7,
+              "enable_chunked_prefill": False, "disable_log_stats": True,
+              "dtype": "float16", "max_model_len": None}
+    assert check_fixed(config, VLLM, "r.yaml") == config
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"max_num_seq": 8}, "r.yaml: config.max_num_seq: vLLM 0.32.0 has no such argument "
+                         "(see vllm serve --help=all); did you mean max_num_seqs?"),
+    ({"zzzz": 1}, "r.yaml: config.zzzz: vLLM 0.32.0 has no such argument (see vllm serve "
+                  "--help=all)"),
+    ({"trust_remote_code": "yes"}, "r.yaml: config.trust_remote_code: --trust-remote-code "
+                                   "is on or off: write true or false"),
+    ({"disable_log_stats": False}, "r.yaml: config.disable_log_stats: --disable-log-stats "
+                                   "takes no value: write true to pass it, or drop the key"),
+    ({"seed": True}, "r.yaml: config.seed: --seed takes a value, not true"),
+    ({"dtype": "fp64"}, "r.yaml: config.dtype: 'fp64' is not one of auto, bfloat16, float, "
+                        "float16, float32, half"),
+    ({"port": 9000}, "r.yaml: config.port: not for a recipe: forge chooses where each "
+                     "server listens (deploy.sh keeps it)"),
+    ({"api_key": "sk-1"}, "r.yaml: config.api_key: not for a recipe: a key in a recipe "
+                          "would be copied into the run's logs; set VLLM_API_KEY in the "
+                          "environment instead"),
+])
+def test_a_bad_fixed_argument_is_one_line(config: dict[str, object], message: str) -> None:
+    with pytest.raises(RecipeError) as exc:
+        check_fixed(config, VLLM, "r.yaml")  # type: ignore[arg-type]
+    assert str(exc.value) == message
+
+
+def test_a_real_run_checks_fixed_arguments_against_the_installed_vllm() -> None:
+    from aevyra_forge.core.recipe import Recipe
+
+    older = VllmArgs(version="0.30.1", args={d: a for d, a in ARGS.items() if d != "seed"})
+    hw = gpu_catalogue.gpu_spec("A100-80GB").hardware()
+    model = "meta-llama/Llama-3.1-8B-Instruct"
+    recipe = Recipe(model=model, config={"seed": 3, "trust_remote_code": True})
+    with pytest.raises(RecipeError, match=r"config\.seed: vLLM 0\.30\.1 has no such argument"):
+        KnobSpace(hw, profile(model), vllm=older).check_recipe(recipe, "r.yaml")
+    current = VllmArgs(version="0.32.0", args=ARGS)
+    assert KnobSpace(hw, profile(model), vllm=current).check_recipe(recipe).config == {
+        "seed": 3, "trust_remote_code": True}

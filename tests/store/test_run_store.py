@@ -383,6 +383,31 @@ def test_a_log_cut_in_the_middle_is_reported_not_truncated_further(store: RunSto
     assert path.read_bytes() == cut
 
 
+def test_a_rounds_trials_may_all_be_in_flight_but_not_an_earlier_rounds(
+        store: RunStore) -> None:
+    """Several workers: the last round's trials can all lack a record (killed while they
+    ran, some finished), an earlier round's cannot."""
+    with store.create_run(CONFIG) as run:
+        run.start(trial(0))
+        run.append(record(0))
+        for i in (1, 2, 3):
+            run.start(trial(i).model_copy(update={"round": 1, "worker": f"gpu{i}"}))
+        run.append(record(2))
+        store_path = run.path
+    store.open_run(store_path).close()  # 1 and 3 were in flight: resumable
+    with store.open_run(store_path) as run:
+        run.append(record(1))
+        run.append(record(3))
+        for i in (4, 5):
+            run.start(trial(i).model_copy(update={"round": 2, "worker": f"gpu{i}"}))
+        run.append(record(5))
+    path = store_path / "experiments.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(line for line in lines if b'"exp":3,' not in line))
+    with pytest.raises(StoreError, match=r"no record of experiments 3, which"):
+        store.open_run(store_path)
+
+
 def test_a_torn_last_line_is_still_a_crash_and_says_what_it_dropped(store: RunStore
                                                                      ) -> None:
     with store.create_run(CONFIG) as run:

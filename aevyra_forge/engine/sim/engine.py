@@ -5,6 +5,7 @@ yields the same metrics and failure statuses as the real launcher and bench."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aevyra_forge.core.errors import UsageError
@@ -25,6 +26,7 @@ from aevyra_forge.engine.sim.scheduler import (
     BACKENDS,
     GIB,
     GRAPHS,
+    MAX_CAPTURE_SEQS,
     MIB,
     SimPass,
     SimServer,
@@ -35,6 +37,7 @@ from aevyra_forge.measure.metrics import median_pass
 from aevyra_forge.space.gpu_catalogue import GpuSpec
 from aevyra_forge.space.knob_space import KNOBS, KnobSpace
 from aevyra_forge.space.model_profile import ModelProfile
+from aevyra_forge.space.plugins import KernelCandidate
 from aevyra_forge.space.quant import facts, is_fp8_kv, method_of_checkpoint
 
 # -- memory at boot ----------------------------------------------------------------------
@@ -83,15 +86,25 @@ class SimulatedEngine:
             method = method_of_checkpoint(recipe.quant.checkpoint) or method
         default_backend = ("ROCM_ATTN" if self.spec.vendor == "amd" else
                            "FLASH_ATTN" if self.cc >= 8.0 else "TRITON_ATTN")
+        level = k("optimization_level")  # -O0: no compilation, no graphs; -O1: piecewise
+        eager = eager or level == 0
+        mode = "NONE" if eager else str(k("cudagraph_mode"))
+        mode = "PIECEWISE" if level == 1 and mode == "FULL_AND_PIECEWISE" else mode
+        capture, spec = k("max_cudagraph_capture_size"), k("spec_method")
+        plugin = self.space.plugins.chosen(recipe)
         return SimSettings(
             tp=int(k("tensor_parallel_size") or 1), seqs=int(k("max_num_seqs") or 1),
             batched=int(k("max_num_batched_tokens") or 1),
             util=float(k("gpu_memory_utilization") or 0.9), max_len=int(k("max_model_len") or 1),
             block=int(k("block_size") or 16), dtype=self.native if dtype == "auto" else dtype,
-            method=method, kv_dtype=str(k("kv_cache_dtype")), eager=eager,
-            mode="NONE" if eager else str(k("cudagraph_mode")),
+            method=method, kv_dtype=str(k("kv_cache_dtype")), eager=eager, mode=mode,
             backend=str(k("attention_backend") or default_backend),
-            caching=bool(k("enable_prefix_caching")))
+            caching=bool(k("enable_prefix_caching")), dp=int(k("data_parallel_size") or 1),
+            capture=int(capture) if isinstance(capture, int) else min(
+                2 * int(k("max_num_seqs") or 1), MAX_CAPTURE_SEQS),
+            long_prefill=int(k("long_prefill_token_threshold") or 0),
+            spec=str(spec) if spec else None, spec_tokens=int(k("spec_tokens") or 0),
+            kernel_speed=(plugin.speedup or 1.0) if plugin else 1.0)
 
     def _boot(self, recipe: Recipe, log: list[str]) -> SimServer | LaunchFailure:
         spec, model, s = self.spec, self.model, self._settings(recipe)
@@ -110,6 +123,8 @@ class SimulatedEngine:
         refusals = [
             (s.tp > gpus, f"tensor_parallel_size ({s.tp}) is larger than the number of "
              f"available GPUs ({gpus}) on this node"),
+            (s.tp * s.dp > gpus, f"data_parallel_size ({s.dp}) x tensor_parallel_size "
+             f"({s.tp}) needs more than the {gpus} GPUs on this node"),
             (s.dtype == "bfloat16" and not spec.bf16, f"Bfloat16 needs compute capability "
              f"8.0 or higher; {spec.name} has {cc}. Use --dtype float16"),
             (vendor not in ("any", spec.vendor) or (self.cc < min_cc and spec.vendor != "amd"),
@@ -129,7 +144,8 @@ class SimulatedEngine:
         act = s.batched * model.hidden_size * ACT_BYTES * elem / 2 + s.seqs * SAMPLER_BYTES_PER_SEQ
         graphs = (GRAPH_GIB[0] + GRAPH_GIB[1] * model.num_layers) * GIB * GRAPHS[s.mode][2]
         budget = gpu_bytes * s.util - weight_bytes - act - graphs - NON_TORCH_GIB * GIB
-        load_s = BOOT_BASE_S + PER_WORKER_S * (s.tp - 1) + weight_bytes * s.tp / LOAD_BPS
+        load_s = (BOOT_BASE_S + PER_WORKER_S * (s.tp * s.dp - 1)
+                  + weight_bytes * s.tp / LOAD_BPS)
         log.append(f"INFO [sim] Model loading took {weight_bytes / GIB:.2f} GiB per GPU; "
                    f"activation peak {act / GIB:.2f} GiB, CUDA graphs {graphs / GIB:.2f} GiB; "
                    f"available KV cache memory {budget / GIB:.2f} GiB")
@@ -149,7 +165,11 @@ class SimulatedEngine:
         log.append(f"INFO [sim] GPU KV cache size: {capacity:,} tokens; maximum concurrency "
                    f"for {s.max_len:,} tokens per request: {capacity / s.max_len:.2f}x")
         boot_s = load_s + (0.0 if s.eager else COMPILE_S) + GRAPHS[s.mode][3] * (
-            0.5 + model.num_layers / 64)
+            0.5 + model.num_layers / 64) * capture_sizes(s.capture) / capture_sizes(
+            MAX_CAPTURE_SEQS)  # capture time grows with the sizes captured
+        plugin = self.space.plugins.chosen(recipe)
+        if plugin is not None:
+            log.append(f"INFO [sim] kernel plug-in {plugin.name}: " + _plugin_note(plugin))
         draw = sim_rng(self.seed, recipe.id, "warmup").random()
         if s.util >= WARMUP_OOM_UTIL and draw < 0.25 + (s.util - WARMUP_OOM_UTIL) * 10:
             return fail("oom", f"torch.OutOfMemoryError: CUDA out of memory during sampler "
@@ -161,10 +181,13 @@ class SimulatedEngine:
                              num_blocks, weight_bytes, kv_bytes, gpu_bytes * (1 - s.util)))
 
     def bench(self, server: SimServer, workload: Workload, concurrency: int,
-              passes: int = 1, slo: Slo | None = None) -> BenchOutcome:
+              passes: int = 1, slo: Slo | None = None,
+              stop: Callable[[Sequence[BenchMetrics]], bool] | None = None
+              ) -> BenchOutcome:
         """Replay `workload` `passes` times at `concurrency` (closed loop, or open loop at
         the arrival offsets). Each pass starts on an empty prefix cache, so passes differ
-        only by noise; the outcome carries the median-throughput pass."""
+        only by noise; the outcome carries the median-throughput pass. `stop`, asked after
+        each pass, ends the bench early as the real bench client does."""
         if concurrency < 1 or passes < 1:
             raise UsageError("concurrency and passes must be at least 1")
         done: list[BenchMetrics] = []
@@ -181,8 +204,14 @@ class SimulatedEngine:
                     f" running sequences: gpu_memory_utilization={server.settings.util} leaves "
                     f"{headroom / GIB:.2f} GiB outside vLLM's budget; lower it")
             done.append(metrics)
+            if stop is not None and len(done) < passes and stop(tuple(done)):
+                break
         # Failed requests are classified as for a real server (engine.failures).
         status, reason = request_failures(done) or ("ok", "")
+        plugin = self.space.plugins.chosen(server.recipe)
+        if plugin is not None:  # the record says what was simulated, not measured
+            reason = "; ".join(filter(None, (reason, f"kernel plug-in {plugin.name} "
+                                             + _plugin_note(plugin))))
         return BenchOutcome(status=status, reason=reason, metrics=median_pass(done),
                             passes=tuple(done),
                             bench_s=round(sum(m.duration_s for m in done), 3))
@@ -207,3 +236,16 @@ class SimulatedEngine:
             return round(min(1.0, score * (1.0 + 0.001 * wobble)), 5)
         # batch shapes and kernels perturb greedy outputs a little, never above 1
         return round(1.0 - min(abs(0.0003 * wobble), 0.001), 5)
+
+
+def capture_sizes(largest: int) -> int:
+    """How many batch sizes vLLM captures as CUDA graphs up to `largest` (its default
+    list: 1, 2, 4, then steps of 8 to 256, then of 16)."""
+    sizes = [1, 2, 4, *range(8, 256, 8), *range(256, max(256, largest) + 1, 16)]
+    return sum(size <= largest for size in sizes)
+
+
+def _plugin_note(plugin: KernelCandidate) -> str:
+    if plugin.speedup is None:
+        return "simulated as neutral (the simulator cannot model a plug-in's kernel)"
+    return f"simulated with the plug-in's own estimate (x{plugin.speedup:g} speed)"

