@@ -181,6 +181,49 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        seen = ctx.tried_ids | {ctx.best.id}\n",
         "tests/agent/test_builtin.py::test_a_round_gets_distinct_moves_none_of_them_pending"),
     Mutation(
+        "builtin-never-tries-what-it-cannot-model", "aevyra_forge/agent/builtin.py",
+        "                        or (self._unmodelled_move(ctx, model) if model else None)\n",
+        "",
+        "tests/agent/test_engine_model.py::"
+        "test_a_kernel_plugin_the_model_cannot_predict_is_tried_once_on_a_gpu_host"),
+    Mutation(
+        "model-trusts-a-plugin-it-simulates-as-neutral", "aevyra_forge/agent/engine_model.py",
+        "        if plugin is not None and plugin.speedup is None \\\n",
+        "        if False and plugin is not None and plugin.speedup is None \\\n",
+        "tests/agent/test_engine_model.py::"
+        "test_a_kernel_plugin_the_model_cannot_predict_is_tried_once_on_a_gpu_host"),
+    Mutation(
+        "builtin-ignores-the-accuracy-floor", "aevyra_forge/agent/builtin.py",
+        "model.agreement(recipe) < ctx.accuracy_floor:",
+        "model.agreement(recipe) < 0.99:",
+        "tests/agent/test_engine_model.py::"
+        "test_the_runs_accuracy_floor_and_concurrency_reach_the_model"),
+    Mutation(
+        "model-uncertainty-turns-a-predicted-loss-into-a-try", "aevyra_forge/agent/builtin.py",
+        "        sd = model.uncertainty(max(gain, 0.0))\n",
+        "        sd = model.uncertainty(gain)\n",
+        "tests/agent/test_engine_model.py::"
+        "test_a_model_that_missed_does_not_turn_a_predicted_loss_into_a_try"),
+    Mutation(
+        "model-workload-shared-prefix-never-repeats", "aevyra_forge/agent/engine_model.py",
+        '    prefix = _words("s", 0, shared, stats.ngram_repetition)',
+        '    prefix = _words("s", 0, shared, 0.0)',
+        "tests/agent/test_engine_model.py::"
+        "test_the_models_workload_repeats_like_a_prefix_heavy_trace"),
+    Mutation(
+        "builtin-boots-moves-the-model-expects-below-the-floor",
+        "aevyra_forge/agent/builtin.py",
+        "    return model is not None and model.agreement(\n",
+        "    return False and model is not None and model.agreement(\n",
+        "tests/agent/test_engine_model.py::"
+        "test_playbook_moves_the_model_expects_below_the_accuracy_floor_are_skipped"),
+    Mutation(
+        "hand-over-reason-not-shown", "aevyra_forge/loop/tuner.py",
+        'why=reply.reason or "the strategy has nothing left to try"))',
+        'why="the strategy has nothing left to try"))',
+        "tests/loop/test_tuner.py::"
+        "test_a_hand_over_shows_the_strategys_reason_and_it_sees_the_runs_floor"),
+    Mutation(
         "cpu-gate-ignores-the-instruction-set", "aevyra_forge/space/quant.py",
         "        missing = sorted(serving.cpu_isa - set(hw.cpu_isa))\n",
         "        missing: list[str] = []\n",
@@ -202,6 +245,35 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        if False:\n",
         "tests/engine/test_executor.py::"
         "test_a_prepared_checkpoint_is_reused_and_its_time_recorded"),
+    Mutation(
+        "boot-noise-mixes-every-gpus-boots", "aevyra_forge/decide/verdict.py",
+        "             and (worker is None or r.worker == worker)]",
+        "             ]",
+        "tests/decide/test_verdict.py::"
+        "test_between_boot_noise_is_the_candidates_own_workers"),
+    Mutation(
+        "a-round-overshoots-the-layer-cap", "aevyra_forge/loop/rounds.py",
+        "                   self._cap_left(layer))",
+        "                   len(self.workers))",
+        "tests/loop/test_rounds.py::test_a_round_never_overshoots_the_layers_cap"),
+    Mutation(
+        "a-rounds-mates-spend-patience", "aevyra_forge/loop/state.py",
+        "            return trailing - sum(1 for x in rows[len(rows) - trailing:]\n",
+        "            return trailing - 0 * sum(1 for x in rows[len(rows) - trailing:]\n",
+        "tests/loop/test_rounds.py::"
+        "test_a_rounds_mates_of_a_gain_spend_no_patience_whatever_order_they_finish"),
+    Mutation(
+        "eta-counts-experiments-not-rounds", "aevyra_forge/loop/plan.py",
+        "        rounds = min(math.ceil(max(0, self.max_experiments - done) / max(1, "
+        "self.workers)),",
+        "        rounds = min(max(0, self.max_experiments - done),",
+        "tests/loop/test_plan.py::test_with_workers_the_plan_counts_rounds"),
+    Mutation(
+        "progress-sums-a-rounds-trials", "aevyra_forge/cli/progress.py",
+        "        if record.round is None:\n            return took\n",
+        "        return took\n",
+        "tests/cli/test_progress.py::"
+        "test_with_four_workers_a_round_counts_once_and_the_eta_in_rounds"),
 )
 
 ROOT = Path(__file__).resolve().parent.parent

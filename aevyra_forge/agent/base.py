@@ -48,6 +48,8 @@ class AgentContext:
     want: int = 1
     pending: tuple[Proposal, ...] = ()
     pending_ids: frozenset[str] = frozenset()
+    accuracy_floor: float = 0.99  # --accuracy-floor: a candidate's agreement must clear it
+    concurrency: int | None = None  # --concurrency: requests in flight (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class ProposalReply:
     usage: LLMUsage = field(default_factory=LLMUsage)
     error: str | None = None  # the reply could not be used (invalid after re-asks)
     more: tuple[Proposal, ...] = ()  # further proposals, when ctx.want asked for several
+    # with no proposal: why the layer hands over (shown on the progress line instead of
+    # a bare "nothing left to try")
+    reason: str | None = None
 
     @property
     def proposals(self) -> tuple[Proposal, ...]:

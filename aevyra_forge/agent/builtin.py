@@ -5,9 +5,9 @@ fits) and repairs a config that does not boot from vLLM's hint (agent/repair.py)
 config served, a model of vLLM (agent/engine_model.py: the simulator calibrated on the
 run's reference) ranks every single-knob move of the active layer, and the playbook's combined
 ones, by predicted gain plus an uncertainty learned from its misses; a move is proposed
-only when that clears the gain the keep rule can confirm. Without a model (the CPU
-build, an unknown GPU) it plays the playbook's first moves, then a kernel-regression
-search (agent/surrogate.py). Every path skips moves the baseline's diagnosis
+only when that clears the gain the keep rule can confirm; a move it cannot model (its
+"no change" is ignorance) is tried once next. Without a model (the CPU build, an unknown
+GPU) it plays the playbook's first moves, then a kernel-regression search (surrogate.py). Every path skips moves the baseline's diagnosis
 (decide/diagnosis.py) proves nil, saying why in the next proposal's rationale, treats
 synonyms on this hardware (fp8 and fp8_e4m3 KV caches on NVIDIA, a dtype and the `auto`
 that resolves to it) as one value, and in layer 1 tries only knobs that act on the
@@ -26,7 +26,7 @@ import numpy as np
 
 from aevyra_forge.agent.base import AgentContext, ProposalReply
 from aevyra_forge.agent.engine_model import EngineModel
-from aevyra_forge.agent.repair import repair_move
+from aevyra_forge.agent.repair import fit_context, repair_move
 from aevyra_forge.agent.surrogate import PRIOR_SD, beyond_failure, observations_of, predict
 from aevyra_forge.core.errors import KnobError, UsageError
 from aevyra_forge.core.values import LAYERS, Diagnosis, Proposal, Scalar
@@ -39,10 +39,9 @@ MIN_UCB = 0.005  # below this no move is worth an experiment: the layer is exhau
 SEARCH_EXCLUDED = frozenset({"max_model_len"})  # feasibility knob, set by the context fix
 OFF_LEVER_SD = 0.03  # prior uncertainty of a knob that does not act on the binding resource
 MIN_MODEL_GAIN = 0.01  # log gain below which no move is worth a boot (--min-improvement-pct)
-ACCURACY_FLOOR = 0.99  # --accuracy-floor's default: the model skips moves it expects below
 # a layer escalates while the predicted gain (log) of its best move is under SMALL_GAIN and
 # a later layer's is LATER_RATIO times larger
-SMALL_GAIN, LATER_RATIO = 0.05, 5.0
+SMALL_GAIN, LATER_RATIO = 0.05, 1.5
 PAIRED = 4  # the best single moves whose pairs are also ranked
 
 
@@ -59,47 +58,23 @@ class BuiltinStrategy:
     def propose(self, ctx: AgentContext) -> ProposalReply:
         skipped: dict[str, str] = {}  # moves the diagnosis proves nil -> why
         model = self._model(ctx)
-        proposal = self._fix_context(ctx) or repair_move(ctx)
-        if proposal is None and not (model is not None and self._hand_over(ctx, model)):
-            # the model's best move first; once it sees nothing worth a boot here, the
-            # playbook and the search explore what it may have missed
+        proposal = fit_context(ctx) or repair_move(ctx)
+        reason = self._hand_over(ctx, model) if proposal is None and model else None
+        if proposal is None and reason is None:
+            # the model's best move first, then each move it cannot model (once); once
+            # nothing is worth a boot here, the playbook and the search explore the rest
             proposal = ((self._model_move(ctx, model, skipped) if model else None)
-                        or self._playbook_move(ctx, skipped)
-                        or self._search_move(ctx, skipped))
+                        or (self._unmodelled_move(ctx, model) if model else None)
+                        or self._playbook_move(ctx, skipped, model)
+                        or self._search_move(ctx, skipped, model))
+            reason = None if proposal else _converged(ctx, model is not None, skipped)
         said = " ".join(r.proposal.rationale for r in ctx.history if r.proposal is not None)
         skipped = {move: why for move, why in skipped.items() if f"{move} (" not in said}
         if proposal is not None and skipped:  # each skip is recorded once, where it happens
             note = "; ".join(f"{move} ({why})" for move, why in skipped.items())
             proposal = proposal.model_copy(update={
                 "rationale": f"{proposal.rationale}. Skipped as nil: {note}"})
-        return ProposalReply(proposal=proposal)
-
-    # -- 1. a context that does not fit ------------------------------------------------
-    def _fix_context(self, ctx: AgentContext) -> Proposal | None:
-        if ctx.layer != 1 or "max_model_len" not in {k.name for k in ctx.space.knobs(1)}:
-            return None
-        knob = KNOBS["max_model_len"]
-        current = ctx.space.value(ctx.best, knob)
-        for rec in reversed(ctx.history):
-            if rec.suggested_max_model_len is None:
-                continue
-            limit = rec.suggested_max_model_len
-            if not isinstance(current, int) or current <= limit:
-                return None
-            need = ctx.workload.input_tokens.max + ctx.workload.output_tokens.max
-            target = min(limit, 2 ** math.ceil(math.log2(max(need * 1.1, 256))))
-            if target < need:
-                target = limit
-            changes = {"max_model_len": target}
-            if not self._fresh(ctx, changes):
-                return None
-            return Proposal(
-                layer=1, changes=changes,
-                rationale=(f"vLLM could not fit the default context: it estimates the "
-                           f"largest max_model_len as {limit}; the workload needs about "
-                           f"{need} tokens per request, so cap it at {target}"),
-                expected_effect="the server boots; throughput unchanged")
-        return None
+        return ProposalReply(proposal=proposal, reason=None if proposal else reason)
 
     # -- 2. a model of vLLM ranks every move --------------------------------------------
     def _model(self, ctx: AgentContext) -> EngineModel | None:
@@ -111,7 +86,7 @@ class BuiltinStrategy:
         if not self.use_model or diagnosis is None or reference is None \
                 or reference.metrics is None:
             return None
-        concurrency = int(diagnosis.evidence.get("concurrency", 8))
+        concurrency = ctx.concurrency or int(diagnosis.evidence.get("concurrency", 8))
         key = (ctx.hardware, ctx.space.model.name, ctx.workload, concurrency,
                reference.recipe_id)
         if key not in self._models:
@@ -142,17 +117,53 @@ class BuiltinStrategy:
                        f"±{math.expm1(sd) * 100:.1f}% from its misses so far)"),
             expected_effect=f"score {math.expm1(gain) * 100:+.1f}%")
 
-    def _hand_over(self, ctx: AgentContext, model: EngineModel) -> bool:
-        """Whether this layer escalates now: its best move is predicted under SMALL_GAIN
-        and a later layer's LATER_RATIO times more. Layers are not revisited, so the
-        small gains left here are the cheaper loss, and such gains are mostly reverted as
-        noise anyway."""
+    def _hand_over(self, ctx: AgentContext, model: EngineModel) -> str | None:
+        """Why this layer escalates now (None: it does not): its best move is predicted
+        under SMALL_GAIN and a later layer's LATER_RATIO times more, and no move here is
+        one the model cannot predict. Layers are not revisited, so the small gains left
+        here are the cheaper loss, and such gains are mostly reverted as noise anyway."""
         best = self._ranked(ctx, model, {})
         here = max(best[2], MIN_MODEL_GAIN) if best is not None else MIN_MODEL_GAIN
-        later = [self._ranked(replace(ctx, layer=layer), model, {})
+        later = [(layer, self._ranked(replace(ctx, layer=layer), model, {}))
                  for layer in LAYERS if layer > ctx.layer]
-        top = max((b[2] for b in later if b is not None), default=0.0)
-        return here < SMALL_GAIN and top > LATER_RATIO * here
+        top = max(((b[2], layer, b[1]) for layer, b in later if b is not None),
+                  default=None, key=lambda t: t[0])
+        if top is None or here >= SMALL_GAIN or top[0] <= LATER_RATIO * here \
+                or self._unmodelled_move(ctx, model) is not None:
+            return None
+        move = ", ".join(f"{k}={v}" for k, v in top[2].items())
+        return (f"handed over early: the best move left in layer {ctx.layer} is predicted "
+                f"{math.expm1(here) * 100:+.1f}%, layer {top[1]}'s ({move}) "
+                f"{math.expm1(top[0]) * 100:+.1f}%; layers are not revisited")
+
+    def _unmodelled_move(self, ctx: AgentContext, model: EngineModel) -> Proposal | None:
+        """A move the model cannot predict (its "no change" is ignorance: a kernel
+        plug-in, a knob the simulator does not read), at the prior uncertainty of the
+        search, so each is tried once before the layer is declared converged."""
+        observations = observations_of(ctx.history)
+        diagnosis = _diagnosis(ctx)
+        best: tuple[float, dict[str, Scalar]] | None = None
+        for changes in self._candidates(ctx):
+            if len(changes) != 1 or _nil(diagnosis, changes) or _off_lever(ctx, changes) \
+                    or not self._fresh(ctx, changes) or self._infeasible(ctx, changes):
+                continue
+            [(name, value)] = changes.items()
+            if model.models(ctx.best, changes):
+                continue
+            knob = KNOBS[name]
+            mean, sd = predict(knob, ctx.space.grid(knob), value,
+                               observations.get(name, []), PRIOR_SD)
+            if best is None or mean + sd > best[0]:
+                best = (mean + sd, changes)
+        if best is None or best[0] < MIN_UCB:
+            return None
+        text = ", ".join(f"{k}={v}" for k, v in best[1].items())
+        return Proposal(
+            layer=ctx.layer, changes=best[1],
+            rationale=(f"the model of vLLM cannot predict {text} (the simulator does not "
+                       f"model it), so it is tried once: prior uncertainty "
+                       f"±{math.expm1(PRIOR_SD) * 100:.0f}%"),
+            expected_effect="unknown: measured, not predicted")
 
     def _ranked(self, ctx: AgentContext, model: EngineModel, skipped: dict[str, str]
                 ) -> tuple[float, dict[str, Scalar], float, float] | None:
@@ -197,11 +208,13 @@ class BuiltinStrategy:
         """The better of `best` and `changes` by predicted gain plus uncertainty."""
         recipe = ctx.space.apply(ctx.best, changes)
         value = model.throughput(recipe)
-        if value <= 0 or model.agreement(recipe) < ACCURACY_FLOOR:
+        if value <= 0 or model.agreement(recipe) < ctx.accuracy_floor:
             return best
         gain = math.log(value / base)
         gains.append((gain, changes))
-        sd = model.uncertainty(gain)
+        # a predicted loss is not made a win by a large uncertainty: the model's misses
+        # are in size far more than in direction, so a loss keeps only the floor's share
+        sd = model.uncertainty(max(gain, 0.0))
         if best is None or gain + self.exploration * sd > best[0]:
             return gain + self.exploration * sd, changes, gain, sd
         return best
@@ -224,7 +237,8 @@ class BuiltinStrategy:
         return out
 
     # -- 3. the playbook's first moves ---------------------------------------------------
-    def _playbook_move(self, ctx: AgentContext, skipped: dict[str, str]) -> Proposal | None:
+    def _playbook_move(self, ctx: AgentContext, skipped: dict[str, str],
+                       model: EngineModel | None = None) -> Proposal | None:
         used = [dict(r.proposal.changes) for r in ctx.history if r.proposal is not None]
         used += [dict(p.changes) for p in ctx.pending]  # chosen for this round already
         for move in first_moves(ctx.playbook):
@@ -239,6 +253,8 @@ class BuiltinStrategy:
                 continue
             text = ", ".join(f"{k}={v}" for k, v in changes.items())
             why = _nil(_diagnosis(ctx), changes) or _off_lever(ctx, changes)
+            if why is None and _inaccurate(ctx, model, changes):
+                why = "the model expects its accuracy below --accuracy-floor"
             if why is not None:
                 skipped[text] = why
                 continue
@@ -248,7 +264,8 @@ class BuiltinStrategy:
         return None
 
     # -- 4. kernel-regression local search (no model of this hardware) -------------------
-    def _search_move(self, ctx: AgentContext, skipped: dict[str, str]) -> Proposal | None:
+    def _search_move(self, ctx: AgentContext, skipped: dict[str, str],
+                     model: EngineModel | None = None) -> Proposal | None:
         space = ctx.space
         observations = observations_of(ctx.history)
         diagnosis = _diagnosis(ctx)
@@ -271,7 +288,7 @@ class BuiltinStrategy:
                 if not self._fresh(ctx, changes) or beyond_failure(
                         knob, grid, current, value, obs):
                     continue
-                if _nil(diagnosis, changes) is not None:
+                if _nil(diagnosis, changes) is not None or _inaccurate(ctx, model, changes):
                     continue
                 mean, sd = predict(knob, grid, value, obs,
                                     OFF_LEVER_SD if off_lever else PRIOR_SD)
@@ -333,6 +350,22 @@ def _nil(diagnosis: Diagnosis | None, changes: dict[str, Scalar]) -> str | None:
         return None
     reasons = [r for k, v in changes.items() if (r := diagnosis.inert_reason(k, v))]
     return "; ".join(dict.fromkeys(reasons)) or None
+
+
+def _converged(ctx: AgentContext, modelled: bool, skipped: dict[str, str]) -> str:
+    """Why a layer has nothing left, for the progress line."""
+    said = ("the model predicts no move above what the keep rule can confirm "
+            f"(+{math.expm1(_detectable(ctx)) * 100:.1f}%), and " if modelled else "")
+    nil = f"; {len(skipped)} moves skipped as nil or off what binds" if skipped else ""
+    return (f"layer {ctx.layer} converged: {said}the playbook's and the search's moves "
+            f"are tried or ruled out{nil}")
+
+
+def _inaccurate(ctx: AgentContext, model: EngineModel | None,
+                changes: dict[str, Scalar]) -> bool:
+    """Whether the model expects the move's accuracy below the run's floor."""
+    return model is not None and model.agreement(
+        ctx.space.apply(ctx.best, changes)) < ctx.accuracy_floor
 
 
 def _detectable(ctx: AgentContext) -> float:

@@ -19,10 +19,11 @@ from pathlib import Path
 from aevyra_forge.agent.base import AgentContext
 from aevyra_forge.core.errors import UsageError
 from aevyra_forge.core.recipe import Recipe, recipe_from_dict
-from aevyra_forge.core.values import LaunchFailure
+from aevyra_forge.core.values import LaunchFailure, Scalar
 from aevyra_forge.core.workload import CHARS_PER_TOKEN, Request, Workload
 from aevyra_forge.engine.sim.engine import SimulatedEngine
 from aevyra_forge.space.gpu_catalogue import find_gpu_spec
+from aevyra_forge.space.knob_space import KNOBS
 
 REQUESTS = 48  # requests in the model's workload: enough for batching, fast to simulate
 # a prediction's sd is scale x (FLOOR + |predicted log gain|); the scale's prior is worth
@@ -48,6 +49,7 @@ class EngineModel:
         self.spec = spec
         self.sim = self._engine(1.0)
         self.cache: dict[str, tuple[float, float]] = {}
+        self.reads: dict[str, bool] = {}  # knob -> whether the simulator reads it
         if measured:
             self._calibrate(measured)
 
@@ -72,6 +74,27 @@ class EngineModel:
             scale *= measured / predicted
             self.sim = self._engine(scale)
         self.cache.clear()
+
+    def models(self, incumbent: Recipe, changes: dict[str, Scalar]) -> bool:
+        """Whether the simulator can predict the move `changes` from `incumbent`: not when
+        it sets a knob the simulator does not read (no value of it changes what the
+        simulator runs) or picks a kernel plug-in with no estimate of its own (simulated
+        as neutral), so the model's "no change" there is ignorance, not a prediction."""
+        space = self.ctx.space
+        plugin = space.plugins.chosen(space.apply(incumbent, changes))
+        if plugin is not None and plugin.speedup is None \
+                and plugin != space.plugins.chosen(incumbent):
+            return False
+        return all(self._reads(name) for name in changes)
+
+    def _reads(self, name: str) -> bool:
+        if name not in self.reads:
+            space, knob = self.ctx.space, KNOBS[name]
+            plain = self.sim.settings(self.base)
+            self.reads[name] = any(
+                self.sim.settings(space.apply(self.base, {name: v})) != plain
+                for v in space.grid(knob))
+        return self.reads[name]
 
     def throughput(self, recipe: Recipe) -> float:
         return self._run(recipe)[0]
@@ -129,7 +152,7 @@ def _workload(ctx: AgentContext) -> Workload:
     n = max(1, min(REQUESTS, stats.count))
     tokens = max(1, round(stats.input_tokens.mean))
     shared = round(tokens * stats.shared_prefix_fraction)
-    prefix = _words("s", 0, shared, 0.0)
+    prefix = _words("s", 0, shared, stats.ngram_repetition)  # every part repeats alike
     rate = stats.offered_rps if stats.open_loop and stats.offered_rps else None
     requests = [Request(line=i + 1, prompt=prefix + _words("r", i, tokens - shared,
                                                            stats.ngram_repetition),

@@ -4,13 +4,14 @@ stacking unrelated moves on a config that cannot start spends boots that measure
 went to `dtype` and `max_num_batched_tokens` before a KV-space move made it serve).
 
 The hints, as vLLM words them: the largest max_model_len that fits (handled by the
-builtin strategy's context fix, which reads `suggested_max_model_len`); "decrease
+context fix here, `fit_context`, which reads `suggested_max_model_len`); "decrease
 `--gpu-memory-utilization`" (the CPU build's reservation, or a warm-up OOM); "Try
 increasing `gpu_memory_utilization`" (no room for a KV block); and on the CPU build the
 KV-cache space (`VLLM_CPU_KVCACHE_SPACE`), which replaces the utilization there."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -41,6 +42,35 @@ def repair_move(ctx: AgentContext) -> Proposal | None:
         hint = pattern.search(failed.reason)
         if hint is not None:
             return _memory(ctx, failed.reason, hint[0], down=down)
+    return None
+
+
+def fit_context(ctx: AgentContext) -> Proposal | None:
+    """Cap max_model_len at what the workload needs, within the largest that vLLM said
+    fits, when the default context did not fit (the first repair of all)."""
+    if ctx.layer != 1 or "max_model_len" not in {k.name for k in ctx.space.knobs(1)}:
+        return None
+    knob = KNOBS["max_model_len"]
+    current = ctx.space.value(ctx.best, knob)
+    for rec in reversed(ctx.history):
+        if rec.suggested_max_model_len is None:
+            continue
+        limit = rec.suggested_max_model_len
+        if not isinstance(current, int) or current <= limit:
+            return None
+        need = ctx.workload.input_tokens.max + ctx.workload.output_tokens.max
+        target = min(limit, 2 ** math.ceil(math.log2(max(need * 1.1, 256))))
+        if target < need:
+            target = limit
+        changes = {"max_model_len": target}
+        if not _untried(ctx, changes):
+            return None
+        return Proposal(
+            layer=1, changes=changes,
+            rationale=(f"vLLM could not fit the default context: it estimates the "
+                       f"largest max_model_len as {limit}; the workload needs about "
+                       f"{need} tokens per request, so cap it at {target}"),
+            expected_effect="the server boots; throughput unchanged")
     return None
 
 

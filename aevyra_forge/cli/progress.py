@@ -61,6 +61,7 @@ class ProgressPrinter:
         self.plan: Plan | None = None
         self.done = 0  # experiments recorded
         self.spent_s = 0.0  # their measured time, as the time budget counts it
+        self.round_s: dict[int, float] = {}  # the longest trial of each round seen
         self.best: ExperimentRecord | None = None
         self.status: Status | None = None  # the live phase line, on a terminal
 
@@ -81,8 +82,7 @@ class ProgressPrinter:
             case TrialFinished(record=record):
                 self.end_phase()
                 self.done += 1
-                self.spent_s += ((record.prepare_s or 0.0) + (record.boot_s or 0.0)
-                                 + (record.bench_s or 0.0))
+                self.spent_s += self._took(record)
                 if takes_the_lead(record):
                     self.best = record
                 c.print(f"{experiment_line(record)}  {self.summary()}")
@@ -113,6 +113,16 @@ class ProgressPrinter:
         if self.status is not None:
             self.status.stop()
             self.status = None
+
+    def _took(self, record: ExperimentRecord) -> float:
+        """What `record` adds to the time spent: its own time, or for a trial of a round
+        (several at once) what it adds to the round's longest, as loop/state.py counts."""
+        took = (record.prepare_s or 0.0) + (record.boot_s or 0.0) + (record.bench_s or 0.0)
+        if record.round is None:
+            return took
+        longest = self.round_s.get(record.round, 0.0)
+        self.round_s[record.round] = max(longest, took)
+        return max(0.0, took - longest)
 
     def summary(self) -> str:
         """Elapsed time, experiments done, the ETA (once a plan is known) and the best."""

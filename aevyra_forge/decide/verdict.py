@@ -43,7 +43,7 @@ def judge(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
           reference: BenchMetrics | None,
           incumbent: Sequence[BenchMetrics], incumbent_id: str, best_score: float | None,
           history: Sequence[ExperimentRecord], identical: bool,
-          output_changes: Sequence[str] = ()) -> Verdict:
+          output_changes: Sequence[str] = (), worker: str | None = None) -> Verdict:
     """Everything the keep rule needs, from the candidate's passes (and their median,
     computed once by whoever measured them) and the loop's state. With fewer than two
     passes on either side there is no noise estimate and the plain point rule applies
@@ -51,7 +51,8 @@ def judge(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
     most MAX_FAILED_REQUEST_SHARE of its requests failed), whatever its adapter said; a
     baseline that is not says so, and the first healthy config becomes the reference.
     `output_changes` (rules.output_changes against the accuracy reference's config) are
-    kept only with an accuracy figure."""
+    kept only with an accuracy figure. `worker` is the one that measured the candidate:
+    the between-boot noise is that of its own instrument (see `_boot_cv`)."""
     slo = s.parsed_slo()
     measured = tuple(passes) or ((median,) if median is not None else ())
     if status != "ok" or median is None or not healthy(measured):
@@ -67,7 +68,7 @@ def judge(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
             interval = relative_interval(
                 pass_values(passes, s.objective, slo), pass_values(incumbent, s.objective, slo),
                 confidence=s.confidence, noise=_pass_noise(s, slo, history, incumbent_id),
-                boot_cv=_boot_cv(s, slo, history, incumbent_id))
+                boot_cv=_boot_cv(s, slo, history, incumbent_id, worker))
         if s.max_latency_regression is not None:
             latency = latency_regressions(passes, incumbent,
                                           max_factor=s.max_latency_regression)
@@ -83,7 +84,8 @@ def judge(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
 
 
 def pass_stop(s: TuneSettings, incumbent: Sequence[BenchMetrics], incumbent_id: str,
-              history: Sequence[ExperimentRecord]) -> PassStop | None:
+              history: Sequence[ExperimentRecord], worker: str | None = None
+              ) -> PassStop | None:
     """The early-stop rule for a candidate judged against `incumbent`'s passes, with the
     same noise figures `judge` will use; None when there is nothing to compare with yet
     (the baseline), or too few passes for a look before the last one."""
@@ -94,7 +96,7 @@ def pass_stop(s: TuneSettings, incumbent: Sequence[BenchMetrics], incumbent_id: 
     return PassStop(incumbent=tuple(pass_values(incumbent, s.objective, slo)),
                     objective=s.objective, slo=s.slo,
                     threshold=s.min_improvement_pct / 100, confidence=s.confidence,
-                    boot_cv=_boot_cv(s, slo, history, incumbent_id),
+                    boot_cv=_boot_cv(s, slo, history, incumbent_id, worker),
                     noise_variance=noise.variance if noise else 0.0,
                     noise_df=noise.df if noise else 0.0, max_passes=s.repeats)
 
@@ -147,11 +149,15 @@ def _pass_noise(s: TuneSettings, slo: Slo | None, history: Sequence[ExperimentRe
 
 
 def _boot_cv(s: TuneSettings, slo: Slo | None, history: Sequence[ExperimentRecord],
-             incumbent_id: str) -> float:
+             incumbent_id: str, worker: str | None = None) -> float:
     """Between-boot variation, from the incumbent measured on several boots (drift
-    checks), never below the assumption for this device (--boot-noise)."""
+    checks), never below the assumption for this device (--boot-noise). With several
+    workers only `worker`'s own boots of it count: two GPUs are two instruments, and the
+    gap between them is no boot's noise (a candidate is judged against the incumbent's
+    passes from its own worker, so that gap is never in the comparison either)."""
     boots = [pass_values(r.passes, s.objective, slo) for r in history
-             if r.recipe_id == incumbent_id and r.status == "ok" and len(r.passes) >= 2]
+             if r.recipe_id == incumbent_id and r.status == "ok" and len(r.passes) >= 2
+             and (worker is None or r.worker == worker)]
     if len(boots) < 2:
         return s.boot_cv()
     return max(s.boot_cv(), between_boot_noise(boots).cv)

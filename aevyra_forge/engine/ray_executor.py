@@ -5,7 +5,9 @@ pydantic model, so it crosses the wire as is); the driver's store records it. A 
 whose worker or node dies mid-trial is submitted again once; dying twice is a `crash`
 row that says so. The server is the task's child with a parent-death signal, and Ray
 kills a dead driver's tasks, so neither a lost worker nor a killed driver leaves a
-server behind. Ray is an optional extra: `pip install "aevyra-forge[ray]"`."""
+server behind. A chosen kernel plug-in must prove it loaded there as on one host (its
+proof line in the server log, space/plugins.py). Ray is an optional extra:
+`pip install "aevyra-forge[ray]"`."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from aevyra_forge.core.errors import UsageError
 from aevyra_forge.core.slo import parse_slo
 from aevyra_forge.core.trial import Measurement, Trial
 from aevyra_forge.core.workload import Workload
+from aevyra_forge.space.placement import PluginSlot
 
 RETRIES = 1  # submissions after a worker or node died mid-trial
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # keeps a local cluster's
@@ -49,14 +52,17 @@ class TrialSpec:
     boot_timeout_s: float
     request_timeout_s: float
     log_dir: str
+    plugins: PluginSlot | None = None  # this run's kernel plug-in candidates, if any
 
 
 def run_on_node(spec: TrialSpec, trial: Trial) -> Measurement:
-    """The body of a Ray task: one trial with a LocalExecutor on this node."""
+    """The body of a Ray task: one trial with a LocalExecutor on this node, with the
+    same boot check as on one host (a chosen kernel plug-in's proof line)."""
     from aevyra_forge.engine.executor import LocalExecutor
     from aevyra_forge.engine.launcher import VllmLauncher
     from aevyra_forge.engine.vllm_bench import VllmBenchmarker
     from aevyra_forge.measure.accuracy import VllmQualityProbe
+    from aevyra_forge.space.plugins import boot_check
 
     logs = Path(spec.log_dir)
     executor = LocalExecutor(
@@ -64,7 +70,8 @@ def run_on_node(spec: TrialSpec, trial: Trial) -> Measurement:
         VllmBenchmarker(request_timeout_s=spec.request_timeout_s),
         VllmQualityProbe(spec.workload), spec.workload, concurrency=spec.concurrency,
         repeats=spec.repeats, slo=parse_slo(spec.slo) if spec.slo else None,
-        log_path=lambda exp: logs / "logs" / f"exp_{exp:03d}.log", log_root=logs)
+        log_path=lambda exp: logs / "logs" / f"exp_{exp:03d}.log", log_root=logs,
+        check_boot=boot_check(spec.plugins) if spec.plugins is not None else None)
     where = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     m = executor.run(trial)
     return m.model_copy(update={"worker": f"ray:{os.uname().nodename}:gpu{where}"})

@@ -1,7 +1,9 @@
 """The plan for a run: how long one experiment takes (from the trace before anything boots,
 from measurement once the baseline has run), how many fit in --max-hours, and when the
 run should end. The loop refuses a night that cannot hold the baseline and one experiment,
-and never starts an experiment that cannot finish inside the time budget."""
+and never starts an experiment that cannot finish inside the time budget. With several
+workers (--parallel, --gpus, Ray) experiments run a round at a time, k at once: the time
+budget holds k times as many, and the ETA counts rounds, not experiments."""
 
 from __future__ import annotations
 
@@ -52,11 +54,13 @@ class Plan:
     budget_s: float  # --max-hours in seconds
     max_experiments: int
     requests: int | None = None  # the trace's, for suggesting a --sample size
+    workers: int = 1  # experiments run at once (a round each)
 
     @property
     def fit(self) -> int:
         """Experiments (the baseline included) that fit in both budgets."""
-        return min(self.max_experiments, math.floor(self.budget_s / self._each_s))
+        return min(self.max_experiments,
+                   math.floor(self.budget_s / self._each_s) * max(1, self.workers))
 
     @property
     def _each_s(self) -> float:
@@ -66,18 +70,20 @@ class Plan:
         hours = self.budget_s / 3600
         bound = ("the experiment budget" if self.fit == self.max_experiments
                  else f"{hours:g} hours")
-        return (f"plan: about {self.fit} experiments fit in {hours:g} hours ({bound} is the "
-                f"limit); each ~{_minutes(self.estimate.total_s)} (boot "
+        at_once = f", {self.workers} at once" if self.workers > 1 else ""
+        return (f"plan: about {self.fit} experiments fit in {hours:g} hours{at_once} ({bound} "
+                f"is the limit); each ~{_minutes(self.estimate.total_s)} (boot "
                 f"~{_minutes(self.estimate.boot_s)}, bench "
                 f"~{_minutes(self.estimate.bench_s)}, from {self.estimate.source})")
 
     def eta_s(self, done: int, spent_s: float) -> float:
         """Seconds until the run ends, `done` experiments and `spent_s` seconds in: the
-        experiments left in the experiment budget, as many as the time left holds."""
+        experiments left in the experiment budget, as many as the time left holds, in
+        rounds of `workers` at once (a round takes as long as one experiment)."""
         left_s = max(0.0, self.budget_s - spent_s)
-        more = min(max(0, self.max_experiments - done),
-                   math.floor(left_s / self._each_s))
-        return more * self._each_s
+        rounds = min(math.ceil(max(0, self.max_experiments - done) / max(1, self.workers)),
+                     math.floor(left_s / self._each_s))
+        return rounds * self._each_s
 
     def check(self) -> str | None:
         """Refuse a budget that cannot hold the baseline and one experiment; a warning

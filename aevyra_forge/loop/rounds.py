@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from aevyra_forge.core.trial import Measurement, Trial
 from aevyra_forge.core.values import ExperimentRecord, Layer, LLMUsage, Proposal, Status
 from aevyra_forge.loop.events import LayerEscalated, ProposalRefused
+from aevyra_forge.loop.state import refused
 
 if TYPE_CHECKING:
     from aevyra_forge.loop.tuner import Tuner
@@ -66,7 +67,8 @@ class Rounds:
         from aevyra_forge.loop.tuner import MAX_ASKS, _add_usage
 
         t, st = self.t, self.t.state
-        size = min(len(self.workers), t.s.max_experiments - st.experiments)
+        size = min(len(self.workers), t.s.max_experiments - st.experiments,
+                   self._cap_left(layer))
         remeasure_on = self.stale_worker() if size >= 2 else None
         chosen: list[Trial] = []  # proposals vetted for this round, exp ids not yet final
         usage = LLMUsage()
@@ -91,7 +93,8 @@ class Rounds:
                     t.unbilled = _add_usage(t.unbilled, usage)
                     t.exhausted.add(layer)
                     t.observer.notify(LayerEscalated(
-                        layer=layer, why="the strategy has nothing left to try"))
+                        layer=layer,
+                        why=reply.reason or "the strategy has nothing left to try"))
                 return []
             refusals = []
             for proposal in reply.proposals[:want - len(chosen)]:
@@ -112,6 +115,15 @@ class Rounds:
             t._refuse(st.next_exp, layer, last, raw, status, feedback, usage)
             return []
         return self._place(layer, chosen, remeasure_on, usage)
+
+    def _cap_left(self, layer: Layer) -> int:
+        """Experiments the layer's cap (--max-config/quant-experiments) still allows: a
+        round never overshoots it, or it would spend the next layer's budget."""
+        cap = self.t.s.layer_cap(layer)
+        if cap is None:
+            return len(self.workers)
+        ran = sum(1 for r in self.t.state.records[1:] if r.layer == layer and not refused(r))
+        return max(1, cap - ran)  # the active layer has room for one at least
 
     def _place(self, layer: Layer, chosen: list[Trial], remeasure_on: str | None,
                usage: LLMUsage) -> list[Trial]:

@@ -20,6 +20,7 @@ from aevyra_forge.engine.process import ServerGroup
 from aevyra_forge.loop.events import Event, Observer
 from aevyra_forge.loop.ports import Executor
 from aevyra_forge.space.child_env import pinned
+from aevyra_forge.space.placement import PluginSlot
 
 Worker = tuple[str, tuple[int, ...]]  # a worker's name and the GPU indices it owns
 
@@ -99,16 +100,18 @@ def pooled(settings: TuneSettings, hw: Hardware, observer: Observer,
     return WorkerPool({name: worker(shared, gpus, lock) for name, gpus in pool})
 
 
-def on_ray(settings: TuneSettings, vllm_bin: str, workload: Workload, run_dir: Path
-           ) -> Executor:
+def on_ray(settings: TuneSettings, vllm_bin: str, workload: Workload, run_dir: Path,
+           plugins: PluginSlot | None = None) -> Executor:
     """--executor ray: --parallel trials at once as Ray tasks (engine/ray_executor.py),
-    their server logs in the run folder (a path every node of the cluster must reach)."""
+    their server logs in the run folder (a path every node of the cluster must reach),
+    a chosen kernel plug-in checked for its proof line there as on one host."""
     from aevyra_forge.engine.ray_executor import RayExecutor, TrialSpec
 
     spec = TrialSpec(vllm_bin=vllm_bin, workload=workload, concurrency=settings.concurrency,
                      repeats=settings.repeats, slo=settings.slo,
                      boot_timeout_s=settings.boot_timeout_s,
-                     request_timeout_s=settings.request_timeout_s, log_dir=str(run_dir))
+                     request_timeout_s=settings.request_timeout_s, log_dir=str(run_dir),
+                     plugins=plugins)
     return RayExecutor(spec, settings.parallel, settings.ray_address)
 
 

@@ -142,7 +142,8 @@ def _executor(settings: TuneSettings, hw: Hardware, space: KnobSpace, workload: 
                       phases, plugins.boot_check(space.plugins), prepare)
 
     if settings.executor == "ray":
-        return scale.on_ray(settings, vllm_executable(settings), workload, run.path)
+        return scale.on_ray(settings, vllm_executable(settings), workload, run.path,
+                            space.plugins)
     return scale.pooled(settings, hw, observer, worker)
 
 
@@ -222,7 +223,7 @@ def start(settings: TuneSettings, observer: Observer, api_key: str | None = None
                 or plan.from_trace(settings, workload.stats, hw.device,
                                    eager=bool(baseline.config.get("enforce_eager"))))
     night = plan.Plan(estimate, settings.max_hours * 3600, settings.max_experiments,
-                      requests=len(workload.requests))
+                      requests=len(workload.requests), workers=settings.workers())
     warning = night.check()  # refuses, before the run folder exists, a budget too short
     _claim_host(settings, hw, Path(settings.run_dir), observer)
     config = {

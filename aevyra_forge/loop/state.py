@@ -156,12 +156,21 @@ class LoopState:
             cap = settings.layer_cap(layer)
             if cap is not None and len(rows) >= cap:
                 continue
-            trailing = 0
-            for r in reversed(rows):
-                if r.kept:
-                    break
-                trailing += 1
-            if trailing >= settings.patience:
+            if _trailing(rows) >= settings.patience:
                 continue
             return layer
         return None
+
+
+def _trailing(rows: list[ExperimentRecord]) -> int:
+    """Experiments since the last kept one: patience spent without a gain. A trial of the
+    kept one's own round is not among them, whatever order they finished in: it was
+    judged against the incumbent before that gain, so it explored nothing from the new
+    one (else a round whose winner finished first would end the layer at once)."""
+    trailing = 0
+    for r in reversed(rows):
+        if r.kept:
+            return trailing - sum(1 for x in rows[len(rows) - trailing:]
+                                  if x.round is not None and x.round == r.round)
+        trailing += 1
+    return trailing

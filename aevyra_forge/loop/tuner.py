@@ -161,7 +161,7 @@ class Tuner:
                 self.unbilled = _add_usage(self.unbilled, usage)
                 self.exhausted.add(layer)
                 self.observer.notify(LayerEscalated(
-                    layer=layer, why="the strategy has nothing left to try"))
+                    layer=layer, why=reply.reason or "the strategy has nothing left to try"))
                 return None
             proposal = reply.proposal
             recipe, refusal, status = self._vet(proposal, layer)
@@ -188,6 +188,7 @@ class Tuner:
                               else self.s.max_dollars - self._spent_usd())),
             tried_ids=st.tried_ids, feedback=feedback, attempt=attempt,
             objective=self.s.objective, slo=self.s.parsed_slo(), want=want,
+            accuracy_floor=self.s.accuracy_floor, concurrency=self.s.concurrency,
             pending=tuple(t.proposal for t in pending if t.proposal is not None),
             pending_ids=frozenset(t.recipe_id for t in pending))
 
@@ -261,7 +262,8 @@ class Tuner:
             "quality_reference": st.quality_reference,
             # a candidate's bench may end once its passes decide (never a drift check's)
             "stop": None if trial.remeasure else pass_stop(
-                self.s, st.incumbent().passes_for(trial.worker), st.best.id, st.records)})
+                self.s, st.incumbent().passes_for(trial.worker), st.best.id, st.records,
+                trial.worker)})
         self.run_log.start(trial)
         self.observer.notify(TrialStarted(trial))
         return trial
@@ -283,7 +285,8 @@ class Tuner:
                         identical=exp > 0 and trial.recipe_id == inc.recipe.id,
                         output_changes=output_changes(
                             st.accuracy_base or st.baseline,
-                            recipe_from_dict(trial.recipe, source=f"experiment {exp}")))
+                            recipe_from_dict(trial.recipe, source=f"experiment {exp}")),
+                        worker=trial.worker)
         kept, decision = verdict.decision.kept, verdict.decision.reason
         if trial.remeasure:
             kept, decision = False, f"drift check of the incumbent: {decision}"
@@ -346,7 +349,8 @@ class Tuner:
         estimate = plan.from_records(self.state.records)
         if estimate is None:
             return
-        measured = plan.Plan(estimate, self.s.max_hours * 3600, self.s.max_experiments)
+        measured = plan.Plan(estimate, self.s.max_hours * 3600, self.s.max_experiments,
+                             workers=len(self.rounds.workers) if self.rounds else 1)
         self.observer.notify(Planned(measured))
         if measured.fit < min(plan.FEW, self.s.max_experiments):
             self.observer.notify(Note(f"only {measured.fit} experiments fit in --max-hours "

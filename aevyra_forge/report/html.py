@@ -53,7 +53,7 @@ def render_html(report: Report) -> str:
         "<h2>Charts</h2>",
         *(_figure(c) for c in charts(report)),
         "<h2>Experiments</h2>",
-        _experiments(report.experiments),
+        _experiments(report.experiments, report.pooled),
         _failures(report),
     ]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -137,10 +137,13 @@ def _figure(chart: Chart) -> str:
             f"{escape(chart.caption)}</figcaption>\n{chart.svg}\n</figure>")
 
 
-def _experiments(rows: Sequence[ExperimentRow]) -> str:
+def _experiments(rows: Sequence[ExperimentRow], pooled: bool = False) -> str:
+    """Every experiment; with several workers, the round and worker each ran on too."""
     def cells(e: ExperimentRow) -> list[str]:
         why = " -> ".join(x for x in (e.rationale, e.reason, e.decision) if x)
-        return [str(e.exp), f"L{e.layer}", fmt.change(e), e.status, "yes" if e.kept else "",
+        where = [fmt.num(e.round, 0), e.worker or "-"] if pooled else []
+        return [str(e.exp), f"L{e.layer}", *where, fmt.change(e), e.status,
+                "yes" if e.kept else "",
                 fmt.num(e.score, 3), fmt.interval(e.interval), fmt.num(e.output_throughput),
                 *(fmt.num(getattr(e, f).p99 if getattr(e, f) else None)
                   for f in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")),
@@ -148,10 +151,12 @@ def _experiments(rows: Sequence[ExperimentRow]) -> str:
                 _fraction(e.prefix_cache_hit_rate), fmt.num(e.accuracy, 4),
                 fmt.num(e.prepare_s), fmt.num(e.boot_s), fmt.num(e.bench_s), why]
 
-    numeric = set(range(5, 19))
+    shift = 2 if pooled else 0
+    header = (*_COLUMNS[:2], "round", "worker", *_COLUMNS[2:]) if pooled else _COLUMNS
+    numeric = set(range(5 + shift, 19 + shift)) | ({2} if pooled else set())
     return '<div class="scroll">' + _table(
-        _COLUMNS, (cells(e) for e in rows), numeric=numeric,
-        classes=lambda row: "kept" if row[4] == "yes" else "") + "</div>"
+        header, (cells(e) for e in rows), numeric=numeric,
+        classes=lambda row: "kept" if row[4 + shift] == "yes" else "") + "</div>"
 
 
 def _diagnosis(report: Report) -> str:

@@ -52,8 +52,15 @@ def render_md(report: Report) -> str:
                  key=lambda e: -(e.score or 0.0))[:TOP_ROWS]
     if top:
         lines += ["", f"### Top {len(top)} of {s.experiments} experiments by score", ""]
-        lines += _table(("exp", "change", "status", "kept", "score", "tok/s", "p99 ms",
-                         "accuracy"), [_row(e) for e in top], right={0, 4, 5, 6, 7})
+        header: tuple[str, ...] = ("exp", "change", "status", "kept", "score", "tok/s",
+                                   "p99 ms", "accuracy")
+        rows, right = [_row(e) for e in top], {0, 4, 5, 6, 7}
+        if report.pooled:  # several workers: which round and worker each ran on
+            header += ("round", "worker")
+            rows = [[*row, fmt.num(e.round, 0), e.worker or "-"] for row, e in zip(
+                rows, top, strict=True)]
+            right |= {8}
+        lines += _table(header, rows, right=right)
     return "\n".join(lines) + "\n"
 
 

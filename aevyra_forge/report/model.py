@@ -24,7 +24,7 @@ from aevyra_forge.core.values import (
 )
 from aevyra_forge.report.best import BestVsBaseline, Model, baseline_record, best_vs_baseline
 from aevyra_forge.report.cost import Cost, build_cost
-from aevyra_forge.store.rows import experiment_rows
+from aevyra_forge.store.rows import COLUMNS, experiment_rows
 from aevyra_forge.store.run_store import (
     COMPLETED,
     read_config,
@@ -33,6 +33,9 @@ from aevyra_forge.store.run_store import (
 )
 
 LOG_TAIL_LINES = 6  # lines of a failed experiment's server log shown beside its reason
+# Columns of a run that had several workers (--parallel, --gpus, Ray): which round a trial
+# ran in and on which worker, after its layer. A one-worker run's table keeps COLUMNS.
+POOL_COLUMNS = ("round", "worker")
 
 
 class RunSummary(Model):
@@ -97,6 +100,8 @@ class ExperimentRow(Model):
     llm_output_tokens: int
     llm_cost_usd: float
     log: str | None
+    round: int | None = None  # several workers: the round it ran in
+    worker: str | None = None  # several workers: the GPU (group) or Ray node it ran on
 
 
 class Failure(Model):
@@ -135,6 +140,12 @@ class Report(Model):
     cost: Cost  # an estimate: GPU rent per million tokens, against commercial APIs
     # what bound the baseline (or the first config that served); None in older runs
     diagnosis: Diagnosis | None = None
+    columns: tuple[str, ...] = COLUMNS  # of `table`, in order (POOL_COLUMNS when pooled)
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the run had several workers (its rows say round and worker)."""
+        return "worker" in self.columns
 
 
 def build_report(run_dir: Path, gpu_price: float | None = None) -> Report:
@@ -145,6 +156,7 @@ def build_report(run_dir: Path, gpu_price: float | None = None) -> Report:
     records = read_records(path)
     settings = _settings(config)
     completed = _completed(path)
+    columns = table_columns(records)
     return Report(
         summary=_summary(path, config, records, (path / COMPLETED).exists()),
         workload=_workload(config),
@@ -152,7 +164,8 @@ def build_report(run_dir: Path, gpu_price: float | None = None) -> Report:
         settings=_shown_settings(config),
         best=best_vs_baseline(path, records, settings),
         experiments=_experiments(records),
-        table=experiment_rows(records),
+        table=_table(records, columns),
+        columns=columns,
         failures=[_failure(path, r) for r in records
                   if r.status not in ("ok", "duplicate", "invalid")],
         stop_reason=str(completed.get("reason", "")) or None if completed else None,
@@ -160,6 +173,27 @@ def build_report(run_dir: Path, gpu_price: float | None = None) -> Report:
         cost=build_cost(path, config, records, gpu_price),
         diagnosis=_diagnosis(records),
     )
+
+
+def table_columns(records: Sequence[ExperimentRecord]) -> tuple[str, ...]:
+    """The experiments table's columns: COLUMNS, with round and worker after the layer
+    when the run had more than one worker (any trial ran in a round, or two workers
+    show), so a one-worker run's TSV and JSON stay as they always were."""
+    workers = {r.worker for r in records if r.worker is not None}
+    if len(workers) < 2 and all(r.round is None for r in records):
+        return COLUMNS
+    at = COLUMNS.index("layer") + 1
+    return COLUMNS[:at] + POOL_COLUMNS + COLUMNS[at:]
+
+
+def _table(records: Sequence[ExperimentRecord], columns: tuple[str, ...]
+           ) -> list[dict[str, Any]]:
+    """store.rows' table, with round and worker when `columns` has them."""
+    rows = experiment_rows(records)
+    if columns == COLUMNS:
+        return rows
+    return [{c: (getattr(r, c) if c in POOL_COLUMNS else row[c]) for c in columns}
+            for row, r in zip(rows, records, strict=True)]
 
 
 def _diagnosis(records: Sequence[ExperimentRecord]) -> Diagnosis | None:
@@ -294,7 +328,7 @@ def _experiment(r: ExperimentRecord, incumbent: float | None) -> ExperimentRow:
         prefix_cache_hit_rate=server.get("prefix_cache_hit_rate"),
         prepare_s=r.prepare_s, boot_s=r.boot_s, bench_s=r.bench_s,
         llm_input_tokens=r.llm.input_tokens, llm_output_tokens=r.llm.output_tokens,
-        llm_cost_usd=r.llm.cost_usd, log=r.log,
+        llm_cost_usd=r.llm.cost_usd, log=r.log, round=r.round, worker=r.worker,
     )
 
 

@@ -63,7 +63,15 @@ def render_text(source: Report | Path, format: str, gpu_price: float | None = No
 
 
 def render_tsv(source: Report | Path) -> str:
-    return rows_to_tsv(as_report(source).table)
+    """The experiments table as TSV: the run store's experiments.tsv, with round and
+    worker columns for a run that had several workers."""
+    report = as_report(source)
+    if report.columns == COLUMNS:
+        return rows_to_tsv(report.table)
+    lines = ["\t".join(report.columns)]
+    lines += ["\t".join(format_cell(c, row.get(c)) for c in report.columns)
+              for row in report.table]
+    return "\n".join(lines) + "\n"
 
 
 def render_json(source: Report | Path) -> str:
@@ -80,7 +88,7 @@ def render_table(source: Report | Path, gpu_price: float | None = None) -> Group
     for row, exp in zip(rows, report.experiments, strict=True):  # also say why it was decided
         if exp.decision and exp.decision not in row["rationale"]:
             row["rationale"] = f"{row['rationale']} -> {exp.decision}"
-    return Group(_panel(report), _ExperimentTable(rows))
+    return Group(_panel(report), _ExperimentTable(rows, report.columns))
 
 
 def _fmt(value: float | None, spec: str, unit: str = "") -> str:
@@ -122,26 +130,28 @@ class _ExperimentTable:
     and generation, an unused SLO column, box lines and long headers, so that the
     rationale keeps room to be read."""
 
-    def __init__(self, rows: Sequence[dict[str, Any]]) -> None:
+    def __init__(self, rows: Sequence[dict[str, Any]],
+                 columns: tuple[str, ...] = COLUMNS) -> None:
         self.rows = rows
+        self.columns = columns
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         del console
-        yield _table(self.rows, wide=options.max_width >= WIDE_TABLE)
+        yield _table(self.rows, wide=options.max_width >= WIDE_TABLE, columns=self.columns)
 
 
-def _table(rows: Sequence[dict[str, Any]], wide: bool = True) -> Table:
-    columns: tuple[str, ...] = COLUMNS
+def _table(rows: Sequence[dict[str, Any]], wide: bool = True,
+           columns: tuple[str, ...] = COLUMNS) -> Table:
     if wide:
         table = Table(show_lines=False, header_style="bold")
     else:
         unused_slo = all(format_cell("slo", row["slo"]) in ("", "-", "ok") for row in rows)
-        columns = tuple(c for c in COLUMNS if c not in ("id", "gen")
+        columns = tuple(c for c in columns if c not in ("id", "gen")
                         and not (c == "slo" and unused_slo))
         table = Table(show_lines=False, header_style="bold", box=box.SIMPLE_HEAD,
                       pad_edge=False, collapse_padding=True)
     for col in columns:
-        numeric = col not in {"id", "kept", "status", "slo", "rationale"}
+        numeric = col not in {"id", "kept", "status", "slo", "rationale", "worker"}
         wraps = col in ("rationale", "slo")
         table.add_column(col if wide else _SHORT.get(col, col),
                          justify="right" if numeric else "left",

@@ -5,6 +5,11 @@ where there is no model (the CPU build)."""
 
 from __future__ import annotations
 
+import importlib
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,10 +21,13 @@ from aevyra_forge.core.values import ExperimentRecord, Hardware, LaunchFailure, 
 from aevyra_forge.core.workload import Workload, load_workload, ngram_repetition
 from aevyra_forge.decide.diagnosis import diagnose
 from aevyra_forge.engine.sim.engine import SimulatedEngine
+from aevyra_forge.space import plugins
 from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import profile
 from aevyra_forge.space.playbook import load_playbook
+from aevyra_forge.space.plugins import KernelCandidate
+from tests.builders import install_demo_plugin
 from tests.conftest import MODEL_8B, SAMPLE_WORKLOAD
 
 WORKLOAD = load_workload(SAMPLE_WORKLOAD)
@@ -158,3 +166,146 @@ def test_a_layer_of_small_gains_escalates_when_a_later_one_offers_far_more(
     # control: the playbook-and-search strategy does not look ahead
     assert BuiltinStrategy(use_model=False).propose(
         _ctx(space, [record], layer=1)).proposal is not None
+
+
+def test_the_hand_over_says_why(tmp_path: Path) -> None:
+    """The user sees which later move the early hand-over is for, not "nothing left"."""
+    space = _space()
+    reply = BuiltinStrategy().propose(_ctx(space, [_baseline(space, tmp_path)], layer=1))
+    assert reply.proposal is None and reply.reason is not None
+    assert reply.reason.startswith("handed over early: the best move left in layer 1")
+    assert "layer 2's (quant_method=" in reply.reason
+
+
+def test_the_runs_accuracy_floor_and_concurrency_reach_the_model(tmp_path: Path) -> None:
+    """--accuracy-floor decides which quantizations the model may pick (int4 loses about
+    2 % agreement here, w8a8 under 1 %), and --concurrency is what it simulates."""
+    space = _space()
+    ctx = _ctx(space, [_baseline(space, tmp_path)], layer=2)
+    loose = BuiltinStrategy().propose(replace(ctx, accuracy_floor=0.9)).proposal
+    strict = BuiltinStrategy().propose(replace(ctx, accuracy_floor=0.99)).proposal
+    assert loose is not None and loose.changes["quant_method"] in ("awq", "gptq")
+    assert strict is not None and strict.changes == {"quant_method": "w8a8_int8"}
+    strategy = BuiltinStrategy()
+    strategy.propose(replace(ctx, concurrency=3 * CONCURRENCY))
+    [model] = strategy._models.values()
+    assert model is not None and model.concurrency == 3 * CONCURRENCY
+
+
+# -- moves the model cannot predict (issue 14's kernel plug-ins) ------------------------------
+
+@pytest.fixture(scope="module")
+def demo_candidate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelCandidate]:
+    """The sample plug-in's candidate, as its real generator offers it (for a CPU host:
+    the demo has only a CPU kernel; the GPU tests put it on a GPU host's space)."""
+    site = install_demo_plugin(tmp_path_factory.mktemp("demo") / "site")
+    sys.path.insert(0, str(site))
+    try:
+        generate = importlib.import_module("forge_kernel_demo.forge_side").generate
+        cpu = Hardware(device="cpu", cpu_cores=4, memory_gib=32.0)
+        [cand], _ = plugins.discover(plugins.context_for(cpu, MODEL_8B, 128, None, "w"),
+                                     [("forge_kernel_demo", generate)])
+        yield cand
+    finally:
+        sys.path.remove(str(site))
+
+
+def _drive(space: KnobSpace, history: list[ExperimentRecord], layer: int,
+           steps: int = 40, floor: float = 0.99) -> tuple[list[Proposal], str | None]:
+    """Ask until the layer has nothing left, every move measured as no change: the
+    proposals, and the reason the layer ended with."""
+    out: list[Proposal] = []
+    strategy, base = BuiltinStrategy(), history[0]
+    for _ in range(steps):
+        reply = strategy.propose(replace(_ctx(space, history, layer=layer),
+                                         accuracy_floor=floor))
+        if reply.proposal is None:
+            return out, reply.reason
+        out.append(reply.proposal)
+        child = space.apply(space.baseline(MODEL_8B), reply.proposal.changes)
+        history.append(ExperimentRecord(
+            exp=len(history), recipe=child.to_dict(), recipe_id=child.id,
+            parent_id=base.recipe_id, generation=1, layer=layer, status="ok",  # type: ignore[arg-type]
+            score=1.0, started_at="t", finished_at="t", proposal=reply.proposal))
+    return out, None
+
+
+@pytest.mark.parametrize("speedup", [None, 1.3])
+def test_a_kernel_plugin_the_model_cannot_predict_is_tried_once_on_a_gpu_host(
+        tmp_path: Path, demo_candidate: KernelCandidate, speedup: float | None) -> None:
+    """Simulated as neutral, the demo kernel's "no change" is ignorance: it is tried once,
+    before the playbook and the search spend boots, even next to a candidate the model
+    can predict; with an estimate of its own the model ranks it like any move."""
+    cand = demo_candidate.model_copy(update={"speedup": speedup})
+    rival = plugins.KernelCandidate(name="fast_attn", plugins=("fast_kernels",),
+                                    proof="fast-kernels: loaded", speedup=1.02)
+    space = KnobSpace(gpu_spec("A100-80GB").hardware(), profile(MODEL_8B), simulated=True,
+                      plugins=plugins.slot([cand, rival], {}))
+    moves, reason = _drive(space, [_baseline(space, tmp_path)], layer=3)
+    tried = [m for m in moves if m.changes.get("kernel_plugin") == cand.name]
+    assert len(tried) == 1
+    first_other = next(i for i, m in enumerate(moves) if not m.rationale.startswith(
+        ("model of vLLM", "the model of vLLM cannot")))
+    assert moves.index(tried[0]) < first_other
+    said = "cannot predict" if speedup is None else "model of vLLM"
+    assert said in tried[0].rationale
+    assert reason is not None and reason.startswith("layer 3 converged")
+
+
+def test_on_the_cpu_path_the_search_tries_the_demo_kernel(
+        tmp_path: Path, demo_candidate: KernelCandidate) -> None:
+    cpu = KnobSpace(Hardware(device="cpu", cpu_cores=4, memory_gib=32.0), profile(MODEL_8B),
+                    simulated=True, plugins=plugins.slot([demo_candidate], {}))
+    record = _baseline(_space(), tmp_path).model_copy(
+        update={"recipe": cpu.baseline(MODEL_8B).to_dict(),
+                "recipe_id": cpu.baseline(MODEL_8B).id})
+    moves, reason = _drive(cpu, [record], layer=3)
+    assert [m.changes for m in moves].count({"kernel_plugin": demo_candidate.name}) == 1
+    assert reason is not None and "model predicts" not in reason
+
+
+def test_a_model_that_missed_does_not_turn_a_predicted_loss_into_a_try(
+        tmp_path: Path) -> None:
+    """After a large miss (a speculative move measured +200 % against its prediction) the
+    model's uncertainty is wide, yet a move it predicts to lose a fifth (eager mode) is
+    not proposed: its misses are in size, not direction."""
+    space = _space()
+    record = _baseline(space, tmp_path)
+    child = space.apply(space.baseline(MODEL_8B), {"spec_method": "suffix"})
+    won = ExperimentRecord(
+        exp=1, recipe=child.to_dict(), recipe_id=child.id, parent_id=record.recipe_id,
+        generation=1, layer=1, status="ok", score=3.0, kept=True, started_at="t",
+        finished_at="t", proposal=Proposal(rationale="t", layer=1,
+                                           changes={"spec_method": "suffix"}))
+    ctx = replace(_ctx(space, [record, won], layer=3), best=child, best_score=3.0)
+    proposal = BuiltinStrategy().propose(ctx).proposal
+    assert proposal is not None and "predicted -" not in proposal.rationale
+    assert proposal.changes not in ({"enforce_eager": True}, {"optimization_level": 0},
+                                    {"cudagraph_mode": "NONE"})
+
+
+def test_the_models_workload_repeats_like_a_prefix_heavy_trace(tmp_path: Path) -> None:
+    """A system prompt that quotes itself, shared by every request: the model's workload
+    repeats as much (speculative decoding's acceptance follows it), shared part included."""
+    system = "You answer questions about the Orbit data platform. " * 150
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{system}Question {i}: why?",
+                                        "expected_output_tokens": 64}) + "\n"
+                            for i in range(24)))
+    real = load_workload(path).stats
+    ctx = replace(_ctx(_space(), []), workload=real)
+    stats = _workload(ctx).stats
+    assert real.ngram_repetition > 0.9
+    assert stats.ngram_repetition == pytest.approx(real.ngram_repetition, abs=0.05)
+    assert stats.shared_prefix_fraction == pytest.approx(real.shared_prefix_fraction, abs=0.05)
+
+
+def test_playbook_moves_the_model_expects_below_the_accuracy_floor_are_skipped(
+        tmp_path: Path) -> None:
+    """The playbook's 4-bit moves lose about 2 % agreement in the simulator: once the
+    model has nothing better, they are skipped with the reason, not booted."""
+    space = _space()
+    moves, _ = _drive(space, [_baseline(space, tmp_path)], layer=2)
+    assert moves and all(m.changes.get("quant_method") not in ("awq", "gptq") for m in moves)
+    moves, _ = _drive(space, [_baseline(space, tmp_path)], layer=2, floor=0.9)
+    assert {m.changes.get("quant_method") for m in moves} >= {"awq", "gptq"}

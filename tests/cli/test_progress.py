@@ -71,6 +71,21 @@ def test_phases_are_plain_lines_off_a_terminal_and_a_resume_counts_what_was_done
     assert "5/12 done, ETA ~0:10:00]" in lines[3]  # 3000 s spent of 3600: one more fits
 
 
+def test_with_four_workers_a_round_counts_once_and_the_eta_in_rounds() -> None:
+    """Four trials of one round, 600 s each, ran at once: 600 s spent, not 2400, and
+    the 7 experiments left are 2 rounds of 600 s (not 7 experiments of 600 s)."""
+    buf, clock = io.StringIO(), Clock()
+    printer = _printer(buf, clock)
+    printer.notify(Planned(Plan(Estimate(boot_s=100, bench_s=500, source="measurement"),
+                                3600 * 2, 12, workers=4)))
+    printer.notify(RunStarted(recorded=1, spent_s=600.0))  # the baseline, alone
+    for exp in range(1, 5):
+        printer.notify(TrialFinished(record(exp, boot_s=100.0, bench_s=500.0 - exp,
+                                            round=1, worker=f"gpu{exp - 1}")))
+    assert printer.spent_s == 600.0 + 599.0  # the longest of the round
+    assert buf.getvalue().splitlines()[-1].endswith("5/12 done, ETA ~0:20:00]")
+
+
 def test_on_a_terminal_the_phase_is_one_live_line_that_ends_with_the_experiment() -> None:
     buf, clock = io.StringIO(), Clock()
     console = Console(file=buf, width=100, force_terminal=True, color_system=None)

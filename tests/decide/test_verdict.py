@@ -95,6 +95,34 @@ def test_boots_that_agree_never_narrow_below_the_assumed_boot_noise() -> None:
         _width(_judge(candidate, incumbent=latest, history=agreeing[:1])))
 
 
+def test_between_boot_noise_is_the_candidates_own_workers() -> None:
+    """Two GPUs are two instruments. The incumbent measured on gpu0 at 100 tok/s and on
+    gpu1 at 108, twice each, boots on one GPU agreeing: pooled across GPUs its "boot
+    noise" would be the gap between the GPUs. A candidate on gpu1 10 % above gpu1's boot
+    is judged with gpu1's own boots (tight), and kept; mixing in gpu0's refuses it."""
+    on = {0: _boot(100.0), 1: _boot(108.0)}
+    boots = [row.model_copy(update={"worker": f"gpu{gpu}"}) for row, gpu in (
+        (_row(0, INCUMBENT, on[0], kept=True), 0), (_row(1, INCUMBENT, on[1], remeasure=True), 1),
+        (_row(4, INCUMBENT, on[0], remeasure=True), 0),
+        (_row(5, INCUMBENT, on[1], remeasure=True), 1))]
+    candidate = tuple(_pass(p.output_throughput * 1.10) for p in on[1])
+
+    def verdict(worker: str | None) -> Verdict:
+        return judge(s=SETTINGS, status="ok", passes=candidate,
+                     median=median_pass(candidate), accuracy=None, reference=on[0][0],
+                     incumbent=on[1], incumbent_id=INCUMBENT, best_score=1.0,
+                     history=boots, identical=False, worker=worker)
+
+    own, mixed = verdict("gpu1"), verdict(None)
+    assert own.decision.kept, own.decision.reason
+    assert not mixed.decision.kept
+    assert _width(mixed) > 3 * _width(own)
+    rule = pass_stop(SETTINGS, on[1], INCUMBENT, boots, "gpu1")
+    assert rule is not None and rule.boot_cv == pytest.approx(SETTINGS.boot_cv())
+    mixed_rule = pass_stop(SETTINGS, on[1], INCUMBENT, boots)
+    assert mixed_rule is not None and mixed_rule.boot_cv > 2 * SETTINGS.boot_cv()
+
+
 # -- pass-to-pass noise pooled from earlier configs ----------------------------------------
 
 

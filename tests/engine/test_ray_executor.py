@@ -147,6 +147,30 @@ def test_a_worker_killed_mid_trial_is_run_again_once(cluster: None, tmp_path: Pa
     assert wait_gone(first, second)  # the dead worker's server went with it
 
 
+def test_a_chosen_kernel_plugin_must_prove_itself_on_the_node(
+        cluster: None, tmp_path: Path, small_workload: Path) -> None:
+    """The LocalExecutor's boot check runs in the Ray task too: a recipe choosing a kernel
+    plug-in whose proof line the node's server log lacks is a failed boot saying so (the
+    fake never prints it), while the same spec measures a recipe choosing none."""
+    from aevyra_forge.core.recipe import KernelSettings
+    from aevyra_forge.space import plugins
+
+    slot = plugins.slot([plugins.KernelCandidate(
+        name="fast_attn", plugins=("fast_kernels",), proof="fast-kernels: loaded")], {})
+    spec = TrialSpec(vllm_bin=str(_wrapper(tmp_path, 1)), workload=load_workload(small_workload),
+                     concurrency=2, repeats=1, slo=None, boot_timeout_s=DEADLINE_S,
+                     request_timeout_s=DEADLINE_S, log_dir=str(tmp_path), plugins=slot)
+    executor = RayExecutor(spec, slots=GPUS)
+    recipe = Recipe(model="fake/tiny-1b",
+                    kernel=KernelSettings(env={"VLLM_PLUGINS": "fast_kernels"}))
+    assert slot.chosen(recipe) is not None
+    m = executor.run(Trial(exp=0, recipe=recipe.to_dict(), recipe_id=recipe.id, layer=3))
+    assert m.status == "boot_failed", m.reason
+    assert m.reason.startswith("invalid: kernel plug-in 'fast_attn' did not load")
+    assert executor.run(_trial(1)).status == "ok"
+    assert wait_gone(*_servers(tmp_path))
+
+
 def _four_gpus_smi(folder: Path) -> Path:
     """A fake nvidia-smi for the driver: four A100s, none holding memory."""
     bin_dir = folder / "smi"

@@ -76,6 +76,25 @@ def test_fit_note_and_eta() -> None:
     assert night.eta_s(done=0, spent_s=5000) == 0
 
 
+def test_with_workers_the_plan_counts_rounds() -> None:
+    """Four workers: a round of four takes as long as one experiment, so an hour of
+    600 s experiments holds 6 rounds (24 experiments, the budget of 20 binds), and the
+    ETA is the rounds left, not the experiments left (about 4x less)."""
+    est = Estimate(boot_s=100, bench_s=500, source="measurement")
+    alone, pool = Plan(est, 3600, 20), Plan(est, 3600, 20, workers=4)
+    assert (alone.fit, pool.fit) == (6, 20)
+    assert "4 at once" in pool.note() and "at once" not in alone.note()
+    assert alone.eta_s(done=9, spent_s=600) == 3000  # 5 more fit, one at a time
+    assert pool.eta_s(done=9, spent_s=600) == 1800  # 11 left: 3 rounds (4 + 4 + 3)
+    assert pool.eta_s(done=1, spent_s=600) == 3000  # 19 left, but only 5 rounds fit
+    assert pool.eta_s(done=20, spent_s=1200) == 0
+    # two rounds fit in 1200 s: eight experiments, no warning (alone: two, warned)
+    assert Plan(est, 1200, 50, workers=4).check() is None
+    assert "only 2 experiments fit" in (Plan(est, 1200, 50).check() or "")
+    with pytest.raises(PlanError):
+        Plan(est, 500, 50, workers=8).check()  # not one round fits
+
+
 def test_a_budget_without_room_for_one_experiment_is_refused_and_few_warned() -> None:
     est = Estimate(boot_s=60, bench_s=540, source="the trace")
     with pytest.raises(PlanError, match=r"raise --max-hours to at least 0\.4, or replay "

@@ -162,6 +162,36 @@ def test_a_killed_round_reruns_only_its_unfinished_trials(tmp_path: Path,
     assert [t.exp for t in resumed.run_log.started()].count(2) == 1
 
 
+def test_a_round_never_overshoots_the_layers_cap(tmp_path: Path,
+                                                small_workload: Path) -> None:
+    """--max-config-experiments 2 with three workers: the round asks for two trials, not
+    three, and the layer is done (the third worker's trial would have spent a budget
+    the cap keeps for the other layers)."""
+    engine = Engine({64: 1200.0, 128: 1500.0, 32: 1300.0})
+    proposer = Batch([64, 128, 32])
+    outcome = _tuner(tmp_path, small_workload, proposer, engine, max_experiments=6,
+                     max_config_experiments=2, skip_quant=True, skip_kernel=True).run()
+    assert [c.want for c in proposer.contexts] == [2]
+    assert [len(r) for r in engine.rounds] == [2]
+    assert outcome.experiments == 3 and outcome.reason == "every layer converged"
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (1, 2, 0)])
+def test_a_rounds_mates_of_a_gain_spend_no_patience_whatever_order_they_finish(
+        tmp_path: Path, small_workload: Path, order: tuple[int, ...]) -> None:
+    """--patience 2 with three workers: the round's winner (max_num_seqs 64) finishing
+    first or last, its two round-mates were judged against the old incumbent and do not
+    count as two tries from the new one, so the layer goes on for another round (a
+    sequential run would try twice from the new incumbent too)."""
+    engine = Engine({64: 1500.0, 128: 990.0, 32: 990.0}, order)
+    proposer = Batch([64, 128, 32, 16, 8, 256])
+    outcome = _tuner(tmp_path, small_workload, proposer, engine, max_experiments=7,
+                     patience=2, skip_quant=True, skip_kernel=True).run()
+    assert [len(r) for r in engine.rounds] == [3, 3]
+    assert outcome.experiments == 7 and outcome.best_record is not None
+    assert outcome.best_record.exp == 1
+
+
 def test_each_gpu_judges_against_the_incumbent_as_it_measured_it(
         tmp_path: Path, small_workload: Path) -> None:
     """gpu1 reads 20 % low. Stale workers re-measure the incumbent one per round; a trial

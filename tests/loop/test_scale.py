@@ -8,7 +8,9 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -212,3 +214,85 @@ def test_a_busy_gpu_of_the_pool_is_named_before_anything_boots(
     assert "2048 MiB of memory on GPU 2 is already in use by another process" in \
         " ".join(busy.stderr.split()), busy.stderr
     assert not run_dir.exists()
+
+
+def _stall_the_round(vllm: Path, folder: Path) -> None:
+    """Make the wrapper's servers after the first (the baseline) stall their streams
+    after one token while `folder/stall_round` exists (forge stays in their benches),
+    and write each one's engine child pid under `folder/pids`."""
+    text = vllm.read_text()
+    gate = f"""if [ "$1" = "serve" ]; then
+  mkdir -p "{folder}/starts" "{folder}/pids"; touch "{folder}/starts/$$"
+  if [ "$(ls "{folder}/starts" | wc -l)" -gt 1 ] && [ -f "{folder}/stall_round" ]; then
+    export FAKE_VLLM_STALL_AFTER_N_TOKENS=1 FAKE_VLLM_PIDFILE="{folder}/pids/$$"
+  fi
+fi
+"""
+    marker = "export FAKE_VLLM_TOKEN_DELAY_S"
+    vllm.write_text(text.replace(marker, gate + marker, 1))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigint_during_a_pool_round_exits_130_kills_every_server_and_resumes(
+        tmp_path: Path, small_workload: Path) -> None:
+    """Ctrl-C while four servers of a round are benching on a 4-GPU fake host: exit 130,
+    every server of the round gone (their leaders' and engine children's pids), the run
+    resumable; the resume runs the round's four trials again and completes."""
+    vllm = _wrapper(tmp_path, version="0.32.0")
+    _stall_the_round(vllm, tmp_path)
+    (tmp_path / "stall_round").touch()
+    smi = _four_gpus(tmp_path)
+    env = _host_env(tmp_path, PATH=f"{smi}{os.pathsep}{os.environ['PATH']}")
+    run_dir = tmp_path / "forge"
+    moves = [{"max_num_seqs": v} for v in (16, 32, 64, 128, 256, 8)]
+    try:
+        with FakeProvider(batch_agent(moves)) as fake:
+            cmd = _real_cmd(run_dir, small_workload, vllm, "--gpus", "0,1,2,3",
+                            "--patience", "20")
+            cmd[cmd.index("--device") + 1] = "cuda"
+            cmd[cmd.index("--max-experiments") + 1] = str(1 + GPUS)
+            cmd[cmd.index("--llm"):cmd.index("--llm") + 2] = llm_options(fake)
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+            assert proc.stderr is not None
+            benching: set[str] = set()
+            for line in proc.stderr:  # every server of the round is up and benched
+                benching |= set(re.findall(r"exp ([1-4]): bench", line))
+                if len(benching) == GPUS:
+                    break
+            assert len(benching) == GPUS, "the round never reached its benches"
+            proc.send_signal(signal.SIGINT)
+            rest = proc.stderr.read()
+            assert proc.wait() == 130, rest
+            assert "tune resume" in rest
+            engines = [int(p.read_text()) for p in (tmp_path / "pids").iterdir()]
+            groups = _server_groups(run_dir)
+            assert len(engines) == GPUS and len(groups) == 1 + GPUS
+            assert not any(members(g) for g in groups)  # no server left alive
+            assert not any(_alive(pid) for pid in (*groups, *engines))
+            (run,) = sorted((run_dir / "runs").glob("0*"))
+            assert not (run / "completed.json").exists()
+            assert [int(str(r["exp"])) for r in _records(run_dir)] == [0]
+
+            (tmp_path / "stall_round").unlink()
+            resume = [sys.executable, "-m", "aevyra_forge", "tune", "resume", "--run-dir",
+                      str(run_dir), "--llm-api-key", KEY]
+            done = subprocess.run(resume, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        records = _records(run_dir)
+        assert sorted(int(str(r["exp"])) for r in records) == list(range(1 + GPUS))
+        assert {r["worker"] for r in records if r["round"] == 1} == {
+            f"gpu{i}" for i in range(GPUS)}
+        starts = [json.loads(ln)["exp"] for ln in (run / "trials.jsonl").read_text()
+                  .splitlines()]
+        assert sorted(starts) == [0, 1, 1, 2, 2, 3, 3, 4, 4]  # the round again, once
+        assert not any(members(g) for g in _server_groups(run_dir))
+    finally:
+        _kill_groups(run_dir)

@@ -17,7 +17,13 @@ from aevyra_forge.core.values import (
     LLMUsage,
     Proposal,
 )
-from aevyra_forge.report.render import render_json, render_table, render_tsv, summarize
+from aevyra_forge.report.render import (
+    render_json,
+    render_table,
+    render_text,
+    render_tsv,
+    summarize,
+)
 from aevyra_forge.store.rows import COLUMNS
 from aevyra_forge.store.run_store import Run, RunStore
 
@@ -157,6 +163,45 @@ def test_json_parses_with_summary_and_rows(tmp_path: Path) -> None:
     assert [row["exp"] for row in doc["experiments"]] == [0, 1, 2, 3, 4]
     assert doc["experiments"][2]["throughput"] is None
     assert doc["experiments"][4]["kept"] is True
+
+
+def test_a_run_with_several_workers_shows_round_and_worker_in_every_format(
+        tmp_path: Path) -> None:
+    """Trials of a round ran on two GPUs: every renderer says which round and worker each
+    ran on (after the layer), while a one-worker run keeps the store's columns."""
+    pooled = [HISTORY[0].model_copy(update={"worker": "gpu0"}),
+              *(r.model_copy(update={"round": 1 + (r.exp - 1) // 2,
+                                     "worker": f"gpu{(r.exp - 1) % 2}"})
+                for r in HISTORY[1:])]
+    with make_run(tmp_path, pooled) as run:
+        tsv = render_tsv(run.path).splitlines()
+        doc: dict[str, Any] = json.loads(render_json(run.path))
+        md, page = render_text(run.path, "md"), render_text(run.path, "html")
+        group = render_table(run.path)
+    header = tsv[0].split("\t")
+    assert header[:6] == ["exp", "id", "gen", "layer", "round", "worker"]
+    assert header[6:] == list(COLUMNS[4:])
+    assert tsv[1].split("\t")[4:6] == ["-", "gpu0"]
+    assert tsv[5].split("\t")[4:6] == ["2", "gpu1"]
+    assert [(row["round"], row["worker"]) for row in doc["experiments"]] == [
+        (None, "gpu0"), (1, "gpu0"), (1, "gpu1"), (2, "gpu0"), (2, "gpu1")]
+    top = next(line for line in md.splitlines() if line.startswith("| exp"))
+    assert top.split("|")[-3:-1] == [" round ", " worker "]
+    best = next(line for line in md.splitlines()
+                if line.startswith("|") and line.split("|")[1].strip() == "4")
+    assert [c.strip() for c in best.split("|")[-3:-1]] == ["2", "gpu1"]
+    assert "<th>round</th><th>worker</th>" in page and "<td>gpu1</td>" in page
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(group)
+    assert "worker" in console.export_text()
+
+    with make_run(tmp_path / "alone", HISTORY) as run:
+        alone = render_tsv(run.path).splitlines()[0].split("\t")
+        alone_doc: dict[str, Any] = json.loads(render_json(run.path))
+        alone_md = render_text(run.path, "md")
+    assert alone == list(COLUMNS)
+    alone_top = next(line for line in alone_md.splitlines() if line.startswith("| exp"))
+    assert "worker" not in alone_doc["experiments"][0] and "worker" not in alone_top
 
 
 def test_table_renders_summary_and_rationales(tmp_path: Path) -> None:

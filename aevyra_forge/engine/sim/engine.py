@@ -76,6 +76,11 @@ class SimulatedEngine:
     def stop(self, server: SimServer) -> None:
         """Nothing to tear down: a simulated server holds no process or GPU memory."""
 
+    def settings(self, recipe: Recipe) -> SimSettings:
+        """What the simulator reads of `recipe`: two recipes with equal settings are one
+        config to it, so a move between them is one it does not model."""
+        return self._settings(recipe)
+
     def _settings(self, recipe: Recipe) -> SimSettings:
         def k(name: str) -> Scalar:
             return self.space.value(recipe, KNOBS[name])
