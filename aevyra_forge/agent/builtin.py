@@ -3,15 +3,16 @@
 It first fixes a context that cannot boot (vLLM names the largest max_model_len that
 fits) and repairs a config that does not boot from vLLM's hint (agent/repair.py). Once a
 config served, a model of vLLM (agent/engine_model.py: the simulator calibrated on the
-run's reference) ranks every single-knob move of the active layer, and the playbook's combined
-ones, by predicted gain plus an uncertainty learned from its misses; a move is proposed
-only when that clears the gain the keep rule can confirm; a move it cannot model (its
-"no change" is ignorance) is tried once next. Without a model (the CPU build, an unknown
-GPU) it plays the playbook's first moves, then a kernel-regression search (surrogate.py). Every path skips moves the baseline's diagnosis
-(decide/diagnosis.py) proves nil, saying why in the next proposal's rationale, treats
-synonyms on this hardware (fp8 and fp8_e4m3 KV caches on NVIDIA, a dtype and the `auto`
-that resolves to it) as one value, and in layer 1 tries only knobs that act on the
-binding resource, so a layer whose levers are spent escalates early.
+run's reference) ranks every single-knob move of the active layer, and the playbook's
+combined ones, by predicted gain plus an uncertainty learned from its misses; a move is
+proposed only when that clears the gain the keep rule can confirm; a move it cannot model
+(its "no change" is ignorance) is tried once next. Without a model (the CPU build, an
+unknown GPU) it plays the playbook's first moves, then a kernel-regression search
+(surrogate.py). Every path skips moves the baseline's diagnosis (decide/diagnosis.py)
+proves nil, saying why in the next proposal's rationale, treats synonyms on this hardware
+(fp8 and fp8_e4m3 KV caches on NVIDIA, a dtype and the `auto` that resolves to it) as one
+value, and in layer 1 tries only knobs that act on the binding resource, so a layer whose
+levers are spent escalates early.
 
 We do not use a global optimiser such as TPE: the loop's contract is ONE mutation of the
 incumbent per experiment, and a sampler that proposes whole points would change every
@@ -212,8 +213,7 @@ class BuiltinStrategy:
             return best
         gain = math.log(value / base)
         gains.append((gain, changes))
-        # a predicted loss is not made a win by a large uncertainty: the model's misses
-        # are in size far more than in direction, so a loss keeps only the floor's share
+        # the model misses in size, not direction: a predicted loss gets the floor's sd
         sd = model.uncertainty(max(gain, 0.0))
         if best is None or gain + self.exploration * sd > best[0]:
             return gain + self.exploration * sd, changes, gain, sd
