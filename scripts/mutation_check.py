@@ -234,6 +234,24 @@ MUTATIONS: tuple[Mutation, ...] = (
         "",
         "tests/space/test_hub.py::test_an_avx2_cpu_drops_the_4bit_sibling_with_the_reason"),
     Mutation(
+        "drafts-keep-a-head-with-another-vocabulary", "aevyra_forge/space/drafts.py",
+        "    if vocab != want:\n",
+        "    if False:\n",
+        "tests/space/test_drafts.py::"
+        "test_lookup_sends_the_hubs_own_requests_and_keeps_heads_with_the_base_vocabulary"),
+    Mutation(
+        "drafts-keep-a-head-made-for-another-model", "aevyra_forge/space/drafts.py",
+        "        if isinstance(made_for, str) and made_for.lower() != base.lower():\n",
+        "        if False:\n",
+        "tests/space/test_drafts.py::"
+        "test_lookup_sends_the_hubs_own_requests_and_keeps_heads_with_the_base_vocabulary"),
+    Mutation(
+        "found-heads-never-reach-the-knob-space", "aevyra_forge/loop/quant_setup.py",
+        "        space.offer_drafts(siblings.drafts.table())\n",
+        "        pass\n",
+        "tests/loop/test_quant_setup.py::"
+        "test_heads_found_for_a_layer_one_run_reach_its_knob_space_and_its_cache"),
+    Mutation(
         "a-refused-candidate-is-offered-again", "aevyra_forge/loop/tuner.py",
         "            gone = self.space.refuse_quant(recipe_from_dict(recipe), m.reason)",
         "            gone = None",

@@ -238,3 +238,16 @@ def model_files(config: Mapping[str, Any]) -> dict[str, bytes]:
     return {"config.json": json.dumps(config).encode(),
             "model.safetensors": b"\0" * 64}
 
+
+
+def speculator_config(verifier: str, vocab_size: int, method: str = "eagle3"
+                      ) -> dict[str, Any]:
+    """config.json of a head in the speculators format (RedHatAI's `*-speculator.eagle3`):
+    the model it verifies, and its one transformer layer with the vocabulary."""
+    return {"architectures": ["Eagle3Speculator"], "speculators_model_type": method,
+            "draft_vocab_size": 8192,
+            "speculators_config": {"algorithm": method, "verifier": {
+                "name_or_path": verifier, "architectures": ["LlamaForCausalLM"]},
+                "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 3}]},
+            "transformer_layer_config": {"model_type": "llama", "num_hidden_layers": 1,
+                                         "vocab_size": vocab_size}}

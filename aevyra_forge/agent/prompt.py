@@ -195,6 +195,10 @@ def _knobs(ctx: AgentContext) -> str:
         if knob.name == "kernel_plugin":  # what each installed plug-in offers, in its words
             lines.extend(f"  - {c.name} (from {c.generator}): {_clip(c.note) or 'no note'}"
                          for c in space.plugins.candidates)
+        if knob.name == "spec_method":  # the heads found on the Hub, which bring spec_model
+            lines.extend(f"  - {m}: runs {d} (found on the Hub for this model; spec_model "
+                         "follows)" for m, d in space.drafts.items()
+                         if m in space.choices(knob))
         if knob.name == "quant_candidate":  # each checkpoint with what it costs
             lines.extend(f"  - {c.describe()}" for c in space.quant_candidates
                          if c.name in space.choices(knob))

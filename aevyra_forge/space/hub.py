@@ -58,15 +58,52 @@ class Sibling(Frozen):
         return f"{self.repo} ({self.method}, {bits}{group}{size})"
 
 
+class Draft(Frozen):
+    """A speculative-decoding head for the base model found on the Hub (space/drafts.py):
+    its repo is spec_model, `method` the spec_method vLLM runs it with."""
+
+    repo: str
+    revision: str | None = None  # the commit whose config.json was read
+    method: Literal["eagle", "eagle3", "draft_model"]
+    vocab_size: int  # equal to the base model's (checked)
+    downloads: int = 0
+    found_by: Literal["tag", "name"] = "tag"
+
+
+class DraftLookup(Frozen):
+    """What the draft lookup found, the candidates it set aside and why, or the one line
+    saying why it could not look."""
+
+    drafts: tuple[Draft, ...] = ()
+    skipped: tuple[str, ...] = ()
+    note: str = ""
+
+    def table(self) -> dict[str, str]:
+        """spec method -> draft repo, the most downloaded draft per method (KnobSpace)."""
+        out: dict[str, str] = {}
+        for draft in self.drafts:
+            out.setdefault(draft.method, draft.repo)
+        return out
+
+    def lines(self, base: str) -> list[str]:
+        if self.note:
+            return [self.note]
+        found = ", ".join(f"{d.repo} ({d.method})" for d in self.drafts) or "none"
+        return [f"speculative-decoding heads for {base} on the Hub: {found}",
+                *(f"  not used: {why}" for why in self.skipped)]
+
+
 class HubLookup(Frozen):
     """What a lookup found: the siblings this host can serve, the candidates it set aside
-    and why, and, when it could not look at all, the one line saying so."""
+    and why, and, when it could not look at all, the one line saying so. `drafts` holds the
+    draft lookup (None when the run did not tune layer 1 or predates it)."""
 
     base: str
     endpoint: str = DEFAULT_ENDPOINT
     siblings: tuple[Sibling, ...] = ()
     skipped: tuple[str, ...] = ()  # "repo: why" for candidates not kept
     note: str = ""  # why the lookup did not run or stopped early; empty when it ran
+    drafts: DraftLookup | None = None
 
     def lines(self) -> list[str]:
         """What to tell the user, one line each."""

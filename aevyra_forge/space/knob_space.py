@@ -56,15 +56,20 @@ class KnobSpace:
         self.local: dict[str, Knob] = {"kernel_plugin": replace(
             KNOBS["kernel_plugin"], placement=self.plugins,
             choices={ANY: (NO_PLUGIN, *names)})}
-        # speculative methods with a draft (EAGLE, a small model) known for this model
-        # (registry.DRAFTS): spec method -> its draft, set as spec_model with the method
-        self.drafts = dict(drafts or {})
+        self.drafts: dict[str, str] = {}
+        self.offer_drafts(drafts or {})
+        self.quant_candidates: tuple[QuantCandidate, ...] = ()
+        self.quant_refused: dict[str, str] = {}  # candidate -> a boot failure's reason
+
+    def offer_drafts(self, drafts: Mapping[str, str]) -> None:
+        """Speculative methods with a draft found for this model (space/drafts.py: an
+        EAGLE / EAGLE-3 head, a small draft model): spec method -> its draft, offered as
+        values of spec_method that bring their draft as spec_model; none without one."""
+        self.drafts = dict(drafts)
         method, draft = KNOBS["spec_method"], KNOBS["spec_model"]
         self.local["spec_method"] = replace(method, choices={
             ANY: (*method.choices[ANY], *self.drafts)})
         self.local["spec_model"] = replace(draft, choices={ANY: (None, *self.drafts.values())})
-        self.quant_candidates: tuple[QuantCandidate, ...] = ()
-        self.quant_refused: dict[str, str] = {}  # candidate -> a boot failure's reason
 
     def offer_quant(self, candidates: Sequence[QuantCandidate]) -> None:
         """Layer 2's concrete candidates for this run (space/layer2.py), as the values of

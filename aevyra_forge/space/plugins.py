@@ -37,7 +37,7 @@ from aevyra_forge.space.child_env import child_env
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import ModelProfile
 from aevyra_forge.space.placement import NO_PLUGIN, PLUGINS_ENV, PluginSlot
-from aevyra_forge.space.registry import DRAFTS, KNOBS, Knob, register
+from aevyra_forge.space.registry import KNOBS, Knob, register
 from aevyra_forge.space.vllm_flags import VllmArgs, interpreter
 
 GENERATOR_GROUP = "aevyra_forge.kernel_generators"
@@ -365,8 +365,7 @@ def knob_space(hw: Hardware, model: ModelProfile, model_name: str, summary: str,
     found, packages = for_run(hw, model_name, model.head_dim, vllm_bin,
                               vllm.version if vllm else None, summary, note)
     return KnobSpace(hw, model, simulated=vllm is None, vllm=vllm, plugins=found,
-                     packages=packages, concurrency=concurrency,
-                     drafts=DRAFTS.get(model_name))
+                     packages=packages, concurrency=concurrency)
 
 
 def _why(exc: BaseException) -> str:

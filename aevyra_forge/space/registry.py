@@ -204,7 +204,8 @@ REGISTRY: tuple[Knob, ...] = (
          {ANY: None}, low=1, high=16, grid=(1, 2, 3, 4, 5, 8), needs="spec_method"),
     Knob("spec_model", 1, "choice", CONFIG,
          "The draft model or EAGLE head a draft spec_method runs; set by forge with the "
-         "method, offered only where one is known for this model (KnobSpace.drafts).",
+         "method, offered only where a Hub lookup found one for this model (space/drafts.py, "
+         "KnobSpace.offer_drafts).",
          {ANY: None}, choices={ANY: (None,)}, needs="spec_method"),
     # -- layer 2: quantization ---------------------------------------------------------
     Knob("quant_method", 2, "choice", QUANT_METHOD,
@@ -263,12 +264,6 @@ REGISTRY: tuple[Knob, ...] = (
 )
 
 KNOBS: dict[str, Knob] = {}
-
-# Draft models and EAGLE heads known for a model: model id -> {spec method: draft}. The
-# seam for speculative decoding with a draft: KnobSpace offers these methods (with their
-# draft as spec_model) and nothing else; a Hub lookup (space/hub.py) is meant to fill it
-# per run. Empty until a pair has been measured.
-DRAFTS: dict[str, dict[str, str]] = {}
 
 
 def register(knob: Knob) -> Knob:

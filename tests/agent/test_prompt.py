@@ -288,3 +288,9 @@ def test_layer_three_lists_each_kernel_plugin_with_its_note() -> None:
     layer1 = build_prompt(AgentContext(**{**ctx.__dict__, "layer": 1})).user
     assert "- spec_method: one of null, ngram, suffix; default here unset;" in layer1
     assert "prompt 3-gram repetition" in layer1  # what n-gram speculation could copy
+    assert "found on the Hub" not in layer1
+    space.offer_drafts({"eagle3": "org/eagle3-head"})  # a head the Hub lookup found
+    layer1 = build_prompt(AgentContext(**{**ctx.__dict__, "layer": 1})).user
+    assert "- spec_method: one of null, ngram, suffix, eagle3; default here unset;" in layer1
+    assert "  - eagle3: runs org/eagle3-head (found on the Hub for this model; spec_model " \
+           "follows)" in layer1

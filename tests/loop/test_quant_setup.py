@@ -23,23 +23,71 @@ def test_hub_siblings_are_looked_up_for_real_runs_and_read_back_on_resume(
     from aevyra_forge.core.settings import TuneSettings
     from aevyra_forge.core.values import Hardware
     from aevyra_forge.loop.quant_setup import hub_siblings
-    from aevyra_forge.space.hub import CACHE_FILE, HubLookup, Sibling
+    from aevyra_forge.space.hub import CACHE_FILE, DraftLookup, HubLookup, Sibling
 
     hw = Hardware(device="cpu", cpu_cores=2, memory_gib=8)
     real = TuneSettings(model=MODEL_8B, workload=str(small_workload), device="cpu")
     lines: list[str] = []
     found = hub_siblings(real, hw, None, lines.append)
-    assert found is not None and found.siblings == () and lines == [found.note]
+    assert found is not None and found.siblings == () and lines[0] == found.note
     assert found.note.startswith("HF_HUB_OFFLINE is set")
-    assert hub_siblings(real.model_copy(update={"skip_quant": True}), hw, None,
-                        lines.append) is None
+    assert lines[1].startswith("HF_HUB_OFFLINE is set: no Hub lookup for draft models")
+    assert found.drafts is not None and found.drafts.table() == {}
+    layer_one = hub_siblings(real.model_copy(update={"skip_quant": True}), hw, None,
+                             lines.append)  # layer 1 still looks for EAGLE heads
+    assert layer_one is not None and layer_one.siblings == () and layer_one.drafts
+    assert hub_siblings(real.model_copy(update={"skip_quant": True, "skip_config": True}),
+                        hw, None, lines.append) is None
     recorded = HubLookup(base=MODEL_8B, siblings=(Sibling(
         repo="org/Llama-3.1-8B-Instruct-quantized.w8a8", method="w8a8_int8",
-        quant_method="compressed-tensors", bits=8),))
+        quant_method="compressed-tensors", bits=8),), drafts=DraftLookup())
     (tmp_path / CACHE_FILE).write_text(recorded.model_dump_json())
     assert hub_siblings(real, hw, tmp_path, lines.append) == recorded
     other = real.model_copy(update={"model": "org/another-8B"})
     assert hub_siblings(other, hw, tmp_path, lines.append) != recorded  # not its lookup
+
+
+def test_heads_found_for_a_layer_one_run_reach_its_knob_space_and_its_cache(
+        tmp_path: Path, small_workload: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run tuning layer 1 only asks the Hub (HF_ENDPOINT: the fake on 127.0.0.1) for
+    heads, not for quantized siblings; `offer` gives its KnobSpace spec_method=eagle3 with
+    the head, and no layer-2 candidates. A resume reads the same lookup back."""
+    from aevyra_forge.core.settings import TuneSettings
+    from aevyra_forge.loop.quant_setup import hub_siblings, offer
+    from aevyra_forge.space.hub import CACHE_FILE
+    from aevyra_forge.space.knob_space import KnobSpace
+    from aevyra_forge.space.model_profile import profile
+    from tests.fake_hub import FakeHub, FakeRepo, model_files
+
+    llama = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
+             "num_hidden_layers": 32}
+    head = "yuhuili/EAGLE3-LLaMA3.1-Instruct-8B"
+    hub = {MODEL_8B: FakeRepo(model_files(llama)),
+           head: FakeRepo(model_files({**llama, "architectures": ["LlamaForCausalLMEagle3"],
+                                       "num_hidden_layers": 1, "draft_vocab_size": 32000}),
+                          tags=(f"base_model:{MODEL_8B}",))}
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "t"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_STORED_TOKENS_PATH", str(tmp_path / "s"))
+    hw = Hardware(device="cpu", cpu_cores=2, memory_gib=8)
+    settings = TuneSettings(model=MODEL_8B, workload=str(small_workload), device="cpu",
+                            skip_quant=True, skip_kernel=True)
+    lines: list[str] = []
+    with FakeHub(hub) as fake:
+        monkeypatch.setenv("HF_ENDPOINT", fake.url)
+        found = hub_siblings(settings, hw, None, lines.append)
+        assert fake.unexpected == [] and not any(  # no quantized-sibling query
+            "base_model:quantized" in str(r.query) for r in fake.requests)
+    assert lines == [f"speculative-decoding heads for {MODEL_8B} on the Hub: {head} (eagle3)"]
+    space = KnobSpace(hw, profile(MODEL_8B))
+    assert offer(settings, space, found, lines.append, lambda s: "vllm") is None
+    assert space.drafts == {"eagle3": head} and space.quant_candidates == ()
+    recipe = space.apply(space.baseline(MODEL_8B), {"spec_method": "eagle3"})
+    assert (recipe.config["spec_method"], recipe.config["spec_model"]) == ("eagle3", head)
+    assert found is not None
+    (tmp_path / CACHE_FILE).write_text(found.model_dump_json())
+    assert hub_siblings(settings, hw, tmp_path, lines.append) == found  # no Hub asked
 
 
 @pytest.mark.engine
