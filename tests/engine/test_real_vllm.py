@@ -228,11 +228,18 @@ def test_tune_device_cpu_end_to_end(vllm_bin: str, tiny_model: Path, workload: P
 def test_the_baseline_measured_twice_is_not_kept(vllm_bin: str, tiny_model: Path,
                                                  workload: Path, tmp_path: Path) -> None:
     """An A/A comparison on real vLLM: two boots of one config, five passes each, judged by
-    the loop's keep rule, must not look like an improvement."""
+    the loop's keep rule, must not look like an improvement. Each pass is a few seconds of
+    work: the shared 12-request workload's passes last ~0.3 s on the tiny model, where one
+    scheduler hiccup doubles a pass (CI saw two boots +113 % apart on them), which no
+    night's trace looks like."""
     from aevyra_forge.core.settings import TuneSettings
     from aevyra_forge.decide.verdict import judge
 
-    wl = load_workload(workload)
+    longer = tmp_path / "aa.jsonl"
+    longer.write_text("".join(json.dumps({"prompt": f"Chapter {i}: the harbour at dawn",
+                                          "expected_output_tokens": 96}) + "\n"
+                              for i in range(32)))
+    wl = load_workload(longer)
     launcher = VllmLauncher(vllm_bin, boot_timeout_s=300)
     boots = []
     for i in range(2):
