@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,8 +23,14 @@ from aevyra_forge.space.model_profile import profile
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-needs_vllm_env = pytest.mark.skipif(not VLLM_PYTHON.exists(),
-                                    reason="needs .venv-vllm (scripts/setup_vllm_cpu.sh)")
+# Tests that run vLLM's environment's python are engine tests: CI's default job runs before
+# that environment exists, so without the marker they would be skipped in every CI run.
+_vllm_env = pytest.mark.skipif(not VLLM_PYTHON.exists(),
+                               reason="needs .venv-vllm (scripts/setup_vllm_cpu.sh)")
+
+
+def needs_vllm_env(test: Any) -> Any:
+    return pytest.mark.engine(_vllm_env(test))
 VERSIONS = {"torch": "2.13.0+cpu", "transformers": "5.19.0",
             "compressed-tensors": "0.17.0", "safetensors": "0.6.0"}
 
