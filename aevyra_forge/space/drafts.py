@@ -29,6 +29,7 @@ from aevyra_forge.space.hub import (
     DraftLookup,
     _first_line,
     _read_config,
+    candidate_config,
 )
 
 MAX_CONFIG_READS = 8  # candidates' config.json files read per lookup
@@ -170,17 +171,9 @@ def _candidates(model: str, tagged: Iterable[Any], named: Iterable[Any]
 
 def _examine(endpoint: str, info: Any, found_by: str, base: str,
              target: Mapping[str, Any], vocab: int) -> Draft | str:
-    if info.private:
-        return "private"
-    try:
-        config = _read_config(endpoint, info.id, info.sha)
-    except Exception as exc:
-        from huggingface_hub.errors import EntryNotFoundError, GatedRepoError
-        if isinstance(exc, GatedRepoError):
-            return "gated: accept its terms on the Hub and set HF_TOKEN to use it"
-        if isinstance(exc, EntryNotFoundError):
-            return "no config.json"
-        return f"config.json unreadable ({type(exc).__name__}: {_first_line(exc)})"
+    config = candidate_config(endpoint, info)
+    if isinstance(config, str):
+        return config
     found = classify(config, info.id, base, target)
     if isinstance(found, str):
         return found

@@ -220,13 +220,13 @@ def _merge(model: str, tagged: Iterable[Any], named: Iterable[Any]) -> list[tupl
     return out
 
 
-def _examine(api: Any, endpoint: str, info: Any, found_by: str, hw: Hardware
-             ) -> Sibling | str:
-    """The candidate as a Sibling, or why it is not kept."""
+def candidate_config(endpoint: str, info: Any) -> dict[str, Any] | str:
+    """A candidate repository's config.json at the listed commit, or why it cannot be read
+    (private, gated, absent, unreadable): one reason both Hub lookups record."""
     if info.private:
         return "private"
     try:
-        config = _read_config(endpoint, info.id, info.sha)
+        return _read_config(endpoint, info.id, info.sha)
     except Exception as exc:
         from huggingface_hub.errors import EntryNotFoundError, GatedRepoError
         if isinstance(exc, GatedRepoError):
@@ -234,6 +234,14 @@ def _examine(api: Any, endpoint: str, info: Any, found_by: str, hw: Hardware
         if isinstance(exc, EntryNotFoundError):
             return "no config.json"
         return f"config.json unreadable ({type(exc).__name__}: {_first_line(exc)})"
+
+
+def _examine(api: Any, endpoint: str, info: Any, found_by: str, hw: Hardware
+             ) -> Sibling | str:
+    """The candidate as a Sibling, or why it is not kept."""
+    config = candidate_config(endpoint, info)
+    if isinstance(config, str):
+        return config
     parsed = parse_quantization(config)
     if isinstance(parsed, str):
         return parsed
