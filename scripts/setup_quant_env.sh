@@ -48,8 +48,12 @@ if [[ "$(dist_version llmcompressor)" == "0.14.0.1" && "$(dist_version torch)" =
     exit 0
 fi
 say "installing ${pins[*]} (about 2 minutes, ~1.5 GB)"
-# The CPU build of torch: a local wheel (pip's find-links) or the PyTorch CPU index.
-"$vpy" -m pip install --quiet --extra-index-url "$torch_index" "${pins[@]}"
+# The CPU build of torch: from the configured registries and find-links first (no
+# retries against an index this host cannot reach), else from the PyTorch CPU index.
+if ! "$vpy" -m pip install --quiet "${pins[@]}"; then
+    say "retrying with torch's CPU index $torch_index"
+    "$vpy" -m pip install --quiet --extra-index-url "$torch_index" "${pins[@]}"
+fi
 say "checking: import llmcompressor"
 "$vpy" -c 'import importlib.metadata as m
 import llmcompressor, compressed_tensors, torch, transformers

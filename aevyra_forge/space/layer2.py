@@ -30,6 +30,16 @@ RTN: dict[str, tuple[str, int]] = {"w8a8": ("w8a8_int8", 8), "w4a16": ("w4a16", 
                                    "fp8": ("fp8", 8)}
 RTN_S_PER_GB = 20.0  # seconds per GB of bf16 weights (the tiny model: ~8 s, mostly start-up)
 RTN_FIXED_S = 8.0  # python, torch and transformers start-up
+# Schemes forge calibrates with llm-compressor on the user's own workload, by the name a
+# candidate carries (cal-<name>) -> (the quant-facts method, weight bits, the algorithm)
+CALIBRATED: dict[str, tuple[str, int, str]] = {
+    "w8a8": ("w8a8_int8", 8, "SmoothQuant + GPTQ"),
+    "w4a16-gptq": ("w4a16", 4, "GPTQ"),
+    "w4a16-awq": ("w4a16", 4, "AWQ"),
+    "fp8": ("fp8", 8, "FP8 dynamic"),
+}
+CAL_FIXED_S = 40.0  # llm-compressor's imports and the calibration pass's set-up (tiny: ~43 s)
+CAL_S_PER_GB = 120.0  # per GB of bf16 weights, a guess from GPTQ's per-layer Hessians
 
 
 class QuantCandidate(Frozen):
@@ -37,7 +47,7 @@ class QuantCandidate(Frozen):
     quant.checkpoint becomes: a Hub repo id, or the folder forge writes it into."""
 
     name: str  # what the agent chooses: hub:<repo>, rtn-w8a8, ...
-    kind: Literal["hub", "rtn"]
+    kind: Literal["hub", "rtn", "calibrated"]
     method: str  # the quant-facts table's method
     bits: int | None = None
     checkpoint: str
@@ -122,6 +132,23 @@ def rtn_candidates(outputs: Iterable[tuple[str, Path]], source: Path,
                 name=f"rtn-{scheme}", kind="rtn", method=method, bits=bits,
                 checkpoint=str(folder), prepare_s=RTN_FIXED_S + RTN_S_PER_GB * weights_gb,
                 note="written here by round-to-nearest (no calibration data)"))
+    return out
+
+
+def calibrated_candidates(outputs: Iterable[tuple[str, Path]], weights_bytes: int,
+                          hw: Hardware, samples: int) -> list[QuantCandidate]:
+    """Checkpoints forge calibrates on the run's own workload (scheme, output folder),
+    where this hardware serves them; `samples` is how many workload prompts calibrate."""
+    weights_gb = weights_bytes / 1e9
+    out = []
+    for scheme, folder in outputs:
+        method, bits, algorithm = CALIBRATED[scheme]
+        if quant.checkpoint_refusal(method, hw) is None:
+            out.append(QuantCandidate(
+                name=f"cal-{scheme}", kind="calibrated", method=method, bits=bits,
+                checkpoint=str(folder), prepare_s=CAL_FIXED_S + CAL_S_PER_GB * weights_gb,
+                note=f"calibrated here with llm-compressor ({algorithm}) on {samples} "
+                     "prompts of this workload"))
     return out
 
 
