@@ -22,17 +22,24 @@ TUNING scenarios were used while writing the strategy; REPORTED ones were not tu
 What it showed (3 seeds, builtin median / random median of the fraction of the optimum
 after 3, 5, 10, 15 experiments), REPORTED scenarios:
 
-    KV-bound long context, H100, 8B, c=32       0.56 0.98 0.98 0.98 / 0.00 0.72 0.82 0.82
-    prefix-heavy chat, A100-80GB, Qwen 7B, c=32 0.54 0.54 0.89 0.89 / 0.07 0.44 0.56 0.56
+    KV-bound long context, H100, 8B, c=32       0.98 0.98 0.98 0.98 / 0.00 0.72 0.82 0.82
+    prefix-heavy chat, A100-80GB, Qwen 7B, c=32 0.95 0.95 0.95 0.95 / 0.07 0.44 0.56 0.56
     bursty open loop, H100, 8B, c=64            0.96 0.96 0.96 0.96 / 0.94 0.98 0.98 0.99
-    small GPU (context does not fit), L4, c=16  0.38 1.00 1.00 1.00 / 0.00 0.54 0.55 0.65
+    small GPU (context does not fit), L4, c=16  0.38 0.97 0.97 0.97 / 0.00 0.54 0.55 0.65
     RAG prompts, A10G, 1B, c=24                 0.96 0.96 0.96 0.96 / 0.49 0.90 0.90 0.90
 
-The builtin strategy reaches 0.99 within 5 experiments in one scenario of five (the goal
-is most), is above random search's median at every budget in four, and below it in the
-bursty open loop after 3 (throughput is the arrival rate's; the differences are a few
-percent). What it leaves: gains of an earlier layer once it handed over (layers are not
-revisited: the prefix-heavy chat's and the long context's spec_tokens and token budget).
+and the TUNING ones 1.00 / 0.99 / 1.00 / 1.00 / 0.98 after 5 (short chat, long context,
+prefix chat, steady open loop, RAG on an L4). The builtin strategy reaches 0.99 within 5
+experiments in none of the REPORTED scenarios; it is above random search's median at
+every budget in four and below it in the bursty open loop from 5 experiments on. Where
+it falls short is the keep rule, not the search: in the long context, bursty, small-GPU
+and RAG scenarios it boots a config at >= 0.99 of the optimum within its first five
+experiments in 11 of 12 runs (the twelfth: its sixth), and the keep rule reverts it,
+because the gain left over the incumbent (1.7 - 3.7 %) is below what five passes at 3 %
+noise confirm (decision_rates.py: a true +5 % is kept about 37 % of the time); random
+search keeps its best measured config with no confirmation, so such small differences do
+not stop it. In the prefix-heavy chat
+the model sees nothing left past 0.95.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from aevyra_forge.core.values import ExperimentRecord, LaunchFailure, best_recor
 from aevyra_forge.core.workload import Workload, load_workload
 from aevyra_forge.decide.verdict import should_stop
 from aevyra_forge.engine.executor import LocalExecutor
+from aevyra_forge.engine.sim import layer2 as sim_layer2
 from aevyra_forge.engine.sim.engine import SimulatedEngine
 from aevyra_forge.loop.events import Silent
 from aevyra_forge.loop.tuner import Tuner
@@ -151,6 +159,8 @@ class Truth:
     def __init__(self, sc: Scenario, workload: Workload, tmp: Path) -> None:
         spec = gpu_spec(sc.gpu)
         self.space = KnobSpace(spec.hardware(), profile(sc.model), simulated=True)
+        # layer 2's candidates as a dry run offers them; their preparation is charged once
+        self.prepare = sim_layer2.offer(sc.model, self.space, lambda _: None)
         self.sim = SimulatedEngine(spec.hardware(), spec, self.space.model, self.space,
                                    noise_cv=0.0)
         self.sc, self.workload, self.tmp = sc, workload, tmp
@@ -162,7 +172,8 @@ class Truth:
         if recipe.id not in self.seen:
             self.recipes[recipe.id] = recipe
             server = self.sim.launch(recipe, self.tmp / "truth.log")
-            value, cost = 0.0, server.boot_s
+            prepared = self.prepare(recipe, self.tmp / "truth.prepare.log")
+            value, cost = 0.0, server.boot_s + (prepared.seconds if prepared else 0.0)
             if not isinstance(server, LaunchFailure):
                 out = self.sim.bench(server, self.workload, self.sc.concurrency)
                 cost += 5 * out.bench_s
@@ -231,11 +242,12 @@ def tune(sc: Scenario, workload: Workload, seed: int, tmp: Path, budget: int
                             concurrency=sc.concurrency, max_experiments=budget, seed=seed,
                             gpu=sc.gpu)
     space = KnobSpace(hw, profile(sc.model), simulated=True)
+    prepare = sim_layer2.offer(sc.model, space, lambda _: None)  # as a dry run's session
     sim = SimulatedEngine(hw, spec, space.model, space, seed=seed)
     run = RunStore(tmp / f"forge-{seed}").create_run({"model": sc.model, "hardware": sc.gpu})
     executor = LocalExecutor(sim, sim, sim, workload, concurrency=sc.concurrency,
                              repeats=settings.repeats, slo=None, log_path=run.log_path,
-                             log_root=run.path, stopper=should_stop)
+                             log_root=run.path, stopper=should_stop, prepare=prepare)
     Tuner(settings, hw, workload, space, load_playbook(), BuiltinStrategy(seed=seed),
           executor, run, space.baseline(sc.model), Silent()).run()
     records = run.records()
@@ -284,7 +296,8 @@ def _fractions(records: Sequence[ExperimentRecord], truth: Truth, optimum: float
 
 
 def _gpu_s(records: Sequence[ExperimentRecord], k: int) -> float:
-    return sum((r.boot_s or 0.0) + (r.bench_s or 0.0) for r in records if r.exp < k)
+    return sum((r.prepare_s or 0.0) + (r.boot_s or 0.0) + (r.bench_s or 0.0)
+               for r in records if r.exp < k)
 
 
 def run_scenario(sc: Scenario, seeds: int, budget: int) -> dict[str, Any]:

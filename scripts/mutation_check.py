@@ -110,7 +110,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "test_a_cap_above_the_requests_in_flight_is_inert_and_one_below_is_not"),
     Mutation(
         "builtin-plays-nil-moves", "aevyra_forge/agent/builtin.py",
-        "            why = _nil(_diagnosis(ctx), changes) or _off_lever(ctx, changes)\n",
+        "            why = nil(diagnosis_of(ctx), changes) or off_lever(ctx, changes)\n",
         "            why = None\n",
         "tests/agent/test_builtin.py::"
         "test_moves_the_diagnosis_proves_nil_are_skipped_with_the_reason"),
@@ -120,6 +120,54 @@ MUTATIONS: tuple[Mutation, ...] = (
         '    if knob == "kv_cache_dtype" and space.hw.device == "none":',
         "tests/decide/test_diagnosis.py::"
         "test_fp8_kv_cache_names_are_one_value_on_nvidia_only"),
+    Mutation(
+        "explicit-default-backend-not-a-synonym", "aevyra_forge/decide/diagnosis.py",
+        "        return _unset_or(auto_attention_backend(space.hw), value)\n",
+        "        return ()\n",
+        "tests/decide/test_diagnosis.py::"
+        "test_an_unset_attention_backend_is_the_one_vllm_picks_here"),
+    Mutation(
+        "default-capture-size-not-a-synonym", "aevyra_forge/decide/diagnosis.py",
+        '    if knob == "max_cudagraph_capture_size" and recipe is not None:',
+        '    if knob == "max_cudagraph_capture_size" and recipe is None:',
+        "tests/agent/test_moves.py::"
+        "test_explicit_defaults_are_not_fresh_once_the_default_was_measured"),
+    Mutation(
+        "earlier-layers-close-on-escalation", "aevyra_forge/agent/moves.py",
+        "    return tuple(layer for layer in LAYERS if layer <= ctx.layer)\n",
+        "    return tuple(layer for layer in LAYERS if layer == ctx.layer)\n",
+        "tests/agent/test_engine_model.py::"
+        "test_a_later_layer_still_proposes_an_earlier_layers_move"),
+    Mutation(
+        "tuner-refuses-an-earlier-layers-move", "aevyra_forge/loop/tuner.py",
+        "        if proposal.layer > layer:\n",
+        "        if proposal.layer != layer:\n",
+        "tests/loop/test_tuner.py::"
+        "test_an_earlier_layers_knobs_stay_open_and_a_later_ones_stay_closed"),
+    Mutation(
+        "off-lever-rule-outlives-the-config-diagnosed", "aevyra_forge/agent/moves.py",
+        "        and diagnosed == ctx.best.id\n",
+        "        and diagnosed is not None\n",
+        "tests/agent/test_moves.py::test_the_off_lever_rule_lapses_once_a_move_was_kept"),
+    Mutation(
+        "unconfirmed-gain-never-paired", "aevyra_forge/agent/builtin.py",
+        "            elif len(changes) == 1 and _pairable(changes, observations):\n",
+        "            elif False:\n",
+        "tests/agent/test_engine_model.py::"
+        "test_a_gain_measured_but_not_confirmed_is_paired_with_the_next_one"),
+    Mutation(
+        "search-boots-what-the-model-predicts-to-lose",
+        "aevyra_forge/agent/builtin.py",
+        "    return gain is not None and gain < -MIN_MODEL_GAIN\n",
+        "    return False\n",
+        "tests/agent/test_engine_model.py::"
+        "test_with_a_model_no_boot_goes_to_a_move_it_predicts_to_lose"),
+    Mutation(
+        "a-keep-ends-its-bench-early", "aevyra_forge/decide/verdict.py",
+        '    return look == "drop"\n',
+        "    return look is not None\n",
+        "tests/decide/test_verdict.py::"
+        "test_the_stop_rule_carries_what_judge_will_use_and_decides_like_it"),
     Mutation(
         "pass-isolation-ignores-the-hit-rates", "aevyra_forge/measure/isolation.py",
         "        r is not None and r - rates[0] > HIT_RATE_RISE for r in rates[1:])",
@@ -176,9 +224,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tests/loop/test_rounds.py::"
         "test_each_gpu_judges_against_the_incumbent_as_it_measured_it"),
     Mutation(
-        "builtin-proposes-a-move-already-chosen-for-the-round", "aevyra_forge/agent/builtin.py",
-        "        seen = ctx.tried_ids | ctx.pending_ids | {ctx.best.id}\n",
-        "        seen = ctx.tried_ids | {ctx.best.id}\n",
+        "builtin-proposes-a-move-already-chosen-for-the-round", "aevyra_forge/agent/*.py",
+        "    seen = ctx.tried_ids | ctx.pending_ids | {ctx.best.id}\n",
+        "    seen = ctx.tried_ids | {ctx.best.id}\n",
         "tests/agent/test_builtin.py::test_a_round_gets_distinct_moves_none_of_them_pending"),
     Mutation(
         "builtin-never-tries-what-it-cannot-model", "aevyra_forge/agent/builtin.py",

@@ -5,11 +5,12 @@
 # 0.17), while vLLM still loads what it writes (see /work/shared/VLLM_NOTES.md,
 # "Quantization libraries"). Idempotent: a second run only checks and returns.
 #
-# Not wired into `tune` yet: layer 2 writes round-to-nearest checkpoints with the
-# compressed-tensors inside vLLM's environment (aevyra_forge/engine/prepare.py). Measured
-# here: the install took ~9.5 min on 2 loaded cores (pip resolving and downloading); a
-# SmoothQuant + GPTQ W8A8 `oneshot` of the trained tiny model on 16 chat-templated samples
-# took 43 s and wrote a compressed-tensors 0.19 int-quantized checkpoint.
+# `tune` finds it as .venv-quant/bin/python (or --quant-python / FORGE_QUANT_PYTHON) and
+# then offers layer-2 checkpoints calibrated on the workload (aevyra_forge/engine/
+# calibrate.py, cal_script.py); `aevyra-forge doctor` reports it. Measured here: the
+# install took ~9.5 min on 2 loaded cores (pip resolving and downloading); a SmoothQuant +
+# GPTQ W8A8 `oneshot` of the trained tiny model on 16 chat-templated samples took 43 s and
+# wrote a compressed-tensors 0.19 int-quantized checkpoint.
 #
 # Usage: scripts/setup_quant_env.sh [VENV_DIR]
 #   VENV_DIR defaults to .venv-quant in the repository root.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,21 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_WORKLOAD = ROOT / "examples" / "sample_workload.jsonl"
 MODEL_8B = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+# The tiny Llama trained 300 steps on the standard library (aevyra_forge/testing/trained.py:
+# minutes to train, so it is shipped, ~4.6 MB). Regenerate it with vLLM's environment:
+# `.venv-vllm/bin/python -m aevyra_forge.testing.trained tests/data/tiny-trained`.
+TRAINED_TINY = ROOT / "tests" / "data" / "tiny-trained"
+
+
+@pytest.fixture
+def trained_tiny(tmp_path: Path) -> Path:
+    """A copy of the trained tiny Llama (engine tests serve and quantize it; the copy keeps
+    the shipped folder as it is)."""
+    out = tmp_path / "tiny-trained"
+    shutil.copytree(TRAINED_TINY, out)
+    return out
 
 
 @pytest.fixture

@@ -4,11 +4,25 @@ huggingface_hub 2.x uses, answered as the real Hub answers them.
 
 - `GET /api/models?filter=..&search=..&author=..&sort=downloads&limit=N&expand=..`
   (repeated `filter` means AND; only the expanded fields come back, with `id`),
-- `GET /api/models/{repo}[/revision/{rev}]` (model_info, with `siblings`),
-- `HEAD`/`GET /{repo}/resolve/{rev}/{path}` (`ETag`, `X-Repo-Commit`, `Content-Length`).
+- `GET /api/models/{repo}[/revision/{rev}]` (model_info / repo_info, with `siblings`),
+- `GET /api/models/{repo}/tree/{rev}[/{folder}]?recursive=..&expand=..` (list_repo_tree,
+  which snapshot_download and vLLM's file listing call; one page: the real Hub pages at
+  1000 entries, more than a test repo holds),
+- `HEAD`/`GET /{repo}/resolve/{rev}/{path}`: a file kept in git answers 200 with its git
+  blob id as `ETag`; a file kept in LFS (weights) answers 302 to the fake's own CDN route
+  `/lfs/{sha256}` with `X-Linked-Etag` (the sha256) and `X-Linked-Size`, as the real Hub
+  redirects to its CDN; both carry `X-Repo-Commit`,
+- `GET /api/agent-harnesses`: the registry huggingface_hub 2.x fetches (at most daily,
+  cached under HF_HOME) to tell whether an AI coding agent runs it; answered with the
+  registry's shape and no harnesses,
+- `GET /lfs/{sha256}` on the fake's CDN (`cdn_url`: a second listener on 127.0.0.1, another
+  origin, so huggingface_hub takes the metadata from the redirect and does not follow it
+  with HEAD, as with the real CDN): the bytes of an LFS file.
 
-Gated repos answer 401 with `X-Error-Code: GatedRepo` to a request without the right
-token, private ones 401 `RepoNotFound` (the real Hub hides them). Every request is
+A revision is `main` or the repo's commit id (`sha`), else 404 `RevisionNotFound`; a
+missing tree path or file is 404 `EntryNotFound`. Gated repos answer 401 with
+`X-Error-Code: GatedRepo` to a request without the right token, private ones 401
+`RepoNotFound` (the real Hub hides them). Every request is
 recorded; one it does not know (path or query parameter) is answered 400 and kept in
 `unexpected`, so tests assert the exact requests the client sends."""
 
@@ -16,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +41,42 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 LIST_PARAMS = {"filter", "search", "author", "sort", "limit", "expand"}
 INFO_PARAMS = {"expand", "blobs"}
+TREE_PARAMS = {"recursive", "expand"}
+# what the Hub's default .gitattributes stores in LFS, by file suffix
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".onnx")
+
+
+def safetensors_parameters(body: bytes) -> dict[str, int]:
+    """Parameters per dtype of a safetensors file, from its header (an 8-byte little-endian
+    length, then JSON: tensor name -> dtype, shape, offsets)."""
+    size = int.from_bytes(body[:8], "little")
+    header = json.loads(body[8:8 + size])
+    counts: dict[str, int] = {}
+    for name, tensor in header.items():
+        if name != "__metadata__":
+            counts[tensor["dtype"]] = counts.get(tensor["dtype"], 0) + math.prod(tensor["shape"])
+    return counts
+
+
+def git_blob_id(body: bytes) -> str:
+    """The git object id of a file's bytes (what the Hub's tree calls its `oid`)."""
+    return hashlib.sha1(b"blob %d\0" % len(body) + body).hexdigest()
+
+
+def is_lfs(name: str) -> bool:
+    return name.endswith(LFS_SUFFIXES)
+
+
+def online(monkeypatch: Any, tmp_path: Path) -> None:
+    """Let huggingface_hub reach a fake Hub in this process (tests/conftest.py sets
+    HF_HUB_OFFLINE for the whole suite; huggingface_hub read it at import), with no token
+    from the developer's environment or login."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_STORED_TOKENS_PATH",
+                        str(tmp_path / "stored_tokens"))
 
 
 @dataclass
@@ -50,9 +101,17 @@ class FakeRepo:
 
     @classmethod
     def from_dir(cls, folder: Path, **kw: Any) -> FakeRepo:
-        """A repo serving every file of a local model folder."""
+        """A repo serving every file of a local model folder; its safetensors parameter
+        counts read from the files' headers, as the Hub reports them, unless given."""
         files = {str(p.relative_to(folder)): p.read_bytes()
                  for p in sorted(folder.rglob("*")) if p.is_file()}
+        if "safetensors" not in kw and any(n.endswith(".safetensors") for n in files):
+            counts: dict[str, int] = {}
+            for name, body in files.items():
+                if name.endswith(".safetensors"):
+                    for dtype, n in safetensors_parameters(body).items():
+                        counts[dtype] = counts.get(dtype, 0) + n
+            kw["safetensors"] = counts
         return cls(files=files, **kw)
 
 
@@ -78,23 +137,37 @@ class FakeHub:
 
         class Handler(_Handler):
             owner = hub
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._servers = [ThreadingHTTPServer(("127.0.0.1", 0), Handler) for _ in range(2)]
+        self._threads = [threading.Thread(target=server.serve_forever, daemon=True)
+                         for server in self._servers]
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        for server, thread in zip(self._servers, self._threads, strict=True):
+            server.shutdown()
+            server.server_close()
+            thread.join()
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
+        """The Hub (HF_ENDPOINT)."""
+        host, port = self._servers[0].server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    @property
+    def cdn_url(self) -> str:
+        """Where LFS downloads are redirected to."""
+        host, port = self._servers[1].server_address[:2]
         return f"http://{host!s}:{port}"
 
     def paths(self, method: str | None = None) -> list[str]:
         return [r.path for r in self.requests if method is None or r.method == method]
+
+    def lfs_url(self, repo_id: str, name: str) -> str:
+        """Where the fake's CDN serves an LFS file of a repo (what a download GETs)."""
+        return f"/lfs/{hashlib.sha256(self.repos[repo_id].files[name]).hexdigest()}"
 
     # -- answers -----------------------------------------------------------------------
     def visible(self, repo: FakeRepo, authorized: bool) -> bool:
@@ -127,6 +200,36 @@ class FakeHub:
         limit = int(query.get("limit", ["1000"])[0])
         return [self.card(rid, r, query.get("expand")) for rid, r in found[:limit]]
 
+    def tree(self, repo: FakeRepo, folder: str, recursive: bool) -> list[dict[str, Any]] | None:
+        """The entries under `folder` ("" for the root) as the Hub's tree route lists
+        them, folders before files; None when no such folder exists."""
+        prefix = folder.strip("/") + "/" if folder.strip("/") else ""
+        names = [n for n in sorted(repo.files) if n.startswith(prefix)]
+        if prefix and not names:
+            return None
+        folders: set[str] = set()
+        files: list[dict[str, Any]] = []
+        for name in names:
+            rest = name[len(prefix):].split("/")
+            for depth in range(1, len(rest) if recursive else min(len(rest), 2)):
+                folders.add(prefix + "/".join(rest[:depth]))
+            if len(rest) > 1 and not recursive:
+                continue
+            body = repo.files[name]
+            entry: dict[str, Any] = {"type": "file", "oid": git_blob_id(body),
+                                     "size": len(body), "path": name}
+            if is_lfs(name):
+                entry["lfs"] = {"oid": hashlib.sha256(body).hexdigest(), "size": len(body),
+                                "pointerSize": 134}
+            files.append(entry)
+        dirs = [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0,
+                 "path": d} for d in sorted(folders)]
+        return dirs + files
+
+    def blob(self, sha256: str) -> bytes | None:
+        return next((body for repo in self.repos.values() for name, body in repo.files.items()
+                     if is_lfs(name) and hashlib.sha256(body).hexdigest() == sha256), None)
+
 
 class _Handler(BaseHTTPRequestHandler):
     owner: FakeHub
@@ -155,32 +258,77 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._refuse(f"unknown list parameters {sorted(set(query) - LIST_PARAMS)}")
             return self._json(200, hub.list_models(query, authorized))
         if method == "GET" and path.startswith("/api/models/"):
-            if set(query) - INFO_PARAMS:
-                return self._refuse(f"unknown info parameters {sorted(set(query) - INFO_PARAMS)}")
-            repo_id = "/".join(path.split("/")[3:5])
-            repo = hub.repos.get(repo_id)
-            if repo is None or not hub.visible(repo, authorized):
-                return self._error(401, "RepoNotFound", "Repository not found")
-            return self._json(200, hub.card(repo_id, repo, query.get("expand")))
+            return self._repo_api(path.split("/")[3:], query, authorized)
+        if method == "GET" and path == "/api/agent-harnesses" and not query:
+            return self._json(200, {"standardEnvVars": ["AI_AGENT", "AGENT"], "harnesses": {}})
+        if method in ("GET", "HEAD") and path.startswith("/lfs/"):
+            body = hub.blob(path.split("/")[2])
+            if body is None:
+                return self._error(404, "EntryNotFound", "Entry not found", method)
+            return self._bytes(method, body, {"ETag": f'"{path.split("/")[2]}"'})
         segments = path.strip("/").split("/")
         if len(segments) >= 5 and segments[2] == "resolve":
-            return self._file(method, "/".join(segments[:2]), "/".join(segments[4:]),
-                              authorized)
+            return self._file(method, "/".join(segments[:2]), segments[3],
+                              "/".join(segments[4:]), authorized)
         return self._refuse(f"unknown route {method} {path}")
 
-    def _file(self, method: str, repo_id: str, name: str, authorized: bool) -> None:
+    def _repo_api(self, parts: list[str], query: Mapping[str, list[str]],
+                  authorized: bool) -> None:
+        """/api/models/{owner}/{name}, .../revision/{rev}, .../tree/{rev}[/{folder}]."""
+        hub = self.owner
+        repo_id, rest = "/".join(parts[:2]), parts[2:]
+        kind = rest[0] if rest else "info"
+        if kind not in ("info", "revision", "tree") or (kind != "info" and len(rest) < 2):
+            return self._refuse(f"unknown repo route {'/'.join(parts)}")
+        allowed = TREE_PARAMS if kind == "tree" else INFO_PARAMS
+        if set(query) - allowed:
+            return self._refuse(f"unknown {kind} parameters {sorted(set(query) - allowed)}")
+        repo = hub.repos.get(repo_id)
+        if repo is None or not hub.visible(repo, authorized):
+            return self._error(401, "RepoNotFound", "Repository not found")
+        if kind != "info" and rest[1] not in ("main", repo.sha):
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {rest[1]}")
+        if kind != "tree":
+            return self._json(200, hub.card(repo_id, repo, query.get("expand")))
+        if repo.gated and not authorized:
+            return self._error(401, "GatedRepo", "Access to this model is restricted")
+        recursive = query.get("recursive", ["False"])[0].lower() in ("true", "1")
+        entries = hub.tree(repo, "/".join(rest[2:]), recursive)
+        if entries is None:
+            return self._error(404, "EntryNotFound", "Entry not found")
+        return self._json(200, entries)
+
+    def _file(self, method: str, repo_id: str, revision: str, name: str,
+              authorized: bool) -> None:
         repo = self.owner.repos.get(repo_id)
         if repo is None or not self.owner.visible(repo, authorized):
             return self._error(401, "RepoNotFound", "Repository not found", method)
         if repo.gated and not authorized:
             return self._error(401, "GatedRepo", "Access to this model is restricted",
                                method)
+        if revision not in ("main", repo.sha):
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}",
+                               method)
         body = repo.files.get(name)
         if body is None:
             return self._error(404, "EntryNotFound", "Entry not found", method)
+        if is_lfs(name):  # the real Hub redirects LFS files to its CDN
+            sha256 = hashlib.sha256(body).hexdigest()
+            self.send_response(302)
+            for header, value in (("Location", f"{self.owner.cdn_url}/lfs/{sha256}"),
+                                  ("X-Linked-Etag", f'"{sha256}"'),
+                                  ("X-Linked-Size", str(len(body))),
+                                  ("X-Repo-Commit", repo.sha), ("Content-Length", "0")):
+                self.send_header(header, value)
+            self.end_headers()
+            return None
+        return self._bytes(method, body, {"ETag": f'"{git_blob_id(body)}"',
+                                          "X-Repo-Commit": repo.sha})
+
+    def _bytes(self, method: str, body: bytes, headers: Mapping[str, str]) -> None:
         self.send_response(200)
-        self.send_header("ETag", '"' + hashlib.sha256(body).hexdigest() + '"')
-        self.send_header("X-Repo-Commit", repo.sha)
+        for header, value in headers.items():
+            self.send_header(header, value)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
@@ -237,7 +385,6 @@ def model_files(config: Mapping[str, Any]) -> dict[str, bytes]:
     """config.json (and a stand-in weights file) of a model repo."""
     return {"config.json": json.dumps(config).encode(),
             "model.safetensors": b"\0" * 64}
-
 
 
 def speculator_config(verifier: str, vocab_size: int, method: str = "eagle3"

@@ -16,9 +16,10 @@ LAYERS: list[str] = ["core", "testing", "space", "measure", "engine", "decide", 
                      "store", "loop", "report", "cli"]
 TOP_LEVEL_MODULES = {"__init__", "__main__"}
 # Entry points that talk to a terminal: the CLI package, and `python -m
-# aevyra_forge.testing.tinymodel`, which runs under the vLLM environment's Python.
+# aevyra_forge.testing.tinymodel`, which runs under the vLLM environment's Python; the
+# quantization scripts run by file path in vLLM's and llm-compressor's environments.
 COMMAND_LINES = ("cli", "__main__", "testing.tinymodel", "testing.trained",
-                 "engine.rtn_script")
+                 "testing.smollm2", "engine.rtn_script", "engine.cal_script")
 
 
 def _prints_allowed(module: str) -> bool:

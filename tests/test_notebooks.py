@@ -13,6 +13,10 @@ import pytest
 from nbclient import NotebookClient
 from nbformat import NotebookNode
 
+from aevyra_forge.engine.sim import layer2 as sim_layer2
+from aevyra_forge.space.gpu_catalogue import gpu_spec
+from aevyra_forge.space.knob_space import KnobSpace
+from aevyra_forge.space.model_profile import profile
 from tests.conftest import MODEL_8B, ROOT, SAMPLE_WORKLOAD, run_cli
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -56,7 +60,15 @@ def test_quickstart_tunes_and_charts(monkeypatch: pytest.MonkeyPatch) -> None:
     # the builtin strategy stops once no move is worth a boot: 12 at most, a few at least
     found = re.search(r"(\d+) experiments in 001_", text)
     assert found is not None and 3 <= int(found[1]) <= 12, text[:300]
-    assert "Deploy recipe " in text and "vllm serve " + MODEL_8B in text
+    assert "Deploy recipe " in text
+    served = re.search(r"vllm serve (\S+) .*--served-model-name (\S+)", text)
+    assert served is not None and served[2] == MODEL_8B, text
+    # the model, or a checkpoint layer 2 offers in a dry run as in a real one (on the
+    # simulated A100: no method vLLM would have to be told by name)
+    space = KnobSpace(gpu_spec("A100-80GB").hardware(), profile(MODEL_8B), simulated=True)
+    sim_layer2.offer(MODEL_8B, space, lambda _: None)
+    assert served[1] in {MODEL_8B, *(c.checkpoint for c in space.quant_candidates)}
+    assert "--quantization" not in served[0]
     assert len(images) == 1 and images[0].startswith(PNG_MAGIC)
 
 

@@ -3,16 +3,25 @@
 It first fixes a context that cannot boot (vLLM names the largest max_model_len that
 fits) and repairs a config that does not boot from vLLM's hint (agent/repair.py). Once a
 config served, a model of vLLM (agent/engine_model.py: the simulator calibrated on the
-run's reference) ranks every single-knob move of the active layer, and the playbook's
-combined ones, by predicted gain plus an uncertainty learned from its misses; a move is
-proposed only when that clears the gain the keep rule can confirm; a move it cannot model
-(its "no change" is ignorance) is tried once next. Without a model (the CPU build, an
+run's reference) ranks every single-knob move of the open layers (the active one and
+those before it: escalating closes no layer), the playbook's combined moves, and pairs of
+the best single ones (small gains, or one measured up but not confirmed, that add up to
+one the keep rule can confirm) by predicted gain plus an uncertainty learned from its
+misses; a move is proposed only when that clears the gain the keep rule can confirm, and
+a layer hands over as soon as a later one holds a move predicted to gain more. A move it
+cannot model (its "no change" is ignorance) is tried once next; the playbook's guesses
+the model ranks below what can be confirmed get no boot, and the search explores the
+budget left with moves the model cannot rule out (never another layer-2 checkpoint of the
+incumbent's quantization method: the same kernels, agent/moves.same_kernels). Layer 2's
+candidates are moves like any other: each carries its method, and the model simulates it
+from the quant-facts table; the pairs it ranks take each knob's best value, so the many
+candidates of `quant_candidate` leave room for other knobs. Without a model (the CPU build, an
 unknown GPU) it plays the playbook's first moves, then a kernel-regression search
 (surrogate.py). Every path skips moves the baseline's diagnosis (decide/diagnosis.py)
 proves nil, saying why in the next proposal's rationale, treats synonyms on this hardware
-(fp8 and fp8_e4m3 KV caches on NVIDIA, a dtype and the `auto` that resolves to it) as one
-value, and in layer 1 tries only knobs that act on the binding resource, so a layer whose
-levers are spent escalates early.
+(agent/moves.py: fp8 and fp8_e4m3 KV caches on NVIDIA, a dtype and the `auto` that
+resolves to it, an explicit default) as one value, and while the incumbent is the config
+diagnosed tries only layer-1 knobs that act on the binding resource.
 
 We do not use a global optimiser such as TPE: the loop's contract is ONE mutation of the
 incumbent per experiment, and a sampler that proposes whole points would change every
@@ -21,29 +30,46 @@ knob at once and make each keep/revert unexplainable."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import numpy as np
 
 from aevyra_forge.agent.base import AgentContext, ProposalReply
 from aevyra_forge.agent.engine_model import EngineModel
+from aevyra_forge.agent.moves import (
+    MIN_MODEL_GAIN,
+    SEARCH_EXCLUDED,
+    Move,
+    candidates,
+    converged,
+    detectable,
+    diagnosis_of,
+    fresh,
+    infeasible,
+    layer_of,
+    nil,
+    off_lever,
+    open_layers,
+    restricted,
+    same_kernels,
+)
 from aevyra_forge.agent.repair import fit_context, repair_move
-from aevyra_forge.agent.surrogate import PRIOR_SD, beyond_failure, observations_of, predict
+from aevyra_forge.agent.surrogate import (
+    PRIOR_SD,
+    Obs,
+    beyond_failure,
+    observations_of,
+    predict,
+)
 from aevyra_forge.core.errors import KnobError, UsageError
-from aevyra_forge.core.values import LAYERS, Diagnosis, Proposal, Scalar
-from aevyra_forge.decide.diagnosis import acts_on, synonyms
-from aevyra_forge.decide.stats import pooled_noise, relative_interval
+from aevyra_forge.core.values import LAYERS, Layer, Proposal, Scalar
+from aevyra_forge.decide.diagnosis import acts_on
 from aevyra_forge.space.knob_space import KNOBS
 from aevyra_forge.space.playbook import first_moves
 
 MIN_UCB = 0.005  # below this no move is worth an experiment: the layer is exhausted
-SEARCH_EXCLUDED = frozenset({"max_model_len"})  # feasibility knob, set by the context fix
 OFF_LEVER_SD = 0.03  # prior uncertainty of a knob that does not act on the binding resource
-MIN_MODEL_GAIN = 0.01  # log gain below which no move is worth a boot (--min-improvement-pct)
-# a layer escalates while the predicted gain (log) of its best move is under SMALL_GAIN and
-# a later layer's is LATER_RATIO times larger
-SMALL_GAIN, LATER_RATIO = 0.05, 1.5
-PAIRED = 4  # the best single moves whose pairs are also ranked
+PAIRED = 4  # the best single moves (each of its own knob) whose pairs are also ranked
+Ranked = tuple[float, Move, float, float]  # (gain + exploration x sd, move, gain, sd)
 
 
 class BuiltinStrategy:
@@ -68,7 +94,7 @@ class BuiltinStrategy:
                         or (self._unmodelled_move(ctx, model) if model else None)
                         or self._playbook_move(ctx, skipped, model)
                         or self._search_move(ctx, skipped, model))
-            reason = None if proposal else _converged(ctx, model is not None, skipped)
+            reason = None if proposal else converged(ctx, model is not None, skipped)
         said = " ".join(r.proposal.rationale for r in ctx.history if r.proposal is not None)
         skipped = {move: why for move, why in skipped.items() if f"{move} (" not in said}
         if proposal is not None and skipped:  # each skip is recorded once, where it happens
@@ -81,7 +107,7 @@ class BuiltinStrategy:
     def _model(self, ctx: AgentContext) -> EngineModel | None:
         """The simulator calibrated on this run's reference, once one config served and
         the hardware is one it knows; None otherwise (the playbook and search follow)."""
-        diagnosis = _diagnosis(ctx)
+        diagnosis = diagnosis_of(ctx)
         reference = next((r for r in ctx.history if r.status == "ok" and r.kept
                           and r.metrics is not None), None)
         if not self.use_model or diagnosis is None or reference is None \
@@ -104,49 +130,47 @@ class BuiltinStrategy:
     def _model_move(self, ctx: AgentContext, model: EngineModel, skipped: dict[str, str]
                     ) -> Proposal | None:
         """The move with the highest predicted gain plus uncertainty (the model's past
-        misses), when that clears what the keep rule can confirm (`_detectable`: a smaller
-        gain costs a boot and is reverted as noise)."""
-        best = self._ranked(ctx, model, skipped)
-        if best is None or best[0] < _detectable(ctx):
+        misses) in the open layers, when that clears what the keep rule can confirm
+        (`detectable`: a smaller gain costs a boot and is reverted as noise)."""
+        best = self._ranked(ctx, model, skipped, open_layers(ctx))
+        if best is None or best[0] < detectable(ctx):
             return None
         _, changes, gain, sd = best
         text = ", ".join(f"{k}={v}" for k, v in changes.items())
         return Proposal(
-            layer=ctx.layer, changes=changes,
+            layer=layer_of(changes), changes=changes,
             rationale=(f"model of vLLM (the simulator calibrated on this run's reference): "
                        f"{text} predicted {math.expm1(gain) * 100:+.1f}% (uncertainty "
                        f"±{math.expm1(sd) * 100:.1f}% from its misses so far)"),
             expected_effect=f"score {math.expm1(gain) * 100:+.1f}%")
 
     def _hand_over(self, ctx: AgentContext, model: EngineModel) -> str | None:
-        """Why this layer escalates now (None: it does not): its best move is predicted
-        under SMALL_GAIN and a later layer's LATER_RATIO times more, and no move here is
-        one the model cannot predict. Layers are not revisited, so the small gains left
-        here are the cheaper loss, and such gains are mostly reverted as noise anyway."""
-        best = self._ranked(ctx, model, {})
+        """Why this layer escalates now (None: it does not): a later layer holds a move
+        predicted to gain more than the best one left in the open layers. Escalating
+        closes no layer (their moves stay open), so the larger gain goes first."""
+        best = self._ranked(ctx, model, {}, open_layers(ctx))
         here = max(best[2], MIN_MODEL_GAIN) if best is not None else MIN_MODEL_GAIN
-        later = [(layer, self._ranked(replace(ctx, layer=layer), model, {}))
+        later = [(layer, self._ranked(ctx, model, {}, (layer,)))
                  for layer in LAYERS if layer > ctx.layer]
         top = max(((b[2], layer, b[1]) for layer, b in later if b is not None),
                   default=None, key=lambda t: t[0])
-        if top is None or here >= SMALL_GAIN or top[0] <= LATER_RATIO * here \
-                or self._unmodelled_move(ctx, model) is not None:
+        if top is None or top[0] <= here:
             return None
         move = ", ".join(f"{k}={v}" for k, v in top[2].items())
-        return (f"handed over early: the best move left in layer {ctx.layer} is predicted "
+        return (f"handed over: the best move left up to layer {ctx.layer} is predicted "
                 f"{math.expm1(here) * 100:+.1f}%, layer {top[1]}'s ({move}) "
-                f"{math.expm1(top[0]) * 100:+.1f}%; layers are not revisited")
+                f"{math.expm1(top[0]) * 100:+.1f}%; earlier layers stay open")
 
     def _unmodelled_move(self, ctx: AgentContext, model: EngineModel) -> Proposal | None:
         """A move the model cannot predict (its "no change" is ignorance: a kernel
         plug-in, a knob the simulator does not read), at the prior uncertainty of the
         search, so each is tried once before the layer is declared converged."""
         observations = observations_of(ctx.history)
-        diagnosis = _diagnosis(ctx)
-        best: tuple[float, dict[str, Scalar]] | None = None
-        for changes in self._candidates(ctx):
-            if len(changes) != 1 or _nil(diagnosis, changes) or _off_lever(ctx, changes) \
-                    or not self._fresh(ctx, changes) or self._infeasible(ctx, changes):
+        diagnosis = diagnosis_of(ctx)
+        best: tuple[float, Move] | None = None
+        for changes in candidates(ctx, open_layers(ctx)):
+            if len(changes) != 1 or nil(diagnosis, changes) or off_lever(ctx, changes) \
+                    or not fresh(ctx, changes) or infeasible(ctx, changes):
                 continue
             [(name, value)] = changes.items()
             if model.models(ctx.best, changes):
@@ -160,52 +184,57 @@ class BuiltinStrategy:
             return None
         text = ", ".join(f"{k}={v}" for k, v in best[1].items())
         return Proposal(
-            layer=ctx.layer, changes=best[1],
+            layer=layer_of(best[1]), changes=best[1],
             rationale=(f"the model of vLLM cannot predict {text} (the simulator does not "
                        f"model it), so it is tried once: prior uncertainty "
                        f"±{math.expm1(PRIOR_SD) * 100:.0f}%"),
             expected_effect="unknown: measured, not predicted")
 
-    def _ranked(self, ctx: AgentContext, model: EngineModel, skipped: dict[str, str]
-                ) -> tuple[float, dict[str, Scalar], float, float] | None:
-        """The layer's best move by predicted log gain plus uncertainty: (that bound, the
-        move, the gain, its sd). Single-knob moves and the playbook's combined ones, less
-        what the diagnosis proves nil, what crashed, and what the model expects to lose
-        accuracy."""
+    def _ranked(self, ctx: AgentContext, model: EngineModel, skipped: dict[str, str],
+                layers: tuple[Layer, ...]) -> Ranked | None:
+        """The best move of `layers` by predicted log gain plus uncertainty: (that bound,
+        the move, the gain, its sd). Single-knob moves and the playbook's combined ones,
+        less what the diagnosis proves nil, what crashed, and what the model expects to
+        lose accuracy."""
         base = model.throughput(ctx.best)
         if base <= 0:
             return None
+        diagnosis = diagnosis_of(ctx)
         observations = observations_of(ctx.history)
-        diagnosis = _diagnosis(ctx)
-        best: tuple[float, dict[str, Scalar], float, float] | None = None
-        gains: list[tuple[float, dict[str, Scalar]]] = []
-        for changes in self._candidates(ctx):
+        best: Ranked | None = None
+        gains: list[tuple[float, Move]] = []
+        for changes in candidates(ctx, layers):
             text = ", ".join(f"{k}={v}" for k, v in changes.items())
-            why = _nil(diagnosis, changes) or _off_lever(ctx, changes)
+            why = nil(diagnosis, changes) or off_lever(ctx, changes)
             if why is not None:
                 skipped[text] = why
                 continue
-            if not self._fresh(ctx, changes) or any(
-                    beyond_failure(KNOBS[k], ctx.space.grid(KNOBS[k]),
-                                   ctx.space.value(ctx.best, KNOBS[k]), v,
-                                   observations.get(k, [])) for k, v in changes.items()):
+            if infeasible(ctx, changes):
                 continue
-            best = self._score(ctx, model, changes, base, best, gains)
-        # then the best single moves of two knobs together: small gains, each below what
-        # one experiment can confirm, may add up to one that can be
-        top = sorted((g for g in gains if g[0] > 0 and len(g[1]) == 1),
-                     key=lambda g: -g[0])[:PAIRED]
+            if fresh(ctx, changes):
+                best = self._score(ctx, model, changes, base, best, gains)
+            elif len(changes) == 1 and _pairable(changes, observations):
+                self._score(ctx, model, changes, base, None, gains)  # it may still pair
+        # then the best single moves of two knobs together (of one layer or two open
+        # ones): small gains, each below what one experiment can confirm, may add up to
+        # one that can be; a move measured up but not confirmed is paired too, one
+        # measured flat (alone or in a pair) is not. Only each knob's best value: two
+        # values of one knob never pair, and layer 2's many candidates (a Hub copy and
+        # the checkpoints forge writes, of one method alike) would crowd out other knobs
+        per_knob: dict[str, tuple[float, Move]] = {}
+        for g in sorted((g for g in gains if g[0] > 0 and len(g[1]) == 1
+                         and _pairable(g[1], observations)), key=lambda g: -g[0]):
+            per_knob.setdefault(next(iter(g[1])), g)
+        top = list(per_knob.values())[:PAIRED]
         for i, (_, one) in enumerate(top):
             for _, other in top[i + 1:]:
                 pair = {**one, **other}
-                if len(pair) == 2 and self._fresh(ctx, pair):
+                if len(pair) == 2 and fresh(ctx, pair):
                     best = self._score(ctx, model, pair, base, best, [])
         return best
 
-    def _score(self, ctx: AgentContext, model: EngineModel, changes: dict[str, Scalar],
-               base: float, best: tuple[float, dict[str, Scalar], float, float] | None,
-               gains: list[tuple[float, dict[str, Scalar]]]
-               ) -> tuple[float, dict[str, Scalar], float, float] | None:
+    def _score(self, ctx: AgentContext, model: EngineModel, changes: Move, base: float,
+               best: Ranked | None, gains: list[tuple[float, Move]]) -> Ranked | None:
         """The better of `best` and `changes` by predicted gain plus uncertainty."""
         recipe = ctx.space.apply(ctx.best, changes)
         value = model.throughput(recipe)
@@ -218,23 +247,6 @@ class BuiltinStrategy:
         if best is None or gain + self.exploration * sd > best[0]:
             return gain + self.exploration * sd, changes, gain, sd
         return best
-
-    def _candidates(self, ctx: AgentContext) -> list[dict[str, Scalar]]:
-        """Every single-knob move of the layer, then the playbook's combined moves."""
-        out: list[dict[str, Scalar]] = []
-        for knob in ctx.space.knobs(ctx.layer):
-            if knob.name in SEARCH_EXCLUDED:
-                continue
-            current = ctx.space.value(ctx.best, knob)
-            out += [{knob.name: v} for v in ctx.space.grid(knob) if v != current]
-        for move in first_moves(ctx.playbook):
-            if len(move) > 1 and all(k in KNOBS and KNOBS[k].layer == ctx.layer
-                                     for k in move):
-                try:
-                    out.append(ctx.space.validate(move, ctx.layer))
-                except KnobError:
-                    continue
-        return out
 
     # -- 3. the playbook's first moves ---------------------------------------------------
     def _playbook_move(self, ctx: AgentContext, skipped: dict[str, str],
@@ -249,10 +261,11 @@ class BuiltinStrategy:
                 changes = ctx.space.validate(move, ctx.layer)
             except KnobError:
                 continue
-            if not self._fresh(ctx, changes) or self._infeasible(ctx, changes):
+            if not fresh(ctx, changes) or infeasible(ctx, changes) \
+                    or self._not_worth_a_boot(ctx, model, changes):
                 continue
             text = ", ".join(f"{k}={v}" for k, v in changes.items())
-            why = _nil(_diagnosis(ctx), changes) or _off_lever(ctx, changes)
+            why = nil(diagnosis_of(ctx), changes) or off_lever(ctx, changes)
             if why is None and _inaccurate(ctx, model, changes):
                 why = "the model expects its accuracy below --accuracy-floor"
             if why is not None:
@@ -268,15 +281,15 @@ class BuiltinStrategy:
                      model: EngineModel | None = None) -> Proposal | None:
         space = ctx.space
         observations = observations_of(ctx.history)
-        diagnosis = _diagnosis(ctx)
+        diagnosis = diagnosis_of(ctx)
         rng = np.random.default_rng([self.seed, len(ctx.history), ctx.attempt])
         best: tuple[float, str, Scalar, float, float] | None = None
         for knob in space.knobs(ctx.layer):
             if knob.name in SEARCH_EXCLUDED:
                 continue
             # layer 1 is where the diagnosis speaks: only knobs that act on what binds
-            off_lever = diagnosis is not None and not acts_on(diagnosis.binding, knob.name)
-            if off_lever and _restrict(ctx):
+            off = diagnosis is not None and not acts_on(diagnosis.binding, knob.name)
+            if off and restricted(ctx, knob.name):
                 continue
             current = space.value(ctx.best, knob)
             grid = space.grid(knob)
@@ -285,13 +298,13 @@ class BuiltinStrategy:
                 if value == current:
                     continue
                 changes = {knob.name: value}
-                if not self._fresh(ctx, changes) or beyond_failure(
-                        knob, grid, current, value, obs):
+                if not fresh(ctx, changes) or beyond_failure(knob, grid, current, value, obs) \
+                        or nil(diagnosis, changes) is not None \
+                        or same_kernels(ctx, changes) is not None \
+                        or _inaccurate(ctx, model, changes) \
+                        or _predicted_loss(ctx, model, changes):
                     continue
-                if _nil(diagnosis, changes) is not None or _inaccurate(ctx, model, changes):
-                    continue
-                mean, sd = predict(knob, grid, value, obs,
-                                    OFF_LEVER_SD if off_lever else PRIOR_SD)
+                mean, sd = predict(knob, grid, value, obs, OFF_LEVER_SD if off else PRIOR_SD)
                 ucb = mean + self.exploration * sd + 1e-9 * float(rng.random())
                 if best is None or ucb > best[0]:
                     best = (ucb, knob.name, value, mean, sd)
@@ -306,95 +319,49 @@ class BuiltinStrategy:
                        f"±{math.expm1(sd) * 100:.0f}%) from {len(ctx.history)} experiments"),
             expected_effect=f"score {math.expm1(mean) * 100:+.1f}%")
 
-    # -- helpers --------------------------------------------------------------------------
-    @staticmethod
-    def _fresh(ctx: AgentContext, changes: dict[str, Scalar]) -> bool:
-        """Untried, not the incumbent, not chosen for this round already, and a
-        combination vLLM would accept; a value and its synonyms here count as one."""
-        candidate = ctx.space.apply(ctx.best, changes)
-        seen = ctx.tried_ids | ctx.pending_ids | {ctx.best.id}
-        if candidate.id in seen:
+    def _not_worth_a_boot(self, ctx: AgentContext, model: EngineModel | None,
+                          changes: Move) -> bool:
+        """Whether the model of vLLM predicts a playbook guess (a move it can model)
+        below what the keep rule can confirm, its uncertainty included: the ranking
+        already passed it over."""
+        gain = _predicted(ctx, model, changes)
+        if gain is None or model is None:
             return False
-        for name, value in changes.items():
-            for other in synonyms(ctx.space, name, value):
-                if ctx.space.apply(ctx.best, {**changes, name: other}).id in seen:
-                    return False
-        try:
-            ctx.space.check_combination(candidate)
-        except KnobError:
-            return False
-        return True
-
-    @staticmethod
-    def _infeasible(ctx: AgentContext, changes: dict[str, Scalar]) -> bool:
-        observations = observations_of(ctx.history)
-        for name, value in changes.items():
-            knob = KNOBS[name]
-            grid = ctx.space.grid(knob)
-            current = ctx.space.value(ctx.best, knob)
-            if beyond_failure(knob, grid, current, value, observations.get(name, [])):
-                return True
-        return False
+        sd = model.uncertainty(max(gain, 0.0))
+        return gain + self.exploration * sd < detectable(ctx)
 
 
-def _diagnosis(ctx: AgentContext) -> Diagnosis | None:
-    """The latest diagnosis of a config that served (the baseline's, normally)."""
-    return next((r.diagnosis for r in reversed(ctx.history)
-                 if r.diagnosis is not None and r.diagnosis.binding != "boot"), None)
-
-
-def _nil(diagnosis: Diagnosis | None, changes: dict[str, Scalar]) -> str | None:
-    """Why a move is (partly) nil: a knob it sets is inert. The rest of a combined move,
-    when it matters, is a move of its own."""
-    if diagnosis is None:
+def _predicted(ctx: AgentContext, model: EngineModel | None, changes: Move) -> float | None:
+    """The model's predicted log gain of a move it can model (None: no model, or a move
+    it cannot predict; -inf: a move it expects not to serve)."""
+    if model is None or not model.models(ctx.best, changes):
         return None
-    reasons = [r for k, v in changes.items() if (r := diagnosis.inert_reason(k, v))]
-    return "; ".join(dict.fromkeys(reasons)) or None
+    base = model.throughput(ctx.best)
+    value = model.throughput(ctx.space.apply(ctx.best, changes))
+    if base <= 0:
+        return None
+    return math.log(value / base) if value > 0 else -math.inf
 
 
-def _converged(ctx: AgentContext, modelled: bool, skipped: dict[str, str]) -> str:
-    """Why a layer has nothing left, for the progress line."""
-    said = ("the model predicts no move above what the keep rule can confirm "
-            f"(+{math.expm1(_detectable(ctx)) * 100:.1f}%), and " if modelled else "")
-    nil = f"; {len(skipped)} moves skipped as nil or off what binds" if skipped else ""
-    return (f"layer {ctx.layer} converged: {said}the playbook's and the search's moves "
-            f"are tried or ruled out{nil}")
+def _predicted_loss(ctx: AgentContext, model: EngineModel | None, changes: Move) -> bool:
+    """Whether the model predicts the move to lose more than MIN_MODEL_GAIN: the search,
+    which explores the budget left once the model has nothing, tries what the model
+    cannot rule out (it may misjudge a gain's size on this host), not what it expects to
+    lose (its misses are in size, not direction)."""
+    gain = _predicted(ctx, model, changes)
+    return gain is not None and gain < -MIN_MODEL_GAIN
 
 
-def _inaccurate(ctx: AgentContext, model: EngineModel | None,
-                changes: dict[str, Scalar]) -> bool:
+def _pairable(changes: Move, observations: dict[str, list[Obs]]) -> bool:
+    """Whether a single-knob move may go into a pair: never measured, or measured (alone
+    or with another knob) only as a gain, never a loss, nothing or a failure: a gain
+    below what one experiment confirms, which a second move may lift above."""
+    [(name, value)] = changes.items()
+    return all(o.gain is not None and o.gain > 0
+               for o in observations.get(name, []) if o.value == value)
+
+
+def _inaccurate(ctx: AgentContext, model: EngineModel | None, changes: Move) -> bool:
     """Whether the model expects the move's accuracy below the run's floor."""
     return model is not None and model.agreement(
         ctx.space.apply(ctx.best, changes)) < ctx.accuracy_floor
-
-
-def _detectable(ctx: AgentContext) -> float:
-    """The smallest log gain the keep rule confirms about half the time: the threshold
-    plus half the width of the interval a candidate measured like the incumbent would
-    get (its passes, the assumed between-boot noise)."""
-    rec = next((r for r in reversed(ctx.history) if r.recipe_id == ctx.best.id
-                and r.status == "ok" and len(r.passes) >= 2), None)
-    if rec is None:
-        return MIN_MODEL_GAIN
-    values = [m.output_throughput for m in rec.passes]
-    if not all(v > 0 for v in values):
-        return MIN_MODEL_GAIN
-    noise = pooled_noise([m.output_throughput for m in r.passes] for r in ctx.history
-                         if r.status == "ok" and len(r.passes) >= 2)
-    iv = relative_interval(values, values, noise=noise if noise.df else None)
-    return MIN_MODEL_GAIN + math.log1p(iv.high) / 2
-
-
-def _restrict(ctx: AgentContext) -> bool:
-    """Whether layer-1 moves off the binding resource are skipped: for throughput, which
-    the diagnosis speaks about (a latency objective may gain where throughput cannot)."""
-    return ctx.layer == 1 and ctx.objective == "throughput"
-
-
-def _off_lever(ctx: AgentContext, changes: dict[str, Scalar]) -> str | None:
-    """Why a layer-1 move is skipped when none of its knobs acts on the binding resource."""
-    diagnosis = _diagnosis(ctx)
-    if diagnosis is None or not _restrict(ctx) or any(
-            acts_on(diagnosis.binding, k) for k in changes):
-        return None
-    return f"does not act on what binds: {diagnosis.binding.replace('_', ' ')}"

@@ -206,7 +206,8 @@ def _knobs(ctx: AgentContext) -> str:
         lines.append("(none on this hardware: reply with \"changes\": {})")
     if ctx.layer == 2 and (refused := [*refused_here(ctx.hardware), *(
             f"{name}: refused when it booted here ({_clip(why)})"
-            for name, why in space.quant_refused.items())]):
+            for name, why in space.quant_refused.items()), *(
+            f"{name}: {why}" for name, why in space.quant_unserved.items())]):
         lines.append("Not possible on this hardware (do not propose): " + "; ".join(refused))
     return "\n".join(lines)
 

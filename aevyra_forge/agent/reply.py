@@ -121,7 +121,9 @@ def parse_reply(text: str, space: KnobSpace, layer: Layer) -> Proposal | None:
     allowed = [k.name for k in space.knobs(layer)]
     for name, value in changes.items():
         _check_name(name, allowed, layer)
-        if isinstance(value, str) and not SAFE_STRING.fullmatch(value):
+        # a listed choice passes as it is: layer-2 candidates are named hub:<org>/<repo>
+        if isinstance(value, str) and not SAFE_STRING.fullmatch(value) \
+                and value not in space.choices(space.get(name)):
             raise ReplyError(f"{name}={json.dumps(value)[:80]} is not a value any knob "
                              f"accepts; use one of the listed values, spelled exactly")
         if isinstance(value, float) and not math.isfinite(value):

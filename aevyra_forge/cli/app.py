@@ -244,6 +244,12 @@ def doctor() -> None:
     vllm = os.environ.get("FORGE_VLLM_BIN") or shutil.which("vllm")
     table.add_row("vllm binary", "ok" if vllm else "missing",
                   vllm or "needed for real runs: put `vllm` on PATH or set FORGE_VLLM_BIN")
+    from aevyra_forge.engine.calibrate import MISSING, environment
+
+    quant_python, libs = environment(os.environ.get("FORGE_QUANT_PYTHON"))
+    table.add_row("calibration env", "ok" if libs.get("llmcompressor") else "missing",
+                  escape(f"{quant_python}: " + ", ".join(f"{n} {v}" for n, v in libs.items())
+                         if libs.get("llmcompressor") else f"layer 2: {MISSING}"))
     for device in ("cuda", "rocm"):
         table.add_row(f"{device} GPUs", *_gpu_status(device))
     from aevyra_forge.agent.providers import PROVIDERS

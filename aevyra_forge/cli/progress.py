@@ -215,7 +215,7 @@ def run_tuner(starter: Callable[[Observer], Tuner], verbose: bool, run_hint: str
     finally:
         printer.end_phase()
         tuner.run_log.close()  # release the run's lock even when the loop failed
-    print_finish(outcome, deployment, dry_run=tuner.s.dry_run)
+    print_finish(outcome, deployment)
     if deployment is None:
         raise typer.Exit(1)
 
@@ -231,8 +231,7 @@ def write_report(run: RunLog) -> None:
                   markup=False, highlight=False, soft_wrap=True)
 
 
-def print_finish(outcome: RunOutcome, deployment: export.Deployment | None, dry_run: bool
-                 ) -> None:
+def print_finish(outcome: RunOutcome, deployment: export.Deployment | None) -> None:
     best = outcome.best
     score = outcome.best_score
     say(f"finished: {outcome.reason}")
@@ -251,9 +250,8 @@ def print_finish(outcome: RunOutcome, deployment: export.Deployment | None, dry_
     say(f"deploy:      {export.render_cmd(deployment).strip()}")
     say(f"             saved as {outcome.run_dir / 'deploy.sh'}; for containers: "
         f"aevyra-forge export {outcome.run_dir} --as docker|compose|k8s|helm-values")
-    if dry_run and best.quant.method != "none" and best.quant.checkpoint is None:
-        say(f"note: simulated result; deploying it needs a {best.quant.method} "
-            f"checkpoint of {best.model}")
+    if deployment.caveat:
+        say(f"note: simulated result; {deployment.caveat}")
 
 
 def say(text: str) -> None:

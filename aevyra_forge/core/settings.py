@@ -105,6 +105,10 @@ class TuneSettings(BaseModel):
     run_dir: Annotated[str, AS_PATH] = Field(".forge", description="Store root.")
     vllm_bin: Annotated[str | None, Cli(envvar="FORGE_VLLM_BIN")] = Field(
         None, description="The vllm executable (default: the one on PATH).")
+    quant_python: Annotated[str | None, Cli(envvar="FORGE_QUANT_PYTHON")] = Field(
+        None, description="Python of the llm-compressor environment that calibrates layer "
+                          "2's checkpoints (default: .venv-quant/bin/python, made by "
+                          "scripts/setup_quant_env.sh).")
     dry_run: bool = Field(False, description="Use the simulator.")
     # Amendable: whether to tune beside another process is the user's call on each start.
     allow_busy_gpu: Annotated[bool, AMENDABLE] = Field(

@@ -25,6 +25,7 @@ from aevyra_forge.core.values import (
 )
 from aevyra_forge.core.workload import WorkloadStats
 from aevyra_forge.space.knob_space import KNOBS, KnobSpace
+from aevyra_forge.space.registry import auto_attention_backend, auto_capture_size
 
 KV_FULL = 0.95  # peak KV-cache usage (share of blocks) from which the cache counts as full
 QUEUED = 0.10  # share of E2E latency spent waiting to be scheduled that counts as queueing
@@ -33,6 +34,7 @@ KEPT_UP = 0.90  # open loop: served this share of the offered request rate = kep
 SMALL_BUDGET = 4096  # tokens per step below which a GPU step is not yet compute-bound
 MEMORY_KNOBS = ("gpu_memory_utilization", "VLLM_CPU_KVCACHE_SPACE")
 SIXTEEN_BIT = ("bfloat16", "float16")
+SAME_LEVELS = (2, 3)  # -O levels vLLM 0.32 runs alike ("3 currently as 2")
 
 _MEMORY = frozenset(MEMORY_KNOBS)
 OFF_LEVERS: dict[Bottleneck, frozenset[str] | None] = {
@@ -183,17 +185,35 @@ def _inert(ev: Mapping[str, float], recipe: Recipe, space: KnobSpace,
     return out
 
 
-def synonyms(space: KnobSpace, knob: str, value: Scalar) -> tuple[Scalar, ...]:
-    """Other values of `knob` that select the same engine setting here, so trying one
-    after the other measures nothing new: `auto` and the dtype it resolves to, and on
-    NVIDIA GPUs the `fp8` and `fp8_e4m3` KV caches (vLLM's `fp8` is E4M3 there)."""
+def synonyms(space: KnobSpace, knob: str, value: Scalar, recipe: Recipe | None = None
+             ) -> tuple[Scalar, ...]:
+    """Other values of `knob` that select the same engine setting here (in `recipe`, for a
+    default that depends on another knob), so trying one after the other measures nothing
+    new: `auto` and the dtype it resolves to; on NVIDIA GPUs the `fp8` and `fp8_e4m3` KV
+    caches (vLLM's `fp8` is E4M3 there); an unset attention backend and the one vLLM picks
+    here; -O3 and -O2 (vLLM 0.32 runs 3 as 2); an unset CUDA-graph capture size and
+    vLLM's default for the recipe's max_num_seqs."""
     if knob == "dtype":
         auto = space.auto_dtype()
         return (auto,) if value == "auto" else ("auto",) if value == auto else ()
     if knob == "kv_cache_dtype" and space.hw.device == "cuda":
         pair = ("fp8", "fp8_e4m3")
         return tuple(v for v in pair if v != value) if value in pair else ()
+    if knob == "attention_backend":
+        return _unset_or(auto_attention_backend(space.hw), value)
+    if knob == "optimization_level" and value in SAME_LEVELS:
+        return tuple(v for v in SAME_LEVELS if v != value)
+    if knob == "max_cudagraph_capture_size" and recipe is not None:
+        seqs = space.value(recipe, KNOBS["max_num_seqs"])
+        return _unset_or(auto_capture_size(seqs) if isinstance(seqs, int) else None, value)
     return ()
+
+
+def _unset_or(auto: Scalar, value: Scalar) -> tuple[Scalar, ...]:
+    """`auto` (what vLLM uses when the knob is unset) and unset are one value."""
+    if auto is None:
+        return ()
+    return (auto,) if value is None else (None,) if value == auto else ()
 
 
 def summary(d: Diagnosis) -> str:

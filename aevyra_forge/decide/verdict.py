@@ -102,14 +102,17 @@ def pass_stop(s: TuneSettings, incumbent: Sequence[BenchMetrics], incumbent_id: 
 
 
 def should_stop(rule: PassStop, passes: Sequence[BenchMetrics]) -> bool:
-    """Whether the candidate's passes so far already decide its verdict (a keep, or a
-    drop no later pass is likely to turn): the bench may end here."""
+    """Whether the candidate's passes so far already decide its verdict as a drop no
+    later pass is likely to turn: the bench may end here. A candidate headed for a keep
+    runs every pass: kept, its passes are the yardstick every later candidate is judged
+    against, and two passes of it would leave those intervals too wide to keep anything
+    (the Welch interval's degrees of freedom come from the incumbent's passes too)."""
     slo = parse_slo(rule.slo) if rule.slo else None
     noise = NoiseEstimate(rule.noise_variance, rule.noise_df) if rule.noise_df else None
     look = sequential_look(pass_values(passes, rule.objective, slo), rule.incumbent,
                            threshold=rule.threshold, max_passes=rule.max_passes,
                            confidence=rule.confidence, noise=noise, boot_cv=rule.boot_cv)
-    return look is not None
+    return look == "drop"
 
 
 def _unmeasured(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],

@@ -115,7 +115,8 @@ class LocalExecutor(Generic[S]):
             return self._serve(trial)
         recipe = recipe_from_dict(trial.recipe, source=f"experiment {trial.exp}")
         log_path = self.log_path(trial.exp)
-        self.on_phase(trial.exp, "prepare")
+        if recipe.quant.checkpoint:  # only a checkpoint is ever prepared
+            self.on_phase(trial.exp, "prepare")
         prepared = self.prepare(recipe, log_path.with_name(log_path.stem + ".prepare.log"))
         if prepared is None:
             return self._serve(trial)

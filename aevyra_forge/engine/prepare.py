@@ -2,7 +2,9 @@
 before vLLM boots. The recipe names the checkpoint's folder literally (so it deploys as it
 ran); a `QuantJob` says how to make it. The fast path is round-to-nearest with
 compressed-tensors inside vLLM's own environment (rtn_script.py, run by file path: that
-environment has no aevyra_forge), about 10 s on the tiny model.
+environment has no aevyra_forge), about 10 s on the tiny model; calibrated checkpoints
+are written by cal_script.py with llm-compressor in its own environment, on samples of
+the user's workload (engine/calibrate.py), in minutes, with progress lines while it runs.
 
 Checkpoints are cached under the store root's quant/ folder keyed by (model and revision,
 scheme, calibration hash, library versions, the script's own hash), each with a manifest,
@@ -18,39 +20,73 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.values import Hardware
+from aevyra_forge.engine.process import terminate_group
 from aevyra_forge.space import layer2
 from aevyra_forge.space.hub import HubLookup
 from aevyra_forge.space.knob_space import KnobSpace
 
 SCRIPT = Path(__file__).with_name("rtn_script.py")
+CAL_SCRIPT = Path(__file__).with_name("cal_script.py")
 MANIFEST = "manifest.json"
-PREPARE_TIMEOUT_S = 3600.0  # one quantization; the tiny model takes ~10 s
+SAMPLES_FILE = "calibration_samples.jsonl"  # kept in the checkpoint: what calibrated it
+PREPARE_TIMEOUT_S = 3600.0  # one quantization; the tiny model takes ~10 s (calibrated ~1 min)
+POLL_S = 2.0  # how often a running prepare's log is read for progress
+HEARTBEAT_S = 30.0  # a progress line at least this often, even when the log is quiet
+PROGRESS = "forge-progress: "  # the scripts' progress lines (cal_script.PROGRESS)
 DISK_MARGIN_BYTES = 256 * 2**20  # free space kept beyond the checkpoint's estimated size
 # forge's scheme name (layer2.RTN has its method and bits) -> rtn_script's --scheme
 SCRIPT_SCHEME = {"w8a8": "W8A8", "w4a16": "W4A16", "fp8": "FP8_DYNAMIC"}
 assert set(SCRIPT_SCHEME) == set(layer2.RTN)
-# what each scheme's checkpoint weighs against the bf16 source (scales and 16-bit layers
-# included), for the disk check; generous on purpose
-SIZE_FACTOR = {"w8a8": 0.75, "w4a16": 0.5, "fp8": 0.75}
+# forge's calibrated scheme (layer2.CALIBRATED) -> cal_script's --scheme
+CAL_SCHEME = {"w8a8": "W8A8", "w4a16-gptq": "W4A16_GPTQ", "w4a16-awq": "W4A16_AWQ",
+              "fp8": "FP8_DYNAMIC"}
+assert set(CAL_SCHEME) == set(layer2.CALIBRATED)
+# what a checkpoint of each method weighs against the bf16 source (scales and 16-bit
+# layers included), for the disk check; generous on purpose
+SIZE_FACTOR = {"w8a8_int8": 0.75, "w4a16": 0.5, "fp8": 0.75}
 LIBRARIES = ("torch", "transformers", "compressed-tensors", "safetensors")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A calibrated job's environment and data: the python with llm-compressor, and the
+    samples of the workload it calibrates on (JSON lines; empty for data-free schemes)."""
+
+    python: str
+    samples: bytes
+    digest: str  # sha256 of the samples, in the cache key and the folder's name
+    count: int
 
 
 @dataclass(frozen=True)
 class QuantJob:
     """How to make one checkpoint: quantize `source` (a local model folder) with `scheme`
-    into `out` (the recipe's quant.checkpoint)."""
+    into `out` (the recipe's quant.checkpoint); by round-to-nearest with the Preparer's
+    python, or calibrated with llm-compressor when `calibration` is given."""
 
     source: Path
-    scheme: str  # a key of SCRIPT_SCHEME
+    scheme: str  # a key of SCRIPT_SCHEME, or of CAL_SCHEME when calibrated
     out: Path
     key: Mapping[str, Any] = field(default_factory=dict)  # what the folder name hashes
+    calibration: Calibration | None = None
+
+    @property
+    def name(self) -> str:
+        """The layer-2 candidate this job writes (rtn-w8a8, cal-w8a8, ...)."""
+        return f"{'cal' if self.calibration else 'rtn'}-{self.scheme}"
+
+    @property
+    def method(self) -> str:
+        """The quant-facts table's method of the checkpoint."""
+        return (layer2.CALIBRATED[self.scheme][0] if self.calibration
+                else layer2.RTN[self.scheme][0])
 
 
 @dataclass(frozen=True)
@@ -92,7 +128,8 @@ def source_revision(source: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def library_versions(python: str, timeout_s: float = 60.0) -> dict[str, str | None]:
+def library_versions(python: str, libraries: tuple[str, ...] = LIBRARIES,
+                     timeout_s: float = 60.0) -> dict[str, str | None]:
     """The versions of the libraries that write the checkpoint, in the environment that
     runs the script (importlib.metadata: no torch import, a fraction of a second)."""
     code = ("import importlib.metadata as m, json, sys\n"
@@ -101,25 +138,29 @@ def library_versions(python: str, timeout_s: float = 60.0) -> dict[str, str | No
             "    except m.PackageNotFoundError: return None\n"
             "print(json.dumps({n: v(n) for n in sys.argv[1:]}))")
     try:
-        done = subprocess.run([python, "-c", code, *LIBRARIES], capture_output=True,
+        done = subprocess.run([python, "-c", code, *libraries], capture_output=True,
                               text=True, timeout=timeout_s, check=False)
         found = json.loads(done.stdout) if done.returncode == 0 else {}
     except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError):
         found = {}
-    return {name: found.get(name) for name in LIBRARIES}
+    return {name: found.get(name) for name in libraries}
 
 
 def job(source: Path, scheme: str, cache_root: Path, versions: Mapping[str, str | None],
-        calibration: str = "none") -> QuantJob:
+        calibration: str = "none", calibrated: Calibration | None = None) -> QuantJob:
     """The job for `scheme` of `source`, its folder under `cache_root` named by the hash
-    of everything that decides its bytes."""
+    of everything that decides its bytes (a calibrated one's name also shows its samples'
+    hash, so every record of a recipe serving it says what calibrated it)."""
+    script = CAL_SCRIPT if calibrated else SCRIPT
     key = {"source": str(source.resolve()), "revision": source_revision(source),
-           "scheme": scheme, "method": "rtn", "calibration": calibration,
+           "scheme": scheme, "method": "llm-compressor" if calibrated else "rtn",
+           "calibration": calibrated.digest if calibrated else calibration,
            "versions": dict(versions),
-           "script": hashlib.sha256(SCRIPT.read_bytes()).hexdigest()[:16]}
+           "script": hashlib.sha256(script.read_bytes()).hexdigest()[:16]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return QuantJob(source=source, scheme=scheme, out=cache_root / f"{scheme}-{digest}",
-                    key=key)
+    name = f"cal-{scheme}-s{calibrated.digest[:10]}" if calibrated else scheme
+    return QuantJob(source=source, scheme=scheme, out=cache_root / f"{name}-{digest}",
+                    key=key, calibration=calibrated)
 
 
 def weights_bytes(source: Path) -> int:
@@ -128,17 +169,26 @@ def weights_bytes(source: Path) -> int:
 
 class Preparer:
     """Makes the checkpoint a recipe names when it is one of `jobs` and not yet written;
-    reuses it when its manifest is there."""
+    reuses it when its manifest is there. `python` runs the round-to-nearest script (a
+    calibrated job brings its own); `progress` is told what a running prepare is doing
+    (its scripts' progress lines and the time so far), at least every HEARTBEAT_S."""
 
     def __init__(self, python: str, jobs: Mapping[str, QuantJob], *,
                  timeout_s: float = PREPARE_TIMEOUT_S,
                  free_bytes: Callable[[Path], int] = lambda p: shutil.disk_usage(p).free,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.python = python
         self.jobs = dict(jobs)  # keyed by str(job.out)
         self.timeout_s = timeout_s
         self.free_bytes = free_bytes
         self.clock = clock
+        self.progress = progress or (lambda text: None)
+
+    def reporting(self, progress: Callable[[str], None]) -> Preparer:
+        """This preparer telling `progress` (one worker's phase line) what it does."""
+        return Preparer(self.python, self.jobs, timeout_s=self.timeout_s,
+                        free_bytes=self.free_bytes, clock=self.clock, progress=progress)
 
     def __call__(self, recipe: Recipe, log_path: Path) -> PrepareResult | None:
         """The prepare phase for `recipe`; None when it needs none."""
@@ -154,15 +204,15 @@ class Preparer:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             return PrepareResult(self.clock() - start, failure=f"cannot create {root}: {exc}")
-        needed = int(weights_bytes(quant.source) * SIZE_FACTOR[quant.scheme]) + DISK_MARGIN_BYTES
+        needed = int(weights_bytes(quant.source) * SIZE_FACTOR[quant.method]) + DISK_MARGIN_BYTES
         free = self.free_bytes(root)
         if free < needed:
             return PrepareResult(self.clock() - start, failure=(
-                f"not enough disk to write the {quant.scheme} checkpoint: ~{_gib(needed)} "
+                f"not enough disk to write the {quant.name} checkpoint: ~{_gib(needed)} "
                 f"needed, {_gib(free)} free under {root}; free some space or skip layer 2"))
         tmp = root / f".{quant.out.name}.tmp-{os.getpid()}-{threading.get_ident()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        failure = self._run(quant, tmp, log_path)
+        failure = self._run(quant, tmp, log_path, start)
         seconds = self.clock() - start
         if failure is None:
             failure = self._publish(quant, tmp, seconds)
@@ -170,35 +220,68 @@ class Preparer:
             shutil.rmtree(tmp, ignore_errors=True)
         return PrepareResult(seconds=seconds, failure=failure, log=log_path)
 
-    def _run(self, quant: QuantJob, tmp: Path, log_path: Path) -> str | None:
-        """Run the script; None when it wrote the checkpoint, else why not (its log has
-        the detail)."""
-        argv = [self.python, str(SCRIPT), str(quant.source), str(tmp),
-                "--scheme", SCRIPT_SCHEME[quant.scheme]]
+    def _argv(self, quant: QuantJob, tmp: Path) -> list[str]:
+        """The script's command line; a calibrated job's samples are written beside the
+        checkpoint first (they stay there: what calibrated it)."""
+        cal = quant.calibration
+        if cal is None:
+            return [self.python, str(SCRIPT), str(quant.source), str(tmp),
+                    "--scheme", SCRIPT_SCHEME[quant.scheme]]
+        argv = [cal.python, str(CAL_SCRIPT), str(quant.source), str(tmp),
+                "--scheme", CAL_SCHEME[quant.scheme]]
+        if cal.samples:
+            tmp.mkdir(parents=True)
+            (tmp / SAMPLES_FILE).write_bytes(cal.samples)
+            argv += ["--samples", str(tmp / SAMPLES_FILE)]
+        return argv
+
+    def _run(self, quant: QuantJob, tmp: Path, log_path: Path, start: float) -> str | None:
+        """Run the script, telling `progress` how it goes; None when it wrote the
+        checkpoint, else why not (its log has the detail)."""
+        try:
+            argv = self._argv(quant, tmp)
+        except OSError as exc:
+            return f"cannot write the calibration samples into {tmp}: {exc}"
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with log_path.open("w") as log:
-                done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, timeout=self.timeout_s,
-                                      check=False, start_new_session=True)
-        except subprocess.TimeoutExpired:
-            return f"quantizing ({quant.scheme}) took over {self.timeout_s:.0f} s"
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:
-            return f"cannot run {self.python}: {exc}"
-        if done.returncode != 0:
-            return (f"quantizing ({quant.scheme}) failed with exit code {done.returncode}: "
+            return f"cannot run {argv[0]}: {exc}"
+        watch = _Watch(quant.name, log_path, self.progress, self.clock, start)
+        try:
+            while True:
+                try:
+                    code = proc.wait(timeout=POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    if self.clock() - start > self.timeout_s:
+                        return f"preparing {quant.name} took over {self.timeout_s:.0f} s"
+                    watch.look()
+        finally:
+            if proc.poll() is None:  # a timeout, or the user interrupted forge
+                terminate_group(proc.pid, proc)
+        watch.look(final=True)
+        if code != 0:
+            return (f"preparing {quant.name} failed with exit code {code}: "
                     f"{_last_line(log_path)}")
         if not (tmp / "config.json").is_file():
-            return f"quantizing ({quant.scheme}) wrote no config.json"
+            return f"preparing {quant.name} wrote no config.json"
         return None
 
     def _publish(self, quant: QuantJob, tmp: Path, seconds: float) -> str | None:
         """Write the manifest and move the folder into place in one rename, so a folder
         with a manifest is always complete."""
-        manifest = {"key": dict(quant.key), "scheme": quant.scheme,
-                    "method": layer2.RTN[quant.scheme][0], "prepare_s": round(seconds, 3),
+        cal = quant.calibration
+        manifest = {"key": dict(quant.key), "scheme": quant.scheme, "candidate": quant.name,
+                    "method": quant.method, "prepare_s": round(seconds, 3),
+                    "calibration": None if cal is None else {
+                        "samples": cal.count, "sha256": cal.digest,
+                        "file": SAMPLES_FILE if cal.samples else None},
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}}
+                    "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())
+                              if p.is_file()}}
         try:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             if quant.out.exists():  # another run finished the same key first
@@ -208,6 +291,40 @@ class Preparer:
         except OSError as exc:
             return f"cannot store the checkpoint in {quant.out}: {exc}"
         return None
+
+
+class _Watch:
+    """Reads a running prepare's log for the scripts' progress lines and tells
+    `progress` the newest one with the time so far: when it changes, and every
+    HEARTBEAT_S otherwise, so a calibration of many minutes never looks stuck."""
+
+    def __init__(self, name: str, log: Path, progress: Callable[[str], None],
+                 clock: Callable[[], float], start: float) -> None:
+        self.name, self.log, self.progress = name, log, progress
+        self.clock, self.start = clock, start
+        self.said = ""
+        self.said_at = start
+
+    def look(self, final: bool = False) -> None:
+        latest = _last_progress(self.log)
+        now = self.clock()
+        if latest == self.said and (final or now - self.said_at < HEARTBEAT_S):
+            return
+        self.said, self.said_at = latest, now
+        self.progress(f"{self.name}: {latest or 'starting'} ({now - self.start:.0f} s)")
+
+
+def _last_progress(log: Path) -> str:
+    """The last progress line a script printed (its prefix dropped), or ""."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))  # the tail is enough
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    found = [ln[len(PROGRESS):].strip() for ln in text.replace("\r", "\n").splitlines()
+             if ln.startswith(PROGRESS)]
+    return found[-1] if found else ""
 
 
 def _gib(n: int) -> str:
@@ -225,32 +342,46 @@ def _last_line(path: Path) -> str:
 
 
 def offer(model: str, hw: Hardware, space: KnobSpace, siblings: HubLookup | None,
-          store_root: Path, vllm_bin: str, note: Callable[[str], None]) -> Preparer | None:
-    """Give the run's KnobSpace layer 2's candidates (the Hub siblings, and the
-    round-to-nearest checkpoints this hardware serves) and return the Preparer that writes
-    the latter, or None when forge writes none here (said in one line)."""
+          store_root: Path, vllm_bin: str, note: Callable[[str], None],
+          calibrated: Sequence[tuple[layer2.QuantCandidate, QuantJob]] = ()
+          ) -> Preparer | None:
+    """Give the run's KnobSpace layer 2's candidates (the Hub siblings, the
+    round-to-nearest checkpoints this hardware serves, and the `calibrated` ones
+    engine/calibrate.offer built) and return the Preparer that writes forge's own, or
+    None when forge writes none here (said in one line)."""
     found = layer2.hub_candidates(siblings)
+    cal_jobs = {str(j.out): j for _, j in calibrated}
+    cal = [c for c, _ in calibrated]
+    written, jobs, why_not = _rtn(model, hw, store_root, vllm_bin)
+    listed = [*found, *written, *cal]
+    space.offer_quant(listed)
+    if why_not:
+        note(f"layer 2: {why_not}; {len(found)} Hub candidate(s)"
+             + (f", {len(cal)} calibrated" if cal else ""))
+    else:
+        note("layer 2 candidates: " + (", ".join(c.name for c in listed) or "none"))
+    if not jobs and not cal_jobs:
+        return None
+    return Preparer(vllm_python(vllm_bin) or "", {**jobs, **cal_jobs})
+
+
+def _rtn(model: str, hw: Hardware, store_root: Path, vllm_bin: str
+         ) -> tuple[list[layer2.QuantCandidate], dict[str, QuantJob], str]:
+    """The round-to-nearest candidates this hardware serves and their jobs, or why forge
+    writes none here."""
     source = Path(model)
     python = vllm_python(vllm_bin)
-    why_not = ("" if python is not None else
-               f"no python beside {vllm_bin} to write quantized checkpoints with")
-    if not why_not and not (source / "config.json").is_file():
-        why_not = ("writing quantized checkpoints here needs the model in a local folder "
-                   f"(download {model} and pass its path as --model)")
-    if why_not or python is None:
-        space.offer_quant(found)
-        note(f"layer 2: {why_not}; {len(found)} Hub candidate(s)")
-        return None
+    if python is None:
+        return [], {}, f"no python beside {vllm_bin} to write quantized checkpoints with"
+    if not (source / "config.json").is_file():
+        return [], {}, ("writing quantized checkpoints here needs the model in a local "
+                        f"folder (download {model} and pass its path as --model)")
     versions = library_versions(python)
     if not versions.get("compressed-tensors") or not versions.get("torch"):
-        space.offer_quant(found)
-        note(f"layer 2: vLLM's environment ({python}) lacks compressed-tensors or torch: "
-             "no round-to-nearest checkpoints")
-        return None
+        return [], {}, (f"vLLM's environment ({python}) lacks compressed-tensors or torch: "
+                        "no round-to-nearest checkpoints")
     jobs = {scheme: job(source, scheme, store_root / "quant", versions)
             for scheme in SCRIPT_SCHEME}
     written = layer2.rtn_candidates([(s, j.out) for s, j in jobs.items()], source, hw)
-    space.offer_quant([*found, *written])
-    note("layer 2 candidates: " + (", ".join(c.name for c in [*found, *written]) or "none"))
-    return Preparer(python, {str(j.out): j for j in jobs.values()
-                             if str(j.out) in {c.checkpoint for c in written}})
+    kept = {c.checkpoint for c in written}
+    return written, {str(j.out): j for j in jobs.values() if str(j.out) in kept}, ""

@@ -6,21 +6,25 @@ whose worker or node dies mid-trial is submitted again once; dying twice is a `c
 row that says so. The server is the task's child with a parent-death signal, and Ray
 kills a dead driver's tasks, so neither a lost worker nor a killed driver leaves a
 server behind. A chosen kernel plug-in must prove it loaded there as on one host (its
-proof line in the server log, space/plugins.py). Ray is an optional extra:
+proof line in the server log, space/plugins.py). A layer-2 recipe's checkpoint that forge
+writes (engine/prepare.py) is written by the task itself, on the node that serves it,
+before the boot: see TrialSpec.prepare. Ray is an optional extra:
 `pip install "aevyra-forge[ray]"`."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aevyra_forge.core.errors import UsageError
+from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.slo import parse_slo
 from aevyra_forge.core.trial import Measurement, Trial
 from aevyra_forge.core.workload import Workload
+from aevyra_forge.engine.prepare import PrepareResult
 from aevyra_forge.space.placement import PluginSlot
 
 RETRIES = 1  # submissions after a worker or node died mid-trial
@@ -53,11 +57,19 @@ class TrialSpec:
     request_timeout_s: float
     log_dir: str
     plugins: PluginSlot | None = None  # this run's kernel plug-in candidates, if any
+    # Writes the checkpoint a layer-2 recipe serves (engine/prepare.Preparer), run in the
+    # task, on the node whose vLLM will load it: that node's disk is where the folder must
+    # be (nodes need not share one), its GPU is what calibration needs (a driver often has
+    # none) and its vLLM environment is what writes it, and its time is the trial's. The
+    # folder is the same path on every node, like the model and the vllm executable; on a
+    # shared filesystem a node finds it already written (the manifest) and reuses it.
+    prepare: Callable[[Recipe, Path], PrepareResult | None] | None = None
 
 
 def run_on_node(spec: TrialSpec, trial: Trial) -> Measurement:
     """The body of a Ray task: one trial with a LocalExecutor on this node, with the
-    same boot check as on one host (a chosen kernel plug-in's proof line)."""
+    same prepare phase and boot check as on one host (a chosen kernel plug-in's proof
+    line)."""
     from aevyra_forge.engine.executor import LocalExecutor
     from aevyra_forge.engine.launcher import VllmLauncher
     from aevyra_forge.engine.vllm_bench import VllmBenchmarker
@@ -71,7 +83,8 @@ def run_on_node(spec: TrialSpec, trial: Trial) -> Measurement:
         VllmQualityProbe(spec.workload), spec.workload, concurrency=spec.concurrency,
         repeats=spec.repeats, slo=parse_slo(spec.slo) if spec.slo else None,
         log_path=lambda exp: logs / "logs" / f"exp_{exp:03d}.log", log_root=logs,
-        check_boot=boot_check(spec.plugins) if spec.plugins is not None else None)
+        check_boot=boot_check(spec.plugins) if spec.plugins is not None else None,
+        prepare=spec.prepare)
     where = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     m = executor.run(trial)
     return m.model_copy(update={"worker": f"ray:{os.uname().nodename}:gpu{where}"})

@@ -1,17 +1,21 @@
 """What a run takes from the Hub: the model's pre-quantized siblings for layer 2 and its
 speculative-decoding heads for layer 1 (looked up when a run starts, read back from its
 folder when it resumes), and the candidates built from them: layer 2's with the
-checkpoint writer (engine/prepare.offer), the draft table of spec_method. Real runs only;
-a dry run's are the simulator's."""
+checkpoint writer (engine/prepare.offer; calibrated ones on the workload,
+engine/calibrate.offer), the draft table of spec_method. A dry run's layer 2 is the
+simulator's (engine/sim/layer2.offer): the same candidates, simulated."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.values import Hardware
-from aevyra_forge.engine import prepare
+from aevyra_forge.core.workload import Workload
+from aevyra_forge.engine import calibrate, prepare
+from aevyra_forge.engine.sim import layer2 as sim_layer2
 from aevyra_forge.space import drafts
 from aevyra_forge.space.hub import HubLookup, lookup, read_cached
 from aevyra_forge.space.knob_space import KnobSpace
@@ -38,13 +42,40 @@ def hub_siblings(settings: TuneSettings, hw: Hardware, run_dir: Path | None,
 
 
 def offer(settings: TuneSettings, space: KnobSpace, siblings: HubLookup | None,
-          note: Callable[[str], None], vllm_bin: Callable[[TuneSettings], str]
-          ) -> prepare.Preparer | None:
+          note: Callable[[str], None], vllm_bin: Callable[[TuneSettings], str],
+          workload: Workload | None = None
+          ) -> prepare.Preparer | sim_layer2.SimPreparer | None:
     """The heads found for spec_method, layer 2's candidates in the space, and what
-    writes forge's own checkpoints (cached under the store root's quant/ folder)."""
+    writes forge's own checkpoints (cached under the store root's quant/ folder); the
+    calibrated ones need the workload they calibrate on."""
     if siblings is not None and siblings.drafts is not None and 1 in settings.layers():
         space.offer_drafts(siblings.drafts.table())
-    if siblings is None or 2 not in settings.layers():  # a dry run, or layer 2 skipped
+    if 2 not in settings.layers():
         return None
-    return prepare.offer(settings.model, space.hw, space, siblings, Path(settings.run_dir),
-                         vllm_bin(settings), note)
+    if settings.dry_run:  # the simulator answers for the Hub and the prepare phase
+        return sim_layer2.offer(settings.model, space, note,
+                                len(workload.requests) if workload is not None else None)
+    if siblings is None:
+        return None
+    store = Path(settings.run_dir)
+    calibrated = [] if workload is None else calibrate.offer(
+        settings.model, space.hw, workload, settings.quant_python, store, note)
+    return prepare.offer(settings.model, space.hw, space, siblings, store,
+                         vllm_bin(settings), note, calibrated)
+
+
+class Phases(Protocol):
+    """Where a worker's running trial is (session._Phases)."""
+
+    exp: int
+
+    def phase(self, exp: int, phase: str) -> None: ...
+
+
+def reporting(prepare_phase: prepare.Preparer | sim_layer2.SimPreparer | None,
+              phases: Phases) -> prepare.Preparer | sim_layer2.SimPreparer | None:
+    """The prepare phase telling a worker's phase line what it does while it runs
+    (calibrating takes minutes); the simulator's takes no time to tell."""
+    if not isinstance(prepare_phase, prepare.Preparer):
+        return prepare_phase
+    return prepare_phase.reporting(lambda text: phases.phase(phases.exp, f"prepare {text}"))

@@ -10,12 +10,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aevyra_forge.core.errors import UsageError
+from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.values import Device, Hardware
 from aevyra_forge.core.workload import Workload
 from aevyra_forge.engine import device_lock
 from aevyra_forge.engine.launcher import GroupRecorder
 from aevyra_forge.engine.pool import WorkerPool, worker_name
+from aevyra_forge.engine.prepare import PrepareResult
 from aevyra_forge.engine.process import ServerGroup
 from aevyra_forge.loop.events import Event, Observer
 from aevyra_forge.loop.ports import Executor
@@ -101,17 +103,19 @@ def pooled(settings: TuneSettings, hw: Hardware, observer: Observer,
 
 
 def on_ray(settings: TuneSettings, vllm_bin: str, workload: Workload, run_dir: Path,
-           plugins: PluginSlot | None = None) -> Executor:
+           plugins: PluginSlot | None = None,
+           prepare: Callable[[Recipe, Path], PrepareResult | None] | None = None) -> Executor:
     """--executor ray: --parallel trials at once as Ray tasks (engine/ray_executor.py),
     their server logs in the run folder (a path every node of the cluster must reach),
-    a chosen kernel plug-in checked for its proof line there as on one host."""
+    a chosen kernel plug-in checked for its proof line there as on one host, and a
+    layer-2 checkpoint forge writes prepared by the task on the node that serves it."""
     from aevyra_forge.engine.ray_executor import RayExecutor, TrialSpec
 
     spec = TrialSpec(vllm_bin=vllm_bin, workload=workload, concurrency=settings.concurrency,
                      repeats=settings.repeats, slo=settings.slo,
                      boot_timeout_s=settings.boot_timeout_s,
                      request_timeout_s=settings.request_timeout_s, log_dir=str(run_dir),
-                     plugins=plugins)
+                     plugins=plugins, prepare=prepare)
     return RayExecutor(spec, settings.parallel, settings.ray_address)
 
 

@@ -38,11 +38,12 @@ from aevyra_forge.engine.launcher import VllmLauncher
 from aevyra_forge.engine.prepare import Preparer
 from aevyra_forge.engine.process import ours, terminate_group
 from aevyra_forge.engine.sim.engine import SimulatedEngine
+from aevyra_forge.engine.sim.layer2 import SimPreparer
 from aevyra_forge.engine.vllm_bench import VllmBenchmarker
 from aevyra_forge.loop import plan, scale
 from aevyra_forge.loop.events import Note, Observer, Planned, TrialPhase
 from aevyra_forge.loop.ports import Executor, RunLog
-from aevyra_forge.loop.quant_setup import hub_siblings
+from aevyra_forge.loop.quant_setup import hub_siblings, reporting
 from aevyra_forge.loop.quant_setup import offer as _layer2
 from aevyra_forge.loop.tuner import Tuner
 from aevyra_forge.measure.accuracy import VllmQualityProbe
@@ -120,7 +121,8 @@ def knob_space(settings: TuneSettings, hw: Hardware, note: Callable[[str], None]
 
 
 def _executor(settings: TuneSettings, hw: Hardware, space: KnobSpace, workload: Workload,
-              run: RunLog, observer: Observer, prepare: Preparer | None = None) -> Executor:
+              run: RunLog, observer: Observer,
+              prepare: Preparer | SimPreparer | None = None) -> Executor:
     """Where trials run: the simulator for --dry-run, else real vLLM on this host; with
     several workers (--parallel, --gpus) a pool of them, one per GPU or group of GPUs."""
     def worker(observer: Observer, gpus: tuple[int, ...], lock: Lock | None) -> Executor:
@@ -128,7 +130,7 @@ def _executor(settings: TuneSettings, hw: Hardware, space: KnobSpace, workload: 
         phases = _Phases(observer)
         if settings.dry_run:
             sim = _simulator(settings, hw, space)
-            return _local(sim, sim, sim, settings, workload, run, phases)
+            return _local(sim, sim, sim, settings, workload, run, phases, prepare=prepare)
         device, env = hw.device, (pinned(os.environ, hw.device, gpus) if gpus else None)
         launcher = VllmLauncher(
             vllm_executable(settings), boot_timeout_s=settings.boot_timeout_s,
@@ -141,9 +143,11 @@ def _executor(settings: TuneSettings, hw: Hardware, space: KnobSpace, workload: 
         return _local(launcher, bench, VllmQualityProbe(workload), settings, workload, run,
                       phases, plugins.boot_check(space.plugins), prepare)
 
+    if isinstance(prepare, SimPreparer):  # what a resumed dry run prepared is not charged again
+        prepare.remember(run.records())
     if settings.executor == "ray":
         return scale.on_ray(settings, vllm_executable(settings), workload, run.path,
-                            space.plugins)
+                            space.plugins, prepare)
     return scale.pooled(settings, hw, observer, worker)
 
 
@@ -155,13 +159,13 @@ def _simulator(settings: TuneSettings, hw: Hardware, space: KnobSpace) -> Simula
 def _local(launcher: Launcher[S], benchmarker: Benchmarker[S], quality: QualityProbe[S],
            settings: TuneSettings, workload: Workload, run: RunLog, phases: _Phases,
            check_boot: Callable[[Recipe, Path], str | None] | None = None,
-           prepare: Preparer | None = None) -> Executor:
+           prepare: Preparer | SimPreparer | None = None) -> Executor:
     """Trials in this process, all measured the same way (the run's fixed settings)."""
     return LocalExecutor(launcher, benchmarker, quality, workload,
                          concurrency=settings.concurrency, repeats=settings.repeats,
                          slo=settings.parsed_slo(), log_path=run.log_path,
-                         log_root=run.path, stopper=should_stop,
-                         on_phase=phases.phase, check_boot=check_boot, prepare=prepare)
+                         log_root=run.path, stopper=should_stop, on_phase=phases.phase,
+                         check_boot=check_boot, prepare=reporting(prepare, phases))
 
 
 class _Phases:
@@ -216,7 +220,7 @@ def start(settings: TuneSettings, observer: Observer, api_key: str | None = None
     siblings = hub_siblings(settings, hw, None, notes.append)
     space = knob_space(settings, scale.trial_hardware(settings, hw),
                        lambda text: observer.notify(Note(text)), workload.stats.summary())
-    preparer = _layer2(settings, space, siblings, notes.append, vllm_executable)
+    preparer = _layer2(settings, space, siblings, notes.append, vllm_executable, workload)
     baseline = _baseline(settings, space)
     estimate = ((settings.dry_run and plan.from_simulator(_simulator(settings, hw, space),
                                                           baseline, workload, settings))
@@ -283,13 +287,13 @@ def resume(run_dir: Path, observer: Observer, api_key: str | None = None,
     proposer = _proposer(settings, api_key)
     space = knob_space(settings, scale.trial_hardware(settings, hw),
                        lambda text: observer.notify(Note(text)), workload.stats.summary())
-    preparer = _layer2(settings, space, siblings, lambda text: observer.notify(Note(text)),
-                       vllm_executable)
+    held: list[str] = []  # layer 2's lines, said once the log has passed its checks
+    preparer = _layer2(settings, space, siblings, held.append, vllm_executable, workload)
     _vet_log(target, space, _baseline(settings, space))
     _claim_host(settings, hw, target.parent.parent, observer)
     run = RunStore(target.parent.parent).open_run(target)
     observer.notify(Note(f"resuming {target} ({len(run.records())} experiments recorded)"))
-    for text in run.dropped:
+    for text in [*held, *run.dropped]:
         observer.notify(Note(text))
     if changes:
         run.amend({name: recorded.get(name) for name in changes}, changes)

@@ -53,6 +53,12 @@ MAX_ASKS = 3  # proposals refused before spending an experiment, then one row re
 MAX_REFUSALS_IN_A_ROW = 3
 
 
+def learned_gate(status: Status, reason: str) -> bool:
+    """A boot failure classified as unsupported on this hardware (engine/failures.py): the
+    candidate it served is a gate learned for the run, rebuilt from its log on resume."""
+    return status == "boot_failed" and reason.startswith("unsupported on this hardware")
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -87,6 +93,9 @@ class Tuner:
         torn down; the run stays resumable."""
         st = self.state
         self.observer.notify(RunStarted(recorded=len(st.records), spent_s=st.spent_s()))
+        for rec in st.records:  # a gate learned before an interruption holds after it
+            if learned_gate(rec.status, rec.reason):
+                self.space.refuse_quant(recipe_from_dict(rec.recipe), rec.reason)
         if self.rounds is not None:
             self.rounds.rerun(self.unfinished())
         for pending in self.unfinished():
@@ -206,11 +215,18 @@ class Tuner:
              ) -> tuple[Recipe | None, str, Status]:
         """The recipe a proposal leads to, or why it must not be run, before any GPU
         time. The proposal is validated and applied once, here."""
-        if proposal.layer != layer:
+        # layers escalate, they do not close: an earlier layer's knobs stay open (alone or
+        # with the proposal's layer's), since the incumbent a layer converged on is not the
+        # one a later layer leaves
+        if proposal.layer > layer:
             return None, (f"proposal is for layer {proposal.layer}; the active layer is "
-                          f"{layer}"), "invalid"
+                          f"{layer} (it and the layers before it are open)"), "invalid"
         try:
-            changes = self.space.validate(proposal.changes, layer)
+            changes = self.space.validate(proposal.changes)
+            late = next((k for k in changes if self.space.get(k).layer > proposal.layer), "")
+            if late:
+                raise KnobError(f"knob '{late}' belongs to layer {self.space.get(late).layer},"
+                                f" after the proposal's layer {proposal.layer}")
             recipe = self.space.apply(self.state.best, changes)
             self.space.check_combination(recipe)
         except KnobError as exc:
@@ -320,8 +336,8 @@ class Tuner:
             log=m.log, suggested_max_model_len=m.suggested_max_model_len,
             worker=m.worker or trial.worker, round=trial.round,
             llm=trial.llm, diagnosis=diagnosis))
-        if m.status == "boot_failed" and m.reason.startswith("unsupported on this hardware"):
-            gone = self.space.refuse_quant(recipe_from_dict(recipe), m.reason)  # learned gate
+        if learned_gate(m.status, m.reason):
+            gone = self.space.refuse_quant(recipe_from_dict(recipe), m.reason)
             if gone:
                 self.observer.notify(Note(f"layer 2: this host refused {gone}; it is not "
                                           "offered again this run"))

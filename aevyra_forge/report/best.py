@@ -59,6 +59,7 @@ class BestVsBaseline(Model):
     e2e_p99_ms: tuple[float, float] | None
     slo: list[SloVerdict]
     deploy_command: str
+    deploy_caveat: str | None = None  # what deploying needs first (a dry run's simulation)
 
 
 # -- best against baseline --------------------------------------------------------------
@@ -79,6 +80,7 @@ def best_vs_baseline(path: Path, records: Sequence[ExperimentRecord],
     objective = s.objective if s is not None else "throughput"
     gain, interval = _gain(best, baseline, s, slo)
     bm = baseline.metrics if baseline is not None else None
+    deployment = for_recipe(path, recipe, best) if recipe is not None else None
     return BestVsBaseline(
         exp=best.exp, recipe_id=best.recipe_id, generation=best.generation,
         recipe_yaml=recipe.to_yaml() if recipe is not None else "",
@@ -91,8 +93,8 @@ def best_vs_baseline(path: Path, records: Sequence[ExperimentRecord],
         e2e_p99_ms=(bm.e2e_ms.p99, best.metrics.e2e_ms.p99) if bm else None,
         slo=_slo_verdicts(slo, baseline, best),
         # the deploy export's own line, so the report shows exactly what deploy.sh runs
-        deploy_command=(render_cmd(for_recipe(path, recipe, best)).strip()
-                        if recipe is not None else ""),
+        deploy_command=render_cmd(deployment).strip() if deployment is not None else "",
+        deploy_caveat=deployment.caveat if deployment is not None else None,
     )
 
 

@@ -19,6 +19,7 @@ from aevyra_forge.core.errors import UsageError
 from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.values import ExperimentRecord, best_record
 from aevyra_forge.engine.launcher import BOOT_TIMEOUT_S, DEFAULT_ENV
+from aevyra_forge.engine.sim.layer2 import deploy_caveat
 from aevyra_forge.space.rendering import serve_argv
 from aevyra_forge.store.run_store import read_config, read_records, resolve_run_dir
 
@@ -51,6 +52,12 @@ class Deployment:
         (its fixed variables under the recipe's), listening on `host`:PORT."""
         argv, env = serve_argv(self.recipe, host, PORT)
         return argv, dict(sorted({**DEFAULT_ENV, **env}.items()))
+
+    @property
+    def caveat(self) -> str | None:
+        """What deploying needs first where a dry run only simulated what the recipe
+        serves (a checkpoint forge writes, a simulated Hub repo); None: it deploys as is."""
+        return deploy_caveat(self.recipe) if self.dry_run else None
 
     @property
     def image(self) -> str:
@@ -337,9 +344,8 @@ def render_deploy_md(dep: Deployment) -> str:
     if dep.dry_run:
         lines.append("Simulated run (--dry-run): the figures come from the simulator, not "
                      "a GPU; measure on the target before relying on them.")
-    if dep.dry_run and recipe.quant.method != "none" and recipe.quant.checkpoint is None:
-        lines.append(f"Deploying it needs a {recipe.quant.method} checkpoint of "
-                     f"{recipe.model}.")
+    if dep.caveat:
+        lines.append(f"Before deploying: {dep.caveat}.")
     if dep.device != "cuda":
         lines.append(f"The run measured vLLM on {dep.device}; the container exports name the "
                      f"NVIDIA image {IMAGE} and `nvidia.com/gpu`: swap in your platform's "

@@ -86,6 +86,8 @@ def _deploy(report: Report) -> str:
             parts.append('<p class="dim">No SLO was set for this run (--slo).</p>')
         if best.deploy_command:
             parts.append(f"<p>Serve it with:</p><pre>{escape(best.deploy_command)}</pre>")
+        if best.deploy_caveat:
+            parts.append(f'<p class="bad">Before deploying: {escape(best.deploy_caveat)}.</p>')
     parts.append("</div>")
     return "\n".join(parts)
 

@@ -43,6 +43,8 @@ def render_md(report: Report) -> str:
                                                        for v in best.slo])
     if best is not None and best.deploy_command:
         lines += ["", "### Deploy", "", "```bash", *_command(best.deploy_command), "```"]
+        if best.deploy_caveat:
+            lines += ["", *_wrap(f"Before deploying: {best.deploy_caveat}.")]
     if report.diagnosis is not None:
         lines += ["", "### What bound the baseline", ""]
         for line in diagnosis_summary(report.diagnosis).splitlines():

@@ -118,6 +118,8 @@ def _panel(report: Report) -> Panel:
     ]
     if report.best is not None and report.best.deploy_command:
         lines.insert(-1, f"deploy      {report.best.deploy_command}")
+        if report.best.deploy_caveat:
+            lines.insert(-1, f"            before deploying: {report.best.deploy_caveat}")
     if report.diagnosis is not None:
         binding = diagnosis_summary(report.diagnosis).splitlines()[0]
         lines.insert(-1, f"diagnosis   {binding}")

@@ -15,7 +15,7 @@ from aevyra_forge.core.values import LAYER_NAMES, Hardware, Layer, Scalar
 from aevyra_forge.space.layer2 import NO_CANDIDATE, CandidateSlot, QuantCandidate
 from aevyra_forge.space.model_profile import ModelProfile
 from aevyra_forge.space.placement import NO_PLUGIN, PluginSlot
-from aevyra_forge.space.quant import has_fp8
+from aevyra_forge.space.quant import has_fp8, vllm_refusal
 from aevyra_forge.space.registry import (
     ANY,
     KNOBS,
@@ -60,6 +60,7 @@ class KnobSpace:
         self.offer_drafts(drafts or {})
         self.quant_candidates: tuple[QuantCandidate, ...] = ()
         self.quant_refused: dict[str, str] = {}  # candidate -> a boot failure's reason
+        self.quant_unserved: dict[str, str] = {}  # candidate -> why this vLLM cannot load it
 
     def offer_drafts(self, drafts: Mapping[str, str]) -> None:
         """Speculative methods with a draft found for this model (space/drafts.py: an
@@ -73,8 +74,17 @@ class KnobSpace:
 
     def offer_quant(self, candidates: Sequence[QuantCandidate]) -> None:
         """Layer 2's concrete candidates for this run (space/layer2.py), as the values of
-        `quant_candidate`: the only way a recipe serves a checkpoint forge chose."""
-        self.quant_candidates = tuple(candidates)
+        `quant_candidate`: the only way a recipe serves a checkpoint forge chose. A
+        candidate whose method this vLLM does not list is left out (quant_unserved)."""
+        listed = self.vllm.choices("quantization") if self.vllm is not None else None
+        version = self.vllm.version if self.vllm is not None else ""
+        self.quant_unserved = {c.name: why for c in candidates
+                               if (why := vllm_refusal(c.method, listed, version))}
+        self.quant_candidates = tuple(c for c in candidates
+                                      if c.name not in self.quant_unserved)
+        self._quant_knob()
+
+    def _quant_knob(self) -> None:
         slot = CandidateSlot(("quant", "checkpoint"), "", (None,),
                              candidates=self.quant_candidates)
         usable = tuple(c.name for c in self.quant_candidates
@@ -91,7 +101,7 @@ class KnobSpace:
         if found is None:
             return None
         self.quant_refused[found.name] = reason
-        self.offer_quant(self.quant_candidates)
+        self._quant_knob()
         return found.name
 
     def own(self, knob: Knob) -> Knob:

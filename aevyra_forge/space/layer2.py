@@ -120,10 +120,14 @@ def hub_candidates(found: HubLookup | None) -> list[QuantCandidate]:
 
 
 def rtn_candidates(outputs: Iterable[tuple[str, Path]], source: Path,
-                   hw: Hardware) -> list[QuantCandidate]:
+                   hw: Hardware, weights_bytes: int | None = None) -> list[QuantCandidate]:
     """Round-to-nearest checkpoints forge writes (scheme, output folder), where this
-    hardware serves them; no calibration data, so accuracy may drop more than calibrated."""
-    weights_gb = sum(p.stat().st_size for p in source.glob("*.safetensors")) / 1e9
+    hardware serves them; no calibration data, so accuracy may drop more than calibrated.
+    `weights_bytes` stands for the source's safetensors where there is no folder to
+    measure (the dry run's simulated model)."""
+    if weights_bytes is None:
+        weights_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+    weights_gb = weights_bytes / 1e9
     out = []
     for scheme, folder in outputs:
         method, bits = RTN[scheme]

@@ -1,16 +1,19 @@
 """The shape of the model being served: parameter count, KV-cache bytes per token and
-context length. Read from a local config.json, a known hub id, or estimated from the
-size in the name; the simulator and the memory-budget estimate use it."""
+context length. Read from a local config.json, a known hub id, estimated from the size in
+the name, or else read from the Hub's config.json; the simulator and the memory-budget
+estimate use it."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
 from aevyra_forge.core.errors import UsageError
+from aevyra_forge.space.hub import _REPO_ID
 
 
 class ModelProfile(BaseModel):
@@ -63,6 +66,8 @@ def profile(model: str) -> ModelProfile:
                                 hidden_size=hidden, num_kv_heads=kv, head_dim=hd,
                                 max_context=ctx)
     match = re.search(r"(\d+(?:\.\d+)?)\s*b\b", low.replace("-", " ").replace("_", " "))
+    if match is None and (found := _from_hub(model)) is not None:
+        return found
     if match is None:
         raise UsageError(
             f"cannot tell the size of model '{model}': pass a local folder with a "
@@ -74,6 +79,21 @@ def profile(model: str) -> ModelProfile:
     layers = max(8, int(params * 1e9 / (12 * hidden * hidden)))
     return ModelProfile(name=model, params_b=params, num_layers=layers, hidden_size=hidden,
                         num_kv_heads=8, head_dim=128, max_context=32768, known=False)
+
+
+def _from_hub(model: str) -> ModelProfile | None:
+    """The profile from `model`'s config.json on the Hub (HF_ENDPOINT; huggingface_hub's
+    cache, HF_HUB_OFFLINE and token apply), or None when it cannot be read: a Hub model
+    whose name names no size (SmolLM2-135M) is served as well as one that does."""
+    if not _REPO_ID.match(model):
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(model, "config.json", endpoint=os.environ.get("HF_ENDPOINT"))
+        return _from_config(model, Path(path))
+    except Exception:  # no network, offline, gated, not a model: the caller says what to do
+        return None
 
 
 def _from_config(model: str, path: Path) -> ModelProfile:

@@ -1,12 +1,12 @@
 """The one table of quantization facts: per method its weight size, whether it needs a
 pre-quantized checkpoint, the hardware that serves it (as data: NVIDIA compute capability,
-the CPU build's instruction set), its speed in the simulator and its expected accuracy
-cost. The registry's gates, the Hub lookup, the layer-2 candidates, the simulator and the
-prompt's memory estimate all read it."""
+AMD GPU architecture, the CPU build's instruction set), the name vLLM loads it by, its
+speed in the simulator and its expected accuracy cost. The registry's gates, the Hub
+lookup, the layer-2 candidates, the simulator and the prompt all read it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,17 +16,23 @@ from aevyra_forge.core.values import Hardware, Scalar
 # "What depends on the CPU's instruction set"); the rest of the list is not recorded.
 CPU_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 AVX512_BF16 = frozenset({"avx512f", "avx512_bf16"})
+# AMD's MI300-class GPUs by architecture: MI300X/MI325X are gfx942, MI350/MI355 gfx950.
+# vLLM's ROCm build serves FP8 GEMMs there (vllm/platforms/rocm.py `supports_fp8`, and
+# ROCmFP8ScaledMMLinearKernel "requires CDNA3+ (gfx942/gfx950)").
+MI300_ARCH = frozenset({"gfx942", "gfx950"})
 
 
 @dataclass(frozen=True)
 class Serving:
     """Where vLLM serves a method one way (from a checkpoint, or applied while loading):
-    the NVIDIA compute capability its kernel needs, whether it needs FP8 tensor cores, and
-    on the CPU build the instruction-set flags it needs (None: the CPU build refuses it)."""
+    the NVIDIA compute capability its kernel needs, whether it needs FP8 tensor cores, on
+    AMD GPUs the architectures vLLM's ROCm build serves it on (empty: every one; None:
+    none), and on the CPU build the instruction-set flags it needs (None: refused)."""
 
     min_cc: float = 0.0
     fast_cc: float = 0.0  # below this compute capability a slower kernel serves it
     fp8_cores: bool = False  # NVIDIA >= 8.9 or MI300-class (has_fp8)
+    rocm_arch: frozenset[str] | None = frozenset()
     cpu_isa: frozenset[str] | None = frozenset()
     why: str = ""  # the measured reason behind the gate, for the refusal line
 
@@ -47,6 +53,7 @@ class QuantMethod:
     compute: float  # simulator: linear-layer compute time relative to bf16
     accuracy: float  # expected teacher-forced agreement with the bf16 baseline's outputs
     name_tag: str | None  # how a checkpoint's name shows the method (the simulator's guess)
+    vllm_name: str | None  # vLLM's quantization method that loads it (--quantization name)
     checkpoint: Serving = ANYWHERE  # serving a checkpoint quantized this way
     on_the_fly: Serving | None = None  # vLLM quantizing a bf16 checkpoint while loading
 
@@ -57,6 +64,13 @@ class QuantMethod:
                    for s in (self.checkpoint, self.on_the_fly))
 
 
+# On AMD GPUs vLLM 0.32's ROCm build lists awq, gptq and compressed-tensors among its
+# supported quantizations (vllm/platforms/rocm.py `supported_quantization`) and has
+# W4A16 (Triton, Exllama, Conch) and INT8 W8A8 (AITER, Triton) kernels for ROCm
+# (vllm/model_executor/kernels/linear/__init__.py `_POSSIBLE_KERNELS`,
+# `_POSSIBLE_INT8_KERNELS`); its documentation's hardware table (docs.vllm.ai,
+# features/quantization, "Supported Hardware") still marks AWQ, GPTQ and INT8 unsupported
+# on AMD and FP8 W8A8 supported. We follow the code; none of it was run on an AMD GPU here.
 _MARLIN_4BIT = Serving(min_cc=7.5, fast_cc=8.0, cpu_isa=AVX512_BF16,
                        why="4-bit kernels: Marlin needs compute capability >= 8.0 (older "
                            "GPUs fall back to slower ones); on the CPU build "
@@ -66,30 +80,36 @@ _MARLIN_4BIT = Serving(min_cc=7.5, fast_cc=8.0, cpu_isa=AVX512_BF16,
 # a checkpoint's name is matched (the first tag found wins).
 QUANT_METHODS: dict[str, QuantMethod] = {m.name: m for m in (
     QuantMethod("none", 16, 2.0, prequantized=False, fp8_hardware=False,
-                compute=1.0, accuracy=1.0, name_tag=None, on_the_fly=ANYWHERE),
+                compute=1.0, accuracy=1.0, name_tag=None, vllm_name=None,
+                on_the_fly=ANYWHERE),
     # 4-bit weights carry group scales and zero points (~0.52 B/param at group size 128),
     # the embeddings and lm_head stay 16-bit, and dequantisation costs compute. The prompt
     # used to estimate 0.56 B/param and the simulator 0.6. Neither fits every size: a 70B
     # AWQ checkpoint comes to about 0.56, an 8B one to about 0.7 (its 16-bit embeddings
     # weigh more). The simulator's 0.6 is kept, so dry runs stay identical.
     QuantMethod("awq", 4, 0.6, prequantized=True, fp8_hardware=False,
-                compute=1.4, accuracy=0.978, name_tag="awq", checkpoint=_MARLIN_4BIT),
+                compute=1.4, accuracy=0.978, name_tag="awq", vllm_name="awq",
+                checkpoint=_MARLIN_4BIT),
     QuantMethod("gptq", 4, 0.6, prequantized=True, fp8_hardware=False,
-                compute=1.4, accuracy=0.972, name_tag="gptq", checkpoint=_MARLIN_4BIT),
+                compute=1.4, accuracy=0.972, name_tag="gptq", vllm_name="gptq",
+                checkpoint=_MARLIN_4BIT),
     # fp8 is the one method vLLM can apply while loading a bf16 checkpoint; an FP8
     # checkpoint also serves weight-only (fp8 Marlin) on Ampere and through a slow torch
-    # fallback on the CPU build, where quantizing at load fails on every CPU
+    # fallback on the CPU build, where quantizing at load fails on every CPU; on AMD only
+    # MI300-class GPUs have FP8 (docs.vllm.ai FP8 W8A8: "GPUs such as Nvidia H100 and AMD
+    # MI300x")
     QuantMethod("fp8", 8, 1.0, prequantized=False, fp8_hardware=True,
-                compute=0.5, accuracy=0.996, name_tag="fp8",
-                checkpoint=Serving(min_cc=8.0, why="fp8 Marlin needs compute capability "
-                                                   ">= 8.0"),
+                compute=0.5, accuracy=0.996, name_tag="fp8", vllm_name="fp8",
+                checkpoint=Serving(min_cc=8.0, rocm_arch=MI300_ARCH,
+                                   why="fp8 Marlin needs compute capability >= 8.0; on AMD "
+                                       "FP8 needs an MI300-class GPU"),
                 on_the_fly=Serving(fp8_cores=True, cpu_isa=None,
                                    why="--quantization fp8 fails on every CPU "
                                        "(static_scaled_fp8_quant)")),
     # W8A8 INT8 checkpoints serve on every CPU (CPUInt8ScaledMMLinearKernel) and on GPUs
     # from Turing on (cutlass int8)
     QuantMethod("w8a8_int8", 8, 1.0, prequantized=True, fp8_hardware=False,
-                compute=0.5, accuracy=0.993, name_tag="w8a8",
+                compute=0.5, accuracy=0.993, name_tag="w8a8", vllm_name="compressed-tensors",
                 checkpoint=Serving(min_cc=7.5, why="int8 GEMMs need compute capability "
                                                    ">= 7.5")),
 )}
@@ -98,15 +118,16 @@ QUANT_METHODS: dict[str, QuantMethod] = {m.name: m for m in (
 # weight-only (llm-compressor's GPTQ/AWQ output, or round-to-nearest) uses awq's kernels.
 CHECKPOINT_ONLY: dict[str, QuantMethod] = {m.name: m for m in (
     QuantMethod("w4a16", 4, 0.6, prequantized=True, fp8_hardware=False,
-                compute=1.4, accuracy=0.97, name_tag="w4a16", checkpoint=_MARLIN_4BIT),
+                compute=1.4, accuracy=0.97, name_tag="w4a16", vllm_name="compressed-tensors",
+                checkpoint=_MARLIN_4BIT),
 )}
 # A method this table does not know (a checkpoint may name any): middling guesses.
 UNKNOWN = QuantMethod("unknown", 8, 1.0, prequantized=True, fp8_hardware=False,
-                      compute=1.2, accuracy=0.99, name_tag=None,
+                      compute=1.2, accuracy=0.99, name_tag=None, vllm_name=None,
                       checkpoint=Serving(cpu_isa=None))
 # An fp8 KV cache: AVX-512 on the CPU build (refused on AVX2-only CPUs); on GPUs it needs
-# FP8 hardware to pay off (it hurt throughput on Ampere).
-FP8_KV = Serving(fp8_cores=True, cpu_isa=frozenset({"avx512f"}),
+# FP8 hardware to pay off (it hurt throughput on Ampere; on AMD, MI300-class).
+FP8_KV = Serving(fp8_cores=True, rocm_arch=MI300_ARCH, cpu_isa=frozenset({"avx512f"}),
                  why="an fp8 KV cache needs FP8 tensor cores on GPUs (slower on Ampere) "
                      "and AVX-512 on the CPU build")
 
@@ -144,8 +165,22 @@ def has_fp8(hw: Hardware) -> bool:
     if gpu is None:
         return False
     if hw.device == "rocm":
-        return "mi300" in gpu.name.lower() or (gpu.compute_capability or "") == "gfx942"
+        return rocm_arch(hw) in MI300_ARCH
     return _nvidia_cc(hw) >= 8.9
+
+
+def rocm_arch(hw: Hardware) -> str:
+    """An AMD GPU's architecture (gfx942, ...): as rocm-smi reported it, else from an
+    MI300-class name; empty when unknown."""
+    gpu = hw.gpu
+    if gpu is None:
+        return ""
+    arch = (gpu.compute_capability or "").lower()
+    if arch.startswith("gfx"):
+        return arch
+    name = gpu.name.lower()
+    return "gfx950" if ("mi350" in name or "mi355" in name) else (
+        "gfx942" if ("mi300" in name or "mi325" in name) else "")
 
 
 def _nvidia_cc(hw: Hardware) -> float:
@@ -166,6 +201,13 @@ def refusal(serving: Serving | None, hw: Hardware) -> str | None:
         if missing:
             return f"this CPU lacks {' + '.join(missing)}: {serving.why}"
         return None
+    if hw.device == "rocm":
+        if serving.rocm_arch is None:
+            return serving.why or "vLLM's ROCm build has no kernel for it"
+        arch = rocm_arch(hw)
+        if serving.rocm_arch and arch not in serving.rocm_arch:
+            return (f"needs an MI300-class GPU ({'/'.join(sorted(serving.rocm_arch))}), "
+                    f"this one is {arch or 'of an unknown architecture'}: {serving.why}")
     if serving.fp8_cores and not has_fp8(hw):
         return serving.why or "needs FP8 tensor cores (compute capability >= 8.9 or MI300)"
     if hw.device == "cuda" and serving.min_cc and _nvidia_cc(hw) < serving.min_cc:
@@ -179,22 +221,29 @@ def checkpoint_refusal(method: str, hw: Hardware) -> str | None:
     return "forge does not know it" if row is UNKNOWN else refusal(row.checkpoint, hw)
 
 
+def vllm_refusal(method: str, listed: Collection[str] | None, version: str) -> str | None:
+    """Why the installed vLLM cannot load a checkpoint quantized with `method`, where it
+    can tell: `listed` is its `--quantization` choices as `vllm serve --help=all` prints
+    them (None when it prints none, as vLLM 0.32 does: then nothing is refused here)."""
+    name = facts(method).vllm_name
+    if listed is None or name is None or name in listed:
+        return None
+    return (f"vLLM {version} does not list '{name}' among its --quantization choices; "
+            "upgrade vLLM to serve it")
+
+
 def is_fp8_kv(kv_cache_dtype: str) -> bool:
     """An fp8 KV cache (fp8, fp8_e4m3, fp8_e5m2): one byte per element."""
     return kv_cache_dtype.startswith("fp8")
 
 
 def method_usable(choice: Scalar, hw: Hardware, simulated: bool) -> bool:
-    """Whether quantization method `choice` may be tried here by name. A real run has no
-    pre-quantized checkpoint to load by name (layer-2 candidates name them); the simulator
-    needs none."""
+    """Whether quantization method `choice` may be tried here by name: only what vLLM
+    applies while loading. A pre-quantized checkpoint is a layer-2 candidate
+    (`quant_candidate`), in a dry run as in a real one, so a simulated best recipe names
+    a checkpoint that can be deployed instead of a method no checkpoint backs."""
     method = QUANT_METHODS.get(str(choice))
-    if method is None:
-        return False
-    if simulated:  # the simulator assumes a checkpoint of every prequantized method
-        return refusal(method.checkpoint if method.prequantized else method.on_the_fly,
-                       hw) is None
-    return refusal(method.on_the_fly, hw) is None
+    return method is not None and refusal(method.on_the_fly, hw) is None
 
 
 def kv_cache_dtype_usable(choice: Scalar, hw: Hardware, simulated: bool) -> bool:

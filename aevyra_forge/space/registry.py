@@ -106,6 +106,25 @@ def auto_dtype(hw: Hardware) -> str:
     return "bfloat16"
 
 
+def auto_attention_backend(hw: Hardware) -> str | None:
+    """The attention backend vLLM picks when none is named: FLASH_ATTN on NVIDIA from
+    compute capability 8.0, TRITON_ATTN below it, ROCM_ATTN on AMD (None: no GPU)."""
+    gpu = hw.gpu
+    if hw.device == "rocm":
+        return "ROCM_ATTN"
+    if hw.device != "cuda" or gpu is None:
+        return None
+    try:
+        return "FLASH_ATTN" if float(gpu.compute_capability or 8.0) >= 8.0 else "TRITON_ATTN"
+    except ValueError:
+        return "FLASH_ATTN"
+
+
+def auto_capture_size(max_num_seqs: int) -> int:
+    """vLLM's max_cudagraph_capture_size when unset: min(512, 2 x max_num_seqs)."""
+    return min(2 * max_num_seqs, 512)
+
+
 def _dtype_usable(choice: Scalar, hw: Hardware, simulated: bool) -> bool:
     """"auto" already is one dtype here, so that one is not a separate choice; GPUs
     without bf16 (auto is float16 there) reject bfloat16 at boot."""

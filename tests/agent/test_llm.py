@@ -293,7 +293,8 @@ def test_make_checks_key_price_and_cap(tmp_path: Path) -> None:
 MOVES: dict[int, list[dict[str, Any]]] = {
     1: [{"max_num_batched_tokens": 8192}, {"max_num_seqs": 512},
         {"gpu_memory_utilization": 0.93}],
-    2: [{"quant_method": "w8a8_int8"}],
+    # a candidate from the prompt's list, as a model picks one (a dry run's are simulated)
+    2: [{"quant_candidate": "hub:RedHatAI/Llama-3.1-8B-Instruct-quantized.w8a8"}],
     3: [{"attention_backend": "FLASHINFER"}, {"cudagraph_mode": "PIECEWISE"}]}
 
 
@@ -335,6 +336,8 @@ def test_dry_run_tuned_by_the_fake_provider(tmp_path: Path, llm: str, openai_wir
     measured = [r for r in records[2:] if r["status"] == "ok"]
     assert measured and all(r["llm"]["input_tokens"] > 0 for r in records[1:])
     assert {r["layer"] for r in records} >= {1, 2}
+    assert [r["recipe"]["quant"]["checkpoint"] for r in measured if r["layer"] == 2] == [
+        "RedHatAI/Llama-3.1-8B-Instruct-quantized.w8a8"]
     code, out, _ = _cli(["report", str(tmp_path / ".forge"), "--format", "json"], capsys)
     spent = json.loads(out)["summary"]["llm_cost_usd"]
     assert spent == pytest.approx(sum(r["llm"]["cost_usd"] for r in records), abs=1e-6)

@@ -200,3 +200,27 @@ def test_fp8_kv_cache_names_are_one_value_on_nvidia_only() -> None:
     rocm = Hardware(device="rocm", gpus=(GpuInfo(index=0, name="MI300X", memory_mib=196608),))
     assert synonyms(KnobSpace(rocm, profile(LLAMA_8B), simulated=True), "kv_cache_dtype",
                     "fp8") == ()
+
+
+@given(st.sampled_from([None, "FLASH_ATTN", "FLASHINFER", "TRITON_ATTN"]))
+def test_an_unset_attention_backend_is_the_one_vllm_picks_here(value: str | None) -> None:
+    """FLASH_ATTN on an H100 (compute capability 9.0), TRITON_ATTN on a T4 (7.5): naming
+    it measures nothing new; any other backend is a move of its own."""
+    h100, t4 = _space("H100"), _space("T4")
+    assert (None in synonyms(h100, "attention_backend", value)) == (value == "FLASH_ATTN")
+    assert ("FLASH_ATTN" in synonyms(h100, "attention_backend", value)) == (value is None)
+    assert (None in synonyms(t4, "attention_backend", value)) == (value == "TRITON_ATTN")
+
+
+def test_o3_is_o2_and_a_capture_size_is_its_default_for_the_recipes_seqs() -> None:
+    space = _space("H100")
+    base = space.baseline(LLAMA_8B)
+    assert synonyms(space, "optimization_level", 3) == (2,)
+    assert synonyms(space, "optimization_level", 1) == ()
+    # default: min(512, 2 x max_num_seqs); the H100's max_num_seqs is 1024, so 512
+    assert synonyms(space, "max_cudagraph_capture_size", 512, base) == (None,)
+    assert synonyms(space, "max_cudagraph_capture_size", None, base) == (512,)
+    small = space.apply(base, {"max_num_seqs": 64})
+    assert synonyms(space, "max_cudagraph_capture_size", 128, small) == (None,)
+    assert synonyms(space, "max_cudagraph_capture_size", 512, small) == ()
+    assert synonyms(space, "max_cudagraph_capture_size", 512) == ()  # no recipe: unknown

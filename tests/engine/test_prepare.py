@@ -104,7 +104,7 @@ def test_a_crash_of_the_script_is_a_failure_with_its_log(tmp_path: Path) -> None
     log = tmp_path / "exp3.prepare.log"
     result = Preparer(sys.executable, {str(quant.out): quant})(recipe_for(quant), log)
     assert result is not None and result.log == log
-    assert result.failure == ("quantizing (w8a8) failed with exit code 3: missing in this "
+    assert result.failure == ("preparing rtn-w8a8 failed with exit code 3: missing in this "
                               "environment: No module named 'torch'")
     assert list((tmp_path / "q").iterdir()) == []
 
@@ -116,7 +116,7 @@ def test_no_disk_refuses_before_writing(tmp_path: Path) -> None:
                         free_bytes=lambda path: 100 * 2**20)
     result = preparer(recipe_for(quant), tmp_path / "exp.log")
     assert result is not None and result.failure is not None
-    assert result.failure.startswith("not enough disk to write the w8a8 checkpoint: "
+    assert result.failure.startswith("not enough disk to write the rtn-w8a8 checkpoint: "
                                      "~1.00 GiB needed, 0.10 GiB free under ")
     assert not (tmp_path / "exp.log").exists()
 

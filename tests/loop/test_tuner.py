@@ -18,6 +18,7 @@ from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.values import LaunchFailure, Proposal, QualityScore
 from aevyra_forge.core.workload import load_workload
 from aevyra_forge.engine.executor import LocalExecutor
+from aevyra_forge.engine.sim import layer2 as sim_layer2
 from aevyra_forge.engine.sim.engine import SimulatedEngine
 from aevyra_forge.loop.events import Event, LayerEscalated, Note, ProposalRefused
 from aevyra_forge.loop.tuner import MAX_ASKS, MAX_REFUSALS_IN_A_ROW, Tuner
@@ -28,6 +29,10 @@ from aevyra_forge.space.model_profile import profile
 from aevyra_forge.space.playbook import load_playbook
 from aevyra_forge.store.run_store import RunStore
 from tests.conftest import MODEL_8B
+
+# two of a dry run's simulated layer-2 candidates for MODEL_8B (engine/sim/layer2.py)
+AWQ = "hub:hugging-quants/Llama-3.1-8B-Instruct-AWQ-INT4"
+W8A8 = "hub:RedHatAI/Llama-3.1-8B-Instruct-quantized.w8a8"
 
 
 class Scripted:
@@ -66,13 +71,15 @@ def _reply(layer: int, **changes: Any) -> ProposalReply:
 def _tuner(tmp_path: Path, workload: Path, proposer: Any, engine: Any = None,
            gpu: str = "H100", reopen: Path | None = None, **overrides: Any
            ) -> tuple[Tuner, Events]:
-    """A tuner on the simulator; `engine` is (launcher, benchmarker, quality probe);
-    `reopen` resumes that run instead of creating one."""
+    """A tuner on the simulator, its space offered a dry run's layer-2 candidates as the
+    session does; `engine` is (launcher, benchmarker, quality probe); `reopen` resumes
+    that run instead of creating one."""
     settings = TuneSettings(model=MODEL_8B, workload=str(workload), llm="builtin",
                             dry_run=True, run_dir=str(tmp_path / ".forge"),
                             **{"repeats": 2, **overrides})
     hw = gpu_spec(gpu).hardware()
     space = KnobSpace(hw, profile(MODEL_8B), simulated=True)
+    sim_layer2.offer(MODEL_8B, space, lambda _: None)
     sim = SimulatedEngine(hw, gpu_spec(gpu), space.model, space, seed=1)
     store = RunStore(tmp_path / ".forge")
     run = store.open_run(reopen) if reopen else store.create_run({"model": MODEL_8B,
@@ -127,6 +134,29 @@ def test_refused_proposals_cost_no_experiment(tmp_path: Path, small_workload: Pa
     assert "no-op" in reasons[3] or "repeat of experiment 1" in reasons[3]
     assert proposer.contexts[1].feedback == reasons[0]
     assert [c.attempt for c in proposer.contexts] == [0, 1, 2, 0, 1, 2]
+
+
+def test_an_earlier_layers_knobs_stay_open_and_a_later_ones_stay_closed(
+        tmp_path: Path, small_workload: Path) -> None:
+    """In layer 2 a layer-1 move, alone or with a layer-2 knob, is run (the record keeps
+    the active layer, the proposal its own); a layer-3 knob, or a layer-2 knob in a
+    proposal that says layer 1, is refused before booting."""
+    proposer = Scripted([
+        _reply(1, max_num_seqs=64),
+        _reply(3, attention_backend="FLASHINFER"),  # not open yet
+        _reply(1, kv_cache_dtype="fp8"),  # a layer-2 knob in a layer-1 proposal
+        _reply(2, max_num_seqs=32, kv_cache_dtype="fp8"),
+    ])
+    tuner, events = _tuner(tmp_path, small_workload, proposer, max_experiments=3,
+                           start_layer=2)
+    tuner.run()
+    recs = tuner.run_log.records()
+    assert [(r.layer, r.status) for r in recs] == [(1, "ok"), (2, "ok"), (2, "ok")]
+    assert recs[1].proposal is not None and recs[1].proposal.layer == 1
+    assert recs[2].recipe["config"]["max_num_seqs"] == 32
+    reasons = [e.reason for e in events.of(ProposalRefused)]
+    assert "active layer is 2" in reasons[0]
+    assert "belongs to layer 2, after the proposal's layer 1" in reasons[1]
 
 
 def test_exhausted_reasks_record_one_row_without_booting(tmp_path: Path,
@@ -397,7 +427,7 @@ def test_the_incumbent_is_remeasured_for_drift(tmp_path: Path, small_workload: P
 
 
 def test_an_accuracy_below_the_floor_is_reverted(tmp_path: Path, small_workload: Path) -> None:
-    proposer = Scripted([_reply(2, quant_method="awq")])
+    proposer = Scripted([_reply(2, quant_candidate=AWQ)])
     tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=2, start_layer=2,
                       gpu="A100-80GB")
     tuner.run()
@@ -482,7 +512,7 @@ def _on_a100(probe: type[BlindProbe]) -> tuple[Any, Any, Any]:
 
 def test_without_an_accuracy_reference_a_lossy_change_is_never_kept(
         tmp_path: Path, small_workload: Path) -> None:
-    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(2, quant_method="w8a8_int8")])
+    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(2, quant_candidate=W8A8)])
     tuner, events = _tuner(tmp_path, small_workload, proposer, engine=_on_a100(BlindProbe),
                            gpu="A100-80GB", max_experiments=3, max_config_experiments=1)
     tuner.run()
@@ -495,12 +525,14 @@ def test_without_an_accuracy_reference_a_lossy_change_is_never_kept(
     assert "no accuracy figure" not in serving_change.decision  # speed alone may judge it
     assert quant.accuracy is None and not quant.kept and quant.score is not None
     assert quant.score > 1.5  # far faster, and still refused
-    assert quant.decision.startswith("no accuracy figure: quant_method can alter outputs")
+    # the candidate changes the checkpoint served (model) and its method
+    assert quant.decision.startswith("no accuracy figure: model, quant_method can alter "
+                                     "outputs")
 
 
 def test_the_accuracy_method_is_recorded_and_a_fallback_said_once(
         tmp_path: Path, small_workload: Path) -> None:
-    proposer = Scripted([_reply(2, quant_method="w8a8_int8")])
+    proposer = Scripted([_reply(2, quant_candidate=W8A8)])
     tuner, events = _tuner(tmp_path, small_workload, proposer, engine=_on_a100(GreedyProbe),
                            gpu="A100-80GB", max_experiments=2, start_layer=2)
     tuner.run()
@@ -573,3 +605,36 @@ def test_a_candidate_this_host_refuses_at_boot_is_not_offered_again(
     assert tuner.space.choices(knob) == ("none", "rtn-w8a8")
     assert "layer 2: this host refused rtn-w4a16; it is not offered again this run" in [
         n.text for n in events.of(Note)]
+
+
+def test_a_gate_learned_at_boot_survives_resume(tmp_path: Path, small_workload: Path) -> None:
+    """The run is resumed (a new Tuner, a fresh KnobSpace offered the same candidates, the
+    same log): the candidate this host refused is still not offered, rebuilt from the
+    recorded boot failure, and proposing it again is refused before any boot."""
+    from aevyra_forge.space.layer2 import QuantCandidate
+    offered = [QuantCandidate(name=f"rtn-{s}", kind="rtn", method=m, checkpoint=f"/q/{s}")
+               for s, m in (("w8a8", "w8a8_int8"), ("w4a16", "w4a16"))]
+    first, _ = _tuner(tmp_path, small_workload,
+                      Scripted([_reply(2, quant_candidate="rtn-w4a16")]),
+                      max_experiments=2, start_layer=2)
+    first.executor.launcher = RefusesCheckpoints(first.executor.launcher)  # type: ignore[attr-defined]
+    first.space.offer_quant(offered)
+    first.run()
+    assert [r.status for r in first.run_log.records()] == ["ok", "boot_failed"]
+    first.run_log.close()
+
+    again = Scripted([_reply(2, quant_candidate="rtn-w4a16"),
+                      _reply(2, quant_candidate="rtn-w8a8")])
+    resumed, events = _tuner(tmp_path, small_workload, again, max_experiments=3,
+                             start_layer=2, reopen=first.run_log.path)
+    resumed.space.offer_quant(offered)
+    assert resumed.space.choices(resumed.space.get("quant_candidate")) == (
+        "none", "rtn-w8a8", "rtn-w4a16")  # before the log is replayed
+    resumed.run()
+    assert resumed.space.choices(resumed.space.get("quant_candidate")) == ("none", "rtn-w8a8")
+    assert resumed.space.quant_refused["rtn-w4a16"].startswith("unsupported on this hardware")
+    recs = resumed.run_log.records()
+    assert [(r.exp, r.status) for r in recs] == [(0, "ok"), (1, "boot_failed"), (2, "ok")]
+    assert recs[2].recipe["quant"]["checkpoint"] == "/q/w8a8"
+    assert again.contexts[1].feedback is not None and "rtn-w4a16" in again.contexts[1].feedback
+    assert not any("this host refused" in n.text for n in events.of(Note))  # no new boot

@@ -327,6 +327,8 @@ def test_quick_start_leaves_deploy_sh_serving_the_best_recipe(
     script = dep.run_dir / "deploy.sh"
     assert os.access(script, os.X_OK)
     assert f"deploy:      {export.render_cmd(dep).strip()}" in out
+    # a dry run's quantized best serves a simulated checkpoint, and the run's end says so
+    assert dep.caveat is not None and f"note: simulated result; {dep.caveat}" in out
     called = run_bash([str(script)], fake_bin, tmp_path)
     assert called["argv"] == ["serve", *launcher_command(dep.recipe)[0]]
     notes = (dep.run_dir / "deploy.md").read_text()
@@ -343,3 +345,63 @@ def test_deploy_md_says_what_it_serves_and_what_to_watch(tmp_path: Path) -> None
     assert "measured vLLM on cpu" in notes and "Simulated" not in notes
     never = export.render_deploy_md(deployment(BASELINE, tmp_path))
     assert "never measured" in never and "measured vLLM on" not in never
+
+
+def _dry_run_recipes() -> dict[str, Recipe]:
+    """A dry run's best recipes on a simulated H100: layer-2 candidates as the simulator
+    offers them (engine/sim/layer2.py), fp8 applied while loading, a user's own
+    checkpoint, and a by-name method from a run recorded before candidates existed."""
+    from aevyra_forge.engine.sim import layer2 as sim_layer2
+    from aevyra_forge.space.gpu_catalogue import gpu_spec
+    from aevyra_forge.space.knob_space import KnobSpace
+    from aevyra_forge.space.model_profile import profile
+    space = KnobSpace(gpu_spec("H100").hardware(), profile(MODEL_8B), simulated=True)
+    sim_layer2.offer(MODEL_8B, space, lambda _: None)
+    base = space.baseline(MODEL_8B)
+    return {
+        "hub": space.apply(base, {"quant_candidate":
+                                  "hub:RedHatAI/Llama-3.1-8B-Instruct-quantized.w8a8"}),
+        "rtn": space.apply(base, {"quant_candidate": "rtn-w8a8"}),
+        "cal": space.apply(base, {"quant_candidate": "cal-w4a16-awq"}),
+        "fp8": space.apply(base, {"quant_method": "fp8"}),
+        "own": Recipe(model=MODEL_8B, quant={"method": "awq", "checkpoint": "acme/8B-AWQ"}),
+        "old": Recipe(model=MODEL_8B, quant={"method": "awq"}),
+    }
+
+
+@pytest.mark.parametrize(("kind", "serves", "caveat"), [
+    ("hub", "RedHatAI/Llama-3.1-8B-Instruct-quantized.w8a8", "simulated Hub answer"),
+    ("rtn", "simulated-quant/rtn-w8a8", "layer 2's rtn-w8a8, which the dry run only simulated"),
+    ("cal", "simulated-quant/cal-w4a16-awq", "run this tune without --dry-run on the target"),
+    ("fp8", MODEL_8B, None),
+    ("own", "acme/8B-AWQ", None),
+    ("old", MODEL_8B, "needs a awq checkpoint of meta-llama/Llama-3.1-8B-Instruct"),
+])
+def test_a_dry_runs_simulated_checkpoint_is_said_before_deploying(
+        tmp_path: Path, kind: str, serves: str, caveat: str | None) -> None:
+    """The deploy line serves what the dry run's best recipe serves (a Hub candidate's
+    repo, the folder of one forge writes, never a method vLLM would have to be told by
+    name), and deploy.md and the report say what was only simulated; a real run's
+    recipe, fp8 applied while loading and a user's own checkpoint need no word."""
+    from aevyra_forge.report.markdown import render_md
+    from aevyra_forge.report.model import build_report
+    recipe = _dry_run_recipes()[kind]
+    for dry_run in (True, False):
+        run = make_run(tmp_path / str(dry_run) / ".forge", [rec(0, recipe, kept=True)],
+                       settings={"dry_run": dry_run})
+        dep = export.load(run)
+        argv, _ = dep.command()
+        assert argv[0] == serves
+        assert ("--quantization" in argv) == (kind in ("fp8", "old"))  # old: the caveat
+        said = dep.caveat if dry_run else None
+        assert (said is None) == (caveat is None or not dry_run), said
+        assert caveat is None or not dry_run or caveat in str(said)
+        notes = export.render_deploy_md(dep)
+        report = build_report(run)
+        assert report.best is not None and report.best.deploy_caveat == said
+        if said is not None:
+            assert f"Before deploying: {said}." in notes
+            assert f"Before deploying: {said}" in " ".join(render_md(report).split())
+        else:
+            assert "Before deploying" not in notes and "Before deploying" not in render_md(
+                report)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from aevyra_forge.core.errors import KnobError, RecipeError
 from aevyra_forge.core.recipe import KernelSettings, QuantSettings, Recipe
 from aevyra_forge.core.values import Hardware
+from aevyra_forge.engine.sim import layer2 as sim_layer2
 from aevyra_forge.space import gpu_catalogue
 from aevyra_forge.space.knob_space import KNOBS, KnobSpace
 from aevyra_forge.space.model_profile import ModelProfile, profile
@@ -76,11 +77,25 @@ def test_fp8_only_on_fp8_hardware(name: str, simulated: bool) -> None:
                 sp.check(knob_name, "fp8")
 
 
-def test_prequantized_methods_only_in_dry_run() -> None:
-    assert space(H100).choices(KNOBS["quant_method"]) == ("none", "fp8")
-    assert space(H100, simulated=True).choices(KNOBS["quant_method"]) == (
-        "none", "awq", "gptq", "fp8", "w8a8_int8")
-    assert not space(A100).available(KNOBS["quant_method"])  # only "none" left
+def test_prequantized_methods_are_candidates_in_a_dry_run_as_in_a_real_one() -> None:
+    """By name a dry run offers what a real run does: fp8 where vLLM applies it while
+    loading. Pre-quantized methods are layer-2 candidates (a dry run's simulated, as
+    engine/sim/layer2.py offers them); choosing one serves its checkpoint with its method."""
+    for simulated in (False, True):
+        assert space(H100, simulated).choices(KNOBS["quant_method"]) == ("none", "fp8")
+        assert not space(A100, simulated).available(KNOBS["quant_method"])  # only "none"
+    dry = space(H100, simulated=True)
+    assert dry.choices(KNOBS["quant_candidate"]) == ("none",)  # nothing offered yet
+    sim_layer2.offer(MODEL, dry, lambda _: None)
+    assert {c.method for c in dry.quant_candidates} == {"awq", "fp8", "w8a8_int8", "w4a16"}
+    assert dry.choices(KNOBS["quant_candidate"]) == (
+        "none", *(c.name for c in dry.quant_candidates))
+    base = dry.baseline(MODEL)
+    for c in dry.quant_candidates:
+        recipe = dry.apply(base, {"quant_candidate": c.name})
+        assert (recipe.quant.checkpoint, recipe.quant.method) == (c.checkpoint, c.method)
+        assert dry.value(recipe, KNOBS["quant_candidate"]) == c.name
+        assert dry.apply(recipe, {"quant_candidate": "none"}).id == base.id
 
 
 def test_cpu_block_size_and_gpu_block_size() -> None:

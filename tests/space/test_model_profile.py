@@ -122,3 +122,25 @@ def test_profile_is_frozen() -> None:
     assert isinstance(p, ModelProfile)
     with pytest.raises(ValueError):
         p.params_b = 3.0  # type: ignore[misc]
+
+
+def test_a_hub_id_without_a_size_is_read_from_the_hubs_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name that names no size: the shape comes from the model's config.json on the Hub
+    (HF_ENDPOINT, here the fake on 127.0.0.1), and nothing else is asked."""
+    from tests.fake_hub import FakeHub, FakeRepo, model_files, online
+
+    online(monkeypatch, tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    config = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+              "num_key_value_heads": 3, "vocab_size": 49152, "intermediate_size": 1536,
+              "tie_word_embeddings": True, "max_position_embeddings": 8192}
+    with FakeHub({"acme/mystery-model": FakeRepo(model_files(config))}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        p = profile("acme/mystery-model")
+        assert hub.unexpected == []
+        assert all(path.endswith("/config.json") for path in hub.paths())
+    assert (p.num_layers, p.num_kv_heads, p.head_dim, p.max_context) == (30, 3, 64, 8192)
+    assert p.known and 0.13 < p.params_b < 0.14  # SmolLM2-135M's shape
+    with pytest.raises(UsageError, match="cannot tell the size"):  # the Hub gone: as before
+        profile("acme/other-model")

@@ -22,9 +22,12 @@ from aevyra_forge.space.quant import (
     method_usable,
     probe_cpu_isa,
     refusal,
+    rocm_arch,
     usable,
+    vllm_refusal,
 )
 from aevyra_forge.space.registry import KNOBS
+from aevyra_forge.space.vllm_flags import VllmArgs, parse_help
 
 GPUS = {name: gpu_catalogue.gpu_spec(name).hardware()
         for name in ("A100-80GB", "H100", "T4", "L4", "A10G", "MI300X")}
@@ -63,21 +66,23 @@ def test_fp8_hardware() -> None:
     assert not has_fp8(nvidia("8.6")) and not has_fp8(nvidia("not a number"))
 
 
-@pytest.mark.parametrize(("hw", "simulated", "methods"), [
-    ("H100", False, ["none", "fp8"]),
-    ("H100", True, ["none", "awq", "gptq", "fp8", "w8a8_int8"]),
-    ("MI300X", False, ["none", "fp8"]),
-    ("A100-80GB", False, ["none"]),
-    ("A100-80GB", True, ["none", "awq", "gptq", "w8a8_int8"]),
-    ("CPU", False, ["none"]),
-    ("CPU", True, ["none", "w8a8_int8"]),
+@pytest.mark.parametrize("simulated", [False, True])
+@pytest.mark.parametrize(("hw", "methods"), [
+    ("H100", ["none", "fp8"]),
+    ("MI300X", ["none", "fp8"]),
+    ("A100-80GB", ["none"]),
+    ("CPU", ["none"]),
 ])
 def test_methods_usable_here(hw: str, simulated: bool, methods: list[str]) -> None:
-    """FP8 needs FP8 hardware, the CPU build serves W8A8 only, and a real run has no
-    pre-quantized checkpoint to serve (the simulator needs none)."""
+    """By name, only what vLLM applies while loading: fp8 on FP8 hardware, never on the
+    CPU build. A pre-quantized method is served from a checkpoint, a layer-2 candidate
+    (test_knob_space), in a dry run as in a real one: no simulated best recipe names a
+    method no checkpoint backs."""
     hardware = CPU if hw == "CPU" else GPUS[hw]
     assert [m for m in QUANT_METHODS if method_usable(m, hardware, simulated)] == methods
-    assert not method_usable("bitsandbytes", hardware, True)
+    assert not any(method_usable(name, hardware, simulated)
+                   for name, m in QUANT_METHODS.items() if m.prequantized)
+    assert not method_usable("bitsandbytes", hardware, simulated)
 
 
 def test_fp8_kv_cache_needs_fp8_hardware() -> None:
@@ -141,3 +146,115 @@ def test_probe_cpu_isa_keeps_the_flags_that_matter(tmp_path: Path) -> None:
                        "processor\t: 1\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 ht\n")
     assert probe_cpu_isa(cpuinfo) == ("avx2", "avx512f", "avx512_bf16")
     assert probe_cpu_isa(tmp_path / "missing") == ()
+
+
+# -- AMD: what vLLM's ROCm build serves (quant.py cites its sources) ------------------
+def _amd(name: str, arch: str | None) -> Hardware:
+    return Hardware(device="rocm", gpus=(GpuInfo(index=0, name=name, memory_mib=131072,
+                                                 compute_capability=arch),))
+
+
+MI250 = _amd("AMD Instinct MI250X", "gfx90a")
+
+
+def test_mi300_class_serves_every_checkpoint_and_an_older_amd_gpu_no_fp8() -> None:
+    everything = ["none", "awq", "gptq", "fp8", "w8a8_int8", "w4a16"]
+    for hw in (GPUS["MI300X"], _amd("AMD Instinct MI300X", None),
+               _amd("AMD Instinct MI355X", "gfx950")):
+        assert usable([*QUANT_METHODS, *CHECKPOINT_ONLY], hw) == everything
+        assert has_fp8(hw) and kv_cache_dtype_usable("fp8", hw, False)
+        assert method_usable("fp8", hw, False)  # applied while loading on MI300
+    assert usable([*QUANT_METHODS, *CHECKPOINT_ONLY], MI250) == [
+        "none", "awq", "gptq", "w8a8_int8", "w4a16"]
+    assert checkpoint_refusal("fp8", MI250) == (
+        "needs an MI300-class GPU (gfx942/gfx950), this one is gfx90a: fp8 Marlin needs "
+        "compute capability >= 8.0; on AMD FP8 needs an MI300-class GPU")
+    assert not kv_cache_dtype_usable("fp8", MI250, False)
+    assert not method_usable("fp8", MI250, False)
+    unknown = _amd("AMD Radeon PRO W7900", None)
+    assert "of an unknown architecture" in str(checkpoint_refusal("fp8", unknown))
+
+
+@pytest.mark.parametrize(("name", "arch", "expected"), [
+    ("AMD Instinct MI300X", "gfx942", "gfx942"),
+    ("AMD Instinct MI300X", None, "gfx942"),  # rocm-smi without a GFX Version
+    ("AMD Instinct MI325X", "", "gfx942"),
+    ("AMD Instinct MI355X", None, "gfx950"),
+    ("AMD Instinct MI250X", "GFX90A", "gfx90a"),
+    ("AMD Radeon PRO W7900", None, ""),
+])
+def test_rocm_arch(name: str, arch: str | None, expected: str) -> None:
+    assert rocm_arch(_amd(name, arch)) == expected
+
+
+# -- the installed vLLM: a method its parser does not list is refused ------------------
+HELP = Path(__file__).parents[1] / "data" / "vllm" / "serve_help_all_0.32.0+cpu.txt"
+
+
+def _vllm(listed: str | None) -> VllmArgs:
+    """vLLM 0.32's recorded --help=all, its --quantization listing `listed` choices (vLLM
+    0.32 itself lists none, as older and some later versions do)."""
+    text = HELP.read_text()
+    if listed is not None:
+        old = "  --quantization QUANTIZATION, -q QUANTIZATION"
+        assert old in text
+        text = text.replace(old, f"  --quantization {{{listed}}}, -q {{{listed}}}")
+    return VllmArgs(version="0.32.0+cpu", args=parse_help(text))
+
+
+def test_a_method_this_vllm_does_not_list_is_refused_with_that_reason() -> None:
+    assert _vllm(None).choices("quantization") is None
+    assert vllm_refusal("w8a8_int8", None, "0.32.0") is None  # it cannot tell: no gate
+    listed = _vllm("awq,fp8,gptq").choices("quantization")
+    assert listed == ("awq", "fp8", "gptq")
+    assert vllm_refusal("awq", listed, "0.9") is None
+    assert vllm_refusal("none", listed, "0.9") is None
+    assert vllm_refusal("w4a16", listed, "0.9") == (
+        "vLLM 0.9 does not list 'compressed-tensors' among its --quantization choices; "
+        "upgrade vLLM to serve it")
+
+
+def test_the_knob_space_leaves_out_candidates_its_vllm_cannot_load() -> None:
+    from aevyra_forge.space.knob_space import KnobSpace
+    from aevyra_forge.space.layer2 import QuantCandidate
+    from aevyra_forge.space.model_profile import profile
+    candidates = [QuantCandidate(name="hub:org/m-AWQ", kind="hub", method="awq", bits=4,
+                                 checkpoint="org/m-AWQ"),
+                  QuantCandidate(name="rtn-w8a8", kind="rtn", method="w8a8_int8", bits=8,
+                                 checkpoint="/q/w8a8")]
+    for listed, offered in ((None, ("none", "hub:org/m-AWQ", "rtn-w8a8")),
+                            ("awq,gptq", ("none", "hub:org/m-AWQ"))):
+        space = KnobSpace(AVX512, profile("meta-llama/Llama-3.1-8B-Instruct"),
+                          vllm=_vllm(listed))
+        space.offer_quant(candidates)
+        assert space.choices(space.get("quant_candidate")) == offered
+        assert set(space.quant_unserved) == ({"rtn-w8a8"} if listed else set())
+    assert space.quant_unserved["rtn-w8a8"].startswith("vLLM 0.32.0+cpu does not list "
+                                                       "'compressed-tensors'")
+    # a boot failure learned later does not bring the unserved candidate back
+    base = space.baseline("meta-llama/Llama-3.1-8B-Instruct")
+    space.refuse_quant(space.apply(base, {"quant_candidate": "hub:org/m-AWQ"}), "x")
+    assert space.choices(space.get("quant_candidate")) == ("none",)
+    assert "rtn-w8a8" in space.quant_unserved
+
+
+def test_the_prompt_says_why_an_unserved_candidate_is_not_offered(tmp_path: Path) -> None:
+    from aevyra_forge.agent import AgentContext, Budget
+    from aevyra_forge.agent.prompt import build_prompt
+    from aevyra_forge.core.workload import load_workload
+    from aevyra_forge.space.knob_space import KnobSpace
+    from aevyra_forge.space.layer2 import QuantCandidate
+    from aevyra_forge.space.model_profile import profile
+    from aevyra_forge.space.playbook import load_playbook
+    model = "meta-llama/Llama-3.1-8B-Instruct"
+    space = KnobSpace(AVX512, profile(model), vllm=_vllm("awq,gptq"))
+    space.offer_quant([QuantCandidate(name="rtn-w8a8", kind="rtn", method="w8a8_int8",
+                                      bits=8, checkpoint="/q/w8a8")])
+    workload = tmp_path / "w.jsonl"
+    workload.write_text('{"prompt": "hi"}\n')
+    ctx = AgentContext(hardware=AVX512, workload=load_workload(workload).stats, layer=2,
+                       space=space, best=space.baseline(model), best_score=1.0,
+                       history=(), playbook=load_playbook(), budget=Budget(5, 1.0, None),
+                       tried_ids=frozenset())
+    refused = build_prompt(ctx).user.split("Not possible on this hardware (do not propose): ")
+    assert "rtn-w8a8: vLLM 0.32.0+cpu does not list 'compressed-tensors'" in refused[1]

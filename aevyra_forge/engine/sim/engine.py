@@ -36,9 +36,11 @@ from aevyra_forge.engine.sim.scheduler import (
 from aevyra_forge.measure.metrics import median_pass
 from aevyra_forge.space.gpu_catalogue import GpuSpec
 from aevyra_forge.space.knob_space import KNOBS, KnobSpace
+from aevyra_forge.space.layer2 import CandidateSlot
 from aevyra_forge.space.model_profile import ModelProfile
 from aevyra_forge.space.plugins import KernelCandidate
 from aevyra_forge.space.quant import facts, is_fp8_kv, method_of_checkpoint
+from aevyra_forge.space.registry import auto_attention_backend, auto_capture_size
 
 # -- memory at boot ----------------------------------------------------------------------
 NON_TORCH_GIB = 0.6  # CUDA context, cuBLAS / NCCL workspaces, per GPU
@@ -65,6 +67,7 @@ class SimulatedEngine:
         self.seed, self.noise_cv = seed, noise_cv
         self.native = "bfloat16" if spec.bf16 else "float16"
         self.cc = float(spec.compute_capability) if spec.vendor == "nvidia" else 0.0
+        self.default_backend = auto_attention_backend(spec.hardware()) or "TRITON_ATTN"
 
     def launch(self, recipe: Recipe, log_path: Path) -> SimServer | LaunchFailure:
         lines: list[str] = []
@@ -86,11 +89,14 @@ class SimulatedEngine:
             return self.space.value(recipe, KNOBS[name])
 
         dtype, eager, method = str(k("dtype")), bool(k("enforce_eager")), str(k("quant_method"))
-        # vLLM reads a checkpoint's method from its config.json; the simulator, from its name
-        if method == "none" and recipe.quant.checkpoint:
+        # vLLM reads a checkpoint's method from its config.json; the simulator, from the
+        # layer-2 candidate that serves it (a dry run's are simulated), else from its name
+        slot = self.space.get("quant_candidate").placement
+        candidate = slot.chosen(recipe) if isinstance(slot, CandidateSlot) else None
+        if candidate is not None:
+            method = candidate.method
+        elif method == "none" and recipe.quant.checkpoint:
             method = method_of_checkpoint(recipe.quant.checkpoint) or method
-        default_backend = ("ROCM_ATTN" if self.spec.vendor == "amd" else
-                           "FLASH_ATTN" if self.cc >= 8.0 else "TRITON_ATTN")
         level = k("optimization_level")  # -O0: no compilation, no graphs; -O1: piecewise
         eager = eager or level == 0
         mode = "NONE" if eager else str(k("cudagraph_mode"))
@@ -103,10 +109,10 @@ class SimulatedEngine:
             util=float(k("gpu_memory_utilization") or 0.9), max_len=int(k("max_model_len") or 1),
             block=int(k("block_size") or 16), dtype=self.native if dtype == "auto" else dtype,
             method=method, kv_dtype=str(k("kv_cache_dtype")), eager=eager, mode=mode,
-            backend=str(k("attention_backend") or default_backend),
+            backend=str(k("attention_backend") or self.default_backend),
             caching=bool(k("enable_prefix_caching")), dp=int(k("data_parallel_size") or 1),
-            capture=int(capture) if isinstance(capture, int) else min(
-                2 * int(k("max_num_seqs") or 1), MAX_CAPTURE_SEQS),
+            capture=int(capture) if isinstance(capture, int) else auto_capture_size(
+                int(k("max_num_seqs") or 1)),
             long_prefill=int(k("long_prefill_token_threshold") or 0),
             spec=str(spec) if spec else None, spec_tokens=int(k("spec_tokens") or 0),
             kernel_speed=(plugin.speedup or 1.0) if plugin else 1.0)
