@@ -16,12 +16,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from aevyra_forge.space.hub import (
     _EXPAND,
-    _REPO_ID,
     DEFAULT_ENDPOINT,
     LIST_LIMIT,
     TIMEOUT_S,
@@ -30,6 +28,8 @@ from aevyra_forge.space.hub import (
     _first_line,
     _read_config,
     candidate_config,
+    failure_cause,
+    skip_cause,
 )
 
 MAX_CONFIG_READS = 8  # candidates' config.json files read per lookup
@@ -117,36 +117,29 @@ def classify(config: Mapping[str, Any], repo: str, base: str,
 
 
 def _why_not_look(model: str, env: Mapping[str, str]) -> str:
-    if Path(model).exists():
-        return (f"{model} is a local folder: no Hub lookup for draft models or EAGLE heads "
-                "(n-gram and suffix decoding are still offered)")
-    if env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return ("HF_HUB_OFFLINE is set: no Hub lookup for draft models or EAGLE heads "
-                "(n-gram and suffix decoding are still offered)")
-    if not _REPO_ID.match(model):
-        return f"'{model}' is not a Hub id (owner/name): no Hub lookup for EAGLE heads"
-    return ""
+    return {"local": f"{model} is a local folder: no Hub lookup for draft models or EAGLE "
+                     "heads (n-gram and suffix decoding are still offered)",
+            "offline": "HF_HUB_OFFLINE is set: no Hub lookup for draft models or EAGLE heads "
+                       "(n-gram and suffix decoding are still offered)",
+            "not_id": f"'{model}' is not a Hub id (owner/name): no Hub lookup for EAGLE heads",
+            None: ""}[skip_cause(model, env)]
 
 
 def _failure(model: str, endpoint: str, exc: Exception) -> str:
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
-    if isinstance(exc, OfflineModeIsEnabled):
-        return "HF_HUB_OFFLINE is set: no Hub lookup for draft models or EAGLE heads" + _THEN
-    if isinstance(exc, GatedRepoError):
-        return (f"{model} is gated on {endpoint}: accept its terms there and set HF_TOKEN "
-                "to look for its EAGLE heads" + _THEN)
-    if isinstance(exc, RepositoryNotFoundError):
-        return (f"{model} was not found on {endpoint} (a private repository needs HF_TOKEN)"
-                + _THEN)
-    if isinstance(exc, EntryNotFoundError):
-        return f"{model} has no config.json on {endpoint}: no draft model or EAGLE head" + _THEN
-    return (f"cannot reach the Hub at {endpoint} for EAGLE heads ({type(exc).__name__}: "
-            f"{_first_line(exc)})" + _THEN)
+    cause = failure_cause(exc)
+    if cause == "offline":
+        line = "HF_HUB_OFFLINE is set: no Hub lookup for draft models or EAGLE heads"
+    elif cause == "gated":
+        line = (f"{model} is gated on {endpoint}: accept its terms there and set HF_TOKEN "
+                "to look for its EAGLE heads")
+    elif cause == "not_found":
+        line = f"{model} was not found on {endpoint} (a private repository needs HF_TOKEN)"
+    elif cause == "no_entry":
+        line = f"{model} has no config.json on {endpoint}: no draft model or EAGLE head"
+    else:
+        line = (f"cannot reach the Hub at {endpoint} for EAGLE heads ({type(exc).__name__}: "
+                f"{_first_line(exc)})")
+    return line + _THEN
 
 
 def _candidates(model: str, tagged: Iterable[Any], named: Iterable[Any]

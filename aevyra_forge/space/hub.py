@@ -161,37 +161,62 @@ def read_cached(run_dir: Path, model: str) -> HubLookup | None:
     return found if found.base == model else None
 
 
-def _why_not_look(model: str, env: Mapping[str, str]) -> str:
-    """One line when no lookup should be tried, else empty."""
+SkipCause = Literal["local", "offline", "not_id"]
+FailureCause = Literal["offline", "gated", "not_found", "no_entry", "network"]
+
+
+def skip_cause(model: str, env: Mapping[str, str]) -> SkipCause | None:
+    """Why no Hub lookup should be tried for `model` (a local folder, HF_HUB_OFFLINE, not
+    an owner/name id), or None; shared by the sibling and the draft lookups, each of which
+    words it for what it looks for."""
     if Path(model).exists():
-        return (f"{model} is a local folder: no Hub lookup for pre-quantized siblings "
-                "(layer 2 quantizes it here instead)")
+        return "local"
     if env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return ("HF_HUB_OFFLINE is set: no Hub lookup for pre-quantized siblings "
-                "(unset it to let forge look; layer 2 quantizes here instead)")
-    if not _REPO_ID.match(model):
-        return (f"'{model}' is not a Hub id (owner/name): no Hub lookup for pre-quantized "
-                "siblings")
-    return ""
+        return "offline"
+    return None if _REPO_ID.match(model) else "not_id"
 
 
-def _failure(model: str, endpoint: str, exc: Exception) -> str:
-    """One line for a lookup the Hub or the network refused."""
+def failure_cause(exc: Exception) -> FailureCause:
+    """What a lookup the Hub or the network refused ran into, by huggingface_hub's error."""
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
     )
-    then = "; going on without Hub siblings"
     if isinstance(exc, OfflineModeIsEnabled):
-        return "HF_HUB_OFFLINE is set: no Hub lookup for pre-quantized siblings" + then
+        return "offline"
     if isinstance(exc, GatedRepoError):
-        return (f"{model} is gated on {endpoint}: accept its terms there and set HF_TOKEN "
-                "to look for its quantized siblings" + then)
+        return "gated"
     if isinstance(exc, RepositoryNotFoundError):
-        return (f"{model} was not found on {endpoint} (a private repository needs HF_TOKEN)"
-                + then)
-    return f"cannot reach the Hub at {endpoint} ({type(exc).__name__}: {_first_line(exc)})" + then
+        return "not_found"
+    return "no_entry" if isinstance(exc, EntryNotFoundError) else "network"
+
+
+def _why_not_look(model: str, env: Mapping[str, str]) -> str:
+    """One line when no lookup should be tried, else empty."""
+    return {"local": f"{model} is a local folder: no Hub lookup for pre-quantized siblings "
+                     "(layer 2 quantizes it here instead)",
+            "offline": "HF_HUB_OFFLINE is set: no Hub lookup for pre-quantized siblings "
+                       "(unset it to let forge look; layer 2 quantizes here instead)",
+            "not_id": f"'{model}' is not a Hub id (owner/name): no Hub lookup for "
+                      "pre-quantized siblings",
+            None: ""}[skip_cause(model, env)]
+
+
+def _failure(model: str, endpoint: str, exc: Exception) -> str:
+    """One line for a lookup the Hub or the network refused."""
+    cause = failure_cause(exc)
+    if cause == "offline":
+        line = "HF_HUB_OFFLINE is set: no Hub lookup for pre-quantized siblings"
+    elif cause == "gated":
+        line = (f"{model} is gated on {endpoint}: accept its terms there and set HF_TOKEN "
+                "to look for its quantized siblings")
+    elif cause == "not_found":
+        line = f"{model} was not found on {endpoint} (a private repository needs HF_TOKEN)"
+    else:
+        line = f"cannot reach the Hub at {endpoint} ({type(exc).__name__}: {_first_line(exc)})"
+    return line + "; going on without Hub siblings"
 
 
 def _first_line(exc: Exception) -> str:

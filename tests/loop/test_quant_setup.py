@@ -57,7 +57,7 @@ def test_heads_found_for_a_layer_one_run_reach_its_knob_space_and_its_cache(
     from aevyra_forge.space.hub import CACHE_FILE
     from aevyra_forge.space.knob_space import KnobSpace
     from aevyra_forge.space.model_profile import profile
-    from tests.fake_hub import FakeHub, FakeRepo, model_files
+    from tests.fake_hub import FakeHub, FakeRepo, model_files, online
 
     llama = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
              "num_hidden_layers": 32}
@@ -66,10 +66,7 @@ def test_heads_found_for_a_layer_one_run_reach_its_knob_space_and_its_cache(
            head: FakeRepo(model_files({**llama, "architectures": ["LlamaForCausalLMEagle3"],
                                        "num_hidden_layers": 1, "draft_vocab_size": 32000}),
                           tags=(f"base_model:{MODEL_8B}",))}
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "t"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_STORED_TOKENS_PATH", str(tmp_path / "s"))
+    online(monkeypatch, tmp_path)
     hw = Hardware(device="cpu", cpu_cores=2, memory_gib=8)
     settings = TuneSettings(model=MODEL_8B, workload=str(small_workload), device="cpu",
                             skip_quant=True, skip_kernel=True)

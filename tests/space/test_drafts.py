@@ -23,7 +23,7 @@ from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import profile
 from aevyra_forge.space.rendering import render
 from tests.conftest import MODEL_8B
-from tests.fake_hub import FakeHub, FakeRepo, model_files, speculator_config
+from tests.fake_hub import FakeHub, FakeRepo, model_files, online, speculator_config
 
 pytest.importorskip("huggingface_hub")
 
@@ -72,12 +72,7 @@ def repos() -> dict[str, FakeRepo]:
 @pytest.fixture(autouse=True)
 def no_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No token from the developer's environment or login reaches the fake."""
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "token"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_STORED_TOKENS_PATH",
-                        str(tmp_path / "stored_tokens"))
+    online(monkeypatch, tmp_path)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from aevyra_forge.core.values import GpuInfo, Hardware
 from aevyra_forge.space import hub
 from aevyra_forge.space.quant import facts
-from tests.fake_hub import FakeHub, FakeRepo, model_files, quantization_config
+from tests.fake_hub import FakeHub, FakeRepo, model_files, online, quantization_config
 
 pytest.importorskip("huggingface_hub")
 
@@ -62,12 +62,7 @@ def repos() -> dict[str, FakeRepo]:
 @pytest.fixture(autouse=True)
 def no_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No token from the developer's environment or login reaches the fake."""
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "token"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_STORED_TOKENS_PATH",
-                        str(tmp_path / "stored_tokens"))
+    online(monkeypatch, tmp_path)
 
 
 @pytest.fixture
