@@ -115,6 +115,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tests/agent/test_builtin.py::"
         "test_moves_the_diagnosis_proves_nil_are_skipped_with_the_reason"),
     Mutation(
+        "same-kernels-booted-again", "aevyra_forge/agent/moves.py",
+        "    if now is None or then is None or (now.method, now.bits) != (then.method, then.bits):",
+        "    if True:",
+        "tests/agent/test_engine_model.py::"
+        "test_the_incumbents_method_from_another_checkpoint_gets_no_boot"),
+    Mutation(
+        "dry-run-offers-prequantized-by-name", "aevyra_forge/space/quant.py",
+        "    return method is not None and refusal(method.on_the_fly, hw) is None",
+        "    return method is not None and refusal(method.on_the_fly if not simulated else "
+        "method.checkpoint, hw) is None",
+        "tests/space/test_quant.py::test_methods_usable_here"),
+    Mutation(
         "builtin-ignores-synonyms", "aevyra_forge/decide/diagnosis.py",
         '    if knob == "kv_cache_dtype" and space.hw.device == "cuda":',
         '    if knob == "kv_cache_dtype" and space.hw.device == "none":',
