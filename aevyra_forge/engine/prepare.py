@@ -40,6 +40,7 @@ PREPARE_TIMEOUT_S = 3600.0  # one quantization; the tiny model takes ~10 s (cali
 POLL_S = 2.0  # how often a running prepare's log is read for progress
 HEARTBEAT_S = 30.0  # a progress line at least this often, even when the log is quiet
 PROGRESS = "forge-progress: "  # the scripts' progress lines (cal_script.PROGRESS)
+MAX_PARTIAL = 65536  # of an unfinished log line, what is kept until its end is written
 DISK_MARGIN_BYTES = 256 * 2**20  # free space kept beyond the checkpoint's estimated size
 # forge's scheme name (layer2.RTN has its method and bits) -> rtn_script's --scheme
 SCRIPT_SCHEME = {"w8a8": "W8A8", "w4a16": "W4A16", "fp8": "FP8_DYNAMIC"}
@@ -294,37 +295,46 @@ class Preparer:
 
 
 class _Watch:
-    """Reads a running prepare's log for the scripts' progress lines and tells
-    `progress` the newest one with the time so far: when it changes, and every
-    HEARTBEAT_S otherwise, so a calibration of many minutes never looks stuck."""
+    """Reads a running prepare's log as it grows and tells `progress` each progress line
+    the scripts print, with the time so far (none is lost between two looks, however fast
+    the script moves on), and the newest again every HEARTBEAT_S while the log is quiet,
+    so a calibration of many minutes never looks stuck."""
 
     def __init__(self, name: str, log: Path, progress: Callable[[str], None],
                  clock: Callable[[], float], start: float) -> None:
         self.name, self.log, self.progress = name, log, progress
         self.clock, self.start = clock, start
+        self.read = 0  # bytes of the log already looked at
+        self.partial = b""  # a line the script has not finished writing
         self.said = ""
         self.said_at = start
 
     def look(self, final: bool = False) -> None:
-        latest = _last_progress(self.log)
         now = self.clock()
-        if latest == self.said and (final or now - self.said_at < HEARTBEAT_S):
-            return
-        self.said, self.said_at = latest, now
-        self.progress(f"{self.name}: {latest or 'starting'} ({now - self.start:.0f} s)")
+        fresh = self._new_lines(final)
+        for line in fresh:
+            self.progress(f"{self.name}: {line} ({now - self.start:.0f} s)")
+        if fresh:
+            self.said, self.said_at = fresh[-1], now
+        elif not final and now - self.said_at >= HEARTBEAT_S:
+            self.said_at = now
+            self.progress(f"{self.name}: {self.said or 'starting'} ({now - self.start:.0f} s)")
 
-
-def _last_progress(log: Path) -> str:
-    """The last progress line a script printed (its prefix dropped), or ""."""
-    try:
-        with log.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))  # the tail is enough
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    found = [ln[len(PROGRESS):].strip() for ln in text.replace("\r", "\n").splitlines()
-             if ln.startswith(PROGRESS)]
-    return found[-1] if found else ""
+    def _new_lines(self, final: bool) -> list[str]:
+        """The progress lines written since the last look (a last unfinished line too
+        when the script has ended)."""
+        try:
+            with self.log.open("rb") as f:
+                f.seek(self.read)
+                chunk = f.read()
+        except OSError:
+            return []
+        self.read += len(chunk)
+        text = self.partial + chunk
+        lines = text.replace(b"\r", b"\n").split(b"\n")
+        self.partial = b"" if final else lines.pop()[-MAX_PARTIAL:]
+        return [ln[len(PROGRESS):].strip() for ln in
+                (raw.decode(errors="replace") for raw in lines) if ln.startswith(PROGRESS)]
 
 
 def _gib(n: int) -> str:

@@ -373,6 +373,27 @@ def test_progress_repeats_as_a_heartbeat_when_the_log_is_quiet(tmp_path: Path) -
                     f"cal-w8a8: calibrating on 64 samples ({prepare.HEARTBEAT_S + 1:.0f} s)"]
 
 
+def test_every_progress_line_is_told_however_fast_the_script_moves_on(tmp_path: Path) -> None:
+    """A calibration of a few seconds prints several lines between two looks: each is
+    told once, in order; a line still being written waits for its end (or the script's)."""
+    log = tmp_path / "x.log"
+    log.write_text("forge-progress: loading m\n")
+    told: list[str] = []
+    watch = prepare._Watch("cal-w8a8", log, told.append, lambda: 4.0, 0.0)
+    watch.look()
+    with log.open("a") as f:
+        f.write("x" * 100_000 + "\rforge-progress: calibrating on 38 samples\n10%|#\r"
+                "forge-progress: saved the compressed checkpoint\nforge-progress: sav")
+    watch.look()
+    watch.look()
+    with log.open("a") as f:
+        f.write("ed twice")
+    watch.look(final=True)
+    assert told == ["cal-w8a8: loading m (4 s)", "cal-w8a8: calibrating on 38 samples (4 s)",
+                    "cal-w8a8: saved the compressed checkpoint (4 s)",
+                    "cal-w8a8: saved twice (4 s)"]
+
+
 def test_quant_setup_passes_the_setting_and_the_workload(tmp_path: Path,
                                                          small_workload: Path) -> None:
     """`tune`'s --quant-python reaches the calibration offer: a path that is not there
