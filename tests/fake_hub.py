@@ -131,6 +131,8 @@ class FakeHub:
     token: str | None = None  # the one token that opens gated and private repos
     requests: list[Request] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    # when set, the CDN answers a GET only once this is set (a download in progress)
+    hold: threading.Event | None = None
 
     def __enter__(self) -> FakeHub:
         hub = self
@@ -262,6 +264,8 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and path == "/api/agent-harnesses" and not query:
             return self._json(200, {"standardEnvVars": ["AI_AGENT", "AGENT"], "harnesses": {}})
         if method in ("GET", "HEAD") and path.startswith("/lfs/"):
+            if method == "GET" and hub.hold is not None:
+                hub.hold.wait(60)  # bounded so that a broken test cannot hang the suite
             body = hub.blob(path.split("/")[2])
             if body is None:
                 return self._error(404, "EntryNotFound", "Entry not found", method)

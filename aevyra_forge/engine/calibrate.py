@@ -83,7 +83,7 @@ def offer(model: str, hw: Hardware, workload: Workload, setting: str | None,
     (cached under the store root's quant/ folder), or none and one line saying why."""
     source = Path(model)
     if not (source / "config.json").is_file():
-        return []  # prepare.offer says why (the same for every checkpoint forge writes)
+        return []  # checkpoints.offer says why (the same for every checkpoint forge writes)
     python, versions = environment(setting)
     if python is None or not versions.get("llmcompressor"):
         where = f" ({setting} not found)" if setting and python is None else (

@@ -5,6 +5,8 @@ compressed-tensors inside vLLM's own environment (rtn_script.py, run by file pat
 environment has no aevyra_forge), about 10 s on the tiny model; calibrated checkpoints
 are written by cal_script.py with llm-compressor in its own environment, on samples of
 the user's workload (engine/calibrate.py), in minutes, with progress lines while it runs.
+A Hub sibling is downloaded into huggingface_hub's cache (engine/hub_fetch.py), so its
+minutes are prepare time, not boot time.
 
 Checkpoints are cached under the store root's quant/ folder keyed by (model and revision,
 scheme, calibration hash, library versions, the script's own hash), each with a manifest,
@@ -20,17 +22,15 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aevyra_forge.core.recipe import Recipe
-from aevyra_forge.core.values import Hardware
+from aevyra_forge.engine.hub_fetch import HubFetch, Once, fetch
 from aevyra_forge.engine.process import terminate_group
 from aevyra_forge.space import layer2
-from aevyra_forge.space.hub import HubLookup
-from aevyra_forge.space.knob_space import KnobSpace
 
 SCRIPT = Path(__file__).with_name("rtn_script.py")
 CAL_SCRIPT = Path(__file__).with_name("cal_script.py")
@@ -169,18 +169,25 @@ def weights_bytes(source: Path) -> int:
 
 
 class Preparer:
-    """Makes the checkpoint a recipe names when it is one of `jobs` and not yet written;
-    reuses it when its manifest is there. `python` runs the round-to-nearest script (a
-    calibrated job brings its own); `progress` is told what a running prepare is doing
-    (its scripts' progress lines and the time so far), at least every HEARTBEAT_S."""
+    """Readies what a recipe serves before its boot: downloads the model itself once when
+    it is a Hub id (`model`), a Hub sibling it serves (`fetches`), or makes the checkpoint
+    it names when that is one of `jobs` and not yet written (reusing it when its manifest
+    is there). `python` runs the round-to-nearest script (a calibrated job brings its
+    own); `progress` is told what a running prepare is doing (its scripts' progress lines
+    and the time so far), at least every HEARTBEAT_S."""
 
     def __init__(self, python: str, jobs: Mapping[str, QuantJob], *,
+                 fetches: Mapping[str, HubFetch] | None = None, model: HubFetch | None = None,
                  timeout_s: float = PREPARE_TIMEOUT_S,
                  free_bytes: Callable[[Path], int] = lambda p: shutil.disk_usage(p).free,
                  clock: Callable[[], float] = time.perf_counter,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None,
+                 once: Once | None = None) -> None:
         self.python = python
         self.jobs = dict(jobs)  # keyed by str(job.out)
+        self.fetches = dict(fetches or {})  # Hub siblings, keyed by repo id
+        self.model = model
+        self.once = once or Once()  # shared with the copies `reporting` makes
         self.timeout_s = timeout_s
         self.free_bytes = free_bytes
         self.clock = clock
@@ -188,13 +195,44 @@ class Preparer:
 
     def reporting(self, progress: Callable[[str], None]) -> Preparer:
         """This preparer telling `progress` (one worker's phase line) what it does."""
-        return Preparer(self.python, self.jobs, timeout_s=self.timeout_s,
-                        free_bytes=self.free_bytes, clock=self.clock, progress=progress)
+        return Preparer(self.python, self.jobs, fetches=self.fetches, model=self.model,
+                        timeout_s=self.timeout_s, free_bytes=self.free_bytes,
+                        clock=self.clock, progress=progress, once=self.once)
 
     def __call__(self, recipe: Recipe, log_path: Path) -> PrepareResult | None:
         """The prepare phase for `recipe`; None when it needs none."""
-        found = self.jobs.get(recipe.quant.checkpoint or "")
-        return None if found is None else self.prepare(found, log_path)
+        model = self._model(log_path.with_suffix(".model.log"))
+        if model is not None and model.failure is not None:
+            return model
+        checkpoint = recipe.quant.checkpoint or ""
+        found = self.jobs.get(checkpoint)
+        own = (self.fetch(self.fetches[checkpoint], log_path) if checkpoint in self.fetches
+               else None if found is None else self.prepare(found, log_path))
+        if model is None or own is None:
+            return own or model
+        return PrepareResult(model.seconds + own.seconds, own.reused, own.failure, own.log)
+
+    def _model(self, log_path: Path) -> PrepareResult | None:
+        """The model's download, the first time a trial asks in this process (a pool's
+        workers wait for the one that downloads it); None once it is there."""
+        if self.model is None:
+            return None
+        with self.once.lock:
+            if self.once.done:
+                return None
+            result = self.fetch(self.model, log_path, label="model")
+            self.once.done = result.failure is None
+            return result
+
+    def fetch(self, hub: HubFetch, log_path: Path, label: str = "") -> PrepareResult:
+        """Download a Hub repo into huggingface_hub's cache before its boot."""
+        start = self.clock()
+        label = label or f"hub:{hub.repo}"
+        done = fetch(hub, log_path, lambda text: self.progress(f"{label}: {text}"),
+                     clock=self.clock, free_bytes=self.free_bytes, timeout_s=self.timeout_s,
+                     poll_s=POLL_S, heartbeat_s=HEARTBEAT_S)
+        return PrepareResult(seconds=self.clock() - start, reused=done.reused,
+                             failure=done.failure, log=log_path)
 
     def prepare(self, quant: QuantJob, log_path: Path) -> PrepareResult:
         start = self.clock()
@@ -349,49 +387,3 @@ def _last_line(path: Path) -> str:
     except OSError:
         return "no log"
     return lines[-1][:300] if lines else "no output"
-
-
-def offer(model: str, hw: Hardware, space: KnobSpace, siblings: HubLookup | None,
-          store_root: Path, vllm_bin: str, note: Callable[[str], None],
-          calibrated: Sequence[tuple[layer2.QuantCandidate, QuantJob]] = ()
-          ) -> Preparer | None:
-    """Give the run's KnobSpace layer 2's candidates (the Hub siblings, the
-    round-to-nearest checkpoints this hardware serves, and the `calibrated` ones
-    engine/calibrate.offer built) and return the Preparer that writes forge's own, or
-    None when forge writes none here (said in one line)."""
-    found = layer2.hub_candidates(siblings)
-    cal_jobs = {str(j.out): j for _, j in calibrated}
-    cal = [c for c, _ in calibrated]
-    written, jobs, why_not = _rtn(model, hw, store_root, vllm_bin)
-    listed = [*found, *written, *cal]
-    space.offer_quant(listed)
-    if why_not:
-        note(f"layer 2: {why_not}; {len(found)} Hub candidate(s)"
-             + (f", {len(cal)} calibrated" if cal else ""))
-    else:
-        note("layer 2 candidates: " + (", ".join(c.name for c in listed) or "none"))
-    if not jobs and not cal_jobs:
-        return None
-    return Preparer(vllm_python(vllm_bin) or "", {**jobs, **cal_jobs})
-
-
-def _rtn(model: str, hw: Hardware, store_root: Path, vllm_bin: str
-         ) -> tuple[list[layer2.QuantCandidate], dict[str, QuantJob], str]:
-    """The round-to-nearest candidates this hardware serves and their jobs, or why forge
-    writes none here."""
-    source = Path(model)
-    python = vllm_python(vllm_bin)
-    if python is None:
-        return [], {}, f"no python beside {vllm_bin} to write quantized checkpoints with"
-    if not (source / "config.json").is_file():
-        return [], {}, ("writing quantized checkpoints here needs the model in a local "
-                        f"folder (download {model} and pass its path as --model)")
-    versions = library_versions(python)
-    if not versions.get("compressed-tensors") or not versions.get("torch"):
-        return [], {}, (f"vLLM's environment ({python}) lacks compressed-tensors or torch: "
-                        "no round-to-nearest checkpoints")
-    jobs = {scheme: job(source, scheme, store_root / "quant", versions)
-            for scheme in SCRIPT_SCHEME}
-    written = layer2.rtn_candidates([(s, j.out) for s, j in jobs.items()], source, hw)
-    kept = {c.checkpoint for c in written}
-    return written, {str(j.out): j for j in jobs.values() if str(j.out) in kept}, ""

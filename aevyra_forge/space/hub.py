@@ -181,11 +181,14 @@ def failure_cause(exc: Exception) -> FailureCause:
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
+        LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
     )
     if isinstance(exc, OfflineModeIsEnabled):
         return "offline"
+    if isinstance(exc, LocalEntryNotFoundError):  # an EntryNotFoundError: the network failed
+        return "network"
     if isinstance(exc, GatedRepoError):
         return "gated"
     if isinstance(exc, RepositoryNotFoundError):

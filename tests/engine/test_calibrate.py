@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from aevyra_forge.core.recipe import QuantSettings, Recipe
 from aevyra_forge.core.values import Hardware
 from aevyra_forge.core.workload import Workload, load_workload
-from aevyra_forge.engine import calibrate, prepare
+from aevyra_forge.engine import calibrate, checkpoints, prepare
 from aevyra_forge.engine.prepare import Preparer, QuantJob
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import profile
@@ -251,8 +251,8 @@ def test_offer_puts_calibrated_candidates_in_the_space_beside_the_others(
     cal = calibrate.offer(model, AVX512, workload_of(tmp_path, chats(4)), python,
                           tmp_path / "s", [].append)
     lines: list[str] = []
-    preparer = prepare.offer(model, AVX512, space, None, tmp_path / "s",
-                             str(tmp_path / "no-vllm"), lines.append, cal)
+    preparer = checkpoints.offer(model, AVX512, space, None, tmp_path / "s",
+                                 str(tmp_path / "no-vllm"), lines.append, cal)
     assert [c.name for c in space.quant_candidates] == [c.name for c, _ in cal]
     assert lines == [f"layer 2: no python beside {tmp_path / 'no-vllm'} to write quantized "
                      "checkpoints with; 0 Hub candidate(s), 4 calibrated"]

@@ -14,7 +14,8 @@ import pytest
 
 from aevyra_forge.core.recipe import QuantSettings, Recipe
 from aevyra_forge.core.values import Hardware
-from aevyra_forge.engine import prepare
+from aevyra_forge.engine import checkpoints, prepare
+from aevyra_forge.engine.hub_fetch import HubFetch
 from aevyra_forge.engine.prepare import Preparer, QuantJob
 from aevyra_forge.space import layer2
 from aevyra_forge.space.hub import HubLookup, Sibling
@@ -217,15 +218,16 @@ def test_offer_lists_what_this_cpu_serves_and_writes_only_those(tmp_path: Path) 
     lines: list[str] = []
     found = HubLookup(base="org/m", siblings=(Sibling(
         repo="org/m-w8a8", method="w8a8_int8", quant_method="compressed-tensors", bits=8),))
-    preparer = prepare.offer(str(fake_model(tmp_path / "m")), avx2, space, found,
-                             tmp_path / "store", _vllm_script(tmp_path, VLLM_PYTHON),
-                             lines.append)
+    preparer = checkpoints.offer(str(fake_model(tmp_path / "m")), avx2, space, found,
+                                 tmp_path / "store", _vllm_script(tmp_path, VLLM_PYTHON),
+                                 lines.append)
     names = [c.name for c in space.quant_candidates]
     assert names == ["hub:org/m-w8a8", "rtn-w8a8", "rtn-fp8"]
     assert lines == ["layer 2 candidates: hub:org/m-w8a8, rtn-w8a8, rtn-fp8"]
     assert preparer is not None and preparer.python == str(VLLM_PYTHON)
     assert sorted(Path(out).name.split("-")[0] for out in preparer.jobs) == ["fp8", "w8a8"]
     assert all(Path(out).parent == tmp_path / "store" / "quant" for out in preparer.jobs)
+    assert preparer.fetches == {"org/m-w8a8": HubFetch("org/m-w8a8", None, found.endpoint)}
 
 
 @pytest.mark.parametrize(("model", "python", "why"), [
@@ -241,7 +243,9 @@ def test_offer_without_a_writer_keeps_the_hub_candidates_and_says_why(
     found = HubLookup(base="org/m", siblings=(Sibling(
         repo="org/m-w8a8", method="w8a8_int8", quant_method="compressed-tensors"),))
     source = str(fake_model(tmp_path / "m")) if model == "LOCAL" else model
-    assert prepare.offer(source, hw, space, found, tmp_path / "store",
-                         _vllm_script(tmp_path, python), lines.append) is None
+    preparer = checkpoints.offer(source, hw, space, found, tmp_path / "store",
+                                 _vllm_script(tmp_path, python), lines.append)
+    assert preparer is not None and preparer.jobs == {}  # it only downloads the sibling
+    assert list(preparer.fetches) == ["org/m-w8a8"]
     assert [c.name for c in space.quant_candidates] == ["hub:org/m-w8a8"]
     assert len(lines) == 1 and why in lines[0]

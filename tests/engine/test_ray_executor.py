@@ -313,7 +313,7 @@ def test_a_failed_prepare_on_the_node_is_a_row_and_boots_nothing(
 def test_on_ray_gives_every_task_the_runs_prepare_phase(
         cluster: None, tmp_path: Path, small_workload: Path) -> None:
     """--executor ray: the run's Preparer travels in the spec every task gets (the
-    session passes what prepare.offer built, as it does to a local worker)."""
+    session passes what checkpoints.offer built, as it does to a local worker)."""
     from aevyra_forge.core.settings import TuneSettings
     from aevyra_forge.engine.prepare import Preparer
     from aevyra_forge.loop import scale

@@ -75,14 +75,14 @@ def workload(tmp_path: Path) -> Path:
 
 def _downloaded(hub: FakeHub, repo: str) -> None:
     """`repo`'s config.json was fetched from /resolve (for the base, by forge itself first:
-    its name names no size, so forge reads its shape from the Hub, and vLLM then finds the
-    file in the shared cache), and vLLM fetched its weights: HEAD on /resolve, answered
-    with the redirect, then GET on the CDN."""
+    its name names no size, so forge reads its shape from the Hub), and its weights were
+    downloaded once, by forge's prepare phase into the cache vLLM then reads: HEAD on
+    /resolve, answered with the redirect, then one GET on the CDN."""
     sha = hub.repos[repo].sha
     configs = {f"/{repo}/resolve/{rev}/config.json" for rev in ("main", sha)}
     assert configs & set(hub.paths("HEAD")) and configs & set(hub.paths("GET"))
     assert f"/{repo}/resolve/{sha}/model.safetensors" in hub.paths("HEAD")
-    assert hub.lfs_url(repo, "model.safetensors") in hub.paths("GET")
+    assert hub.paths("GET").count(hub.lfs_url(repo, "model.safetensors")) == 1
 
 
 def test_tune_finds_downloads_and_serves_the_hub_sibling(
@@ -112,6 +112,8 @@ def test_tune_finds_downloads_and_serves_the_hub_sibling(
     records = [json.loads(x) for x in (run / "experiments.jsonl").read_text().splitlines()]
     base = records[0]
     assert base["status"] == "ok" and base["recipe"]["model"] == BASE
+    assert base["prepare_s"] is not None  # the model's download, before the baseline boot
+    assert f"exp 0: prepare model: downloading {BASE} from {hub.url}" in out
     tried = [r for r in records
              if (r["proposal"] or {}).get("changes") == {"quant_candidate": f"hub:{SIBLING}"}]
     assert len(tried) == 1, [(r["exp"], r["proposal"]) for r in records]
@@ -123,11 +125,16 @@ def test_tune_finds_downloads_and_serves_the_hub_sibling(
     assert sibling["decision"]
     log = (run / sibling["log"]).read_text(errors="replace")
     assert "compressed-tensors" in log  # vLLM read the method from the downloaded config
+    # forge downloaded it in the prepare phase (its time is prepare_s, not boot_s), and
+    # vLLM found it in the cache: the weights were fetched from the CDN once
+    assert sibling["prepare_s"] is not None and sibling["prepare_s"] > 0
+    assert f"prepare hub:{SIBLING}: downloading {SIBLING} from {hub.url}" in out
+    prepared = (run / "logs" / f"exp_{sibling['exp']:03d}.prepare.log").read_text()
+    assert f"downloaded {SIBLING}: " in prepared
 
     _downloaded(hub, BASE)
     _downloaded(hub, SIBLING)
-    # what vLLM downloaded into HF_HOME is the sibling's (forge's lookup reads its
-    # config.json into memory only)
+    # what forge downloaded into HF_HOME, and vLLM served, is the sibling's
     cache = tmp_path / "hf" / "hub" / f"models--{SIBLING.replace('/', '--')}"
     snapshot = cache / "snapshots" / hub.repos[SIBLING].sha
     assert (snapshot / "config.json").read_bytes() == hub.repos[SIBLING].files["config.json"]
@@ -140,6 +147,7 @@ def test_tune_finds_downloads_and_serves_the_hub_sibling(
     FIGURES["hub_sibling"] = {
         "rows": [(r["exp"], (r["proposal"] or {}).get("changes"), r["status"],
                   round(r["metrics"]["output_throughput"], 1) if r["metrics"] else None,
-                  r["accuracy"], r["logprob_shift"], r["boot_s"], r["kept"], r["decision"])
+                  r["accuracy"], r["logprob_shift"], r["prepare_s"], r["boot_s"], r["kept"],
+                  r["decision"])
                  for r in records],
         "hub_requests": len(hub.requests)}

@@ -54,8 +54,10 @@ def test_the_offer_follows_the_quant_facts_table(gpu: str) -> None:
     skipped = sim_layer2.hub_answer(MODEL_8B, 8e9, hw).skipped
     assert len(hub) + len(skipped) == len(sim_layer2.HUB_COPIES)
     assert all(": " in why for why in skipped)
-    # what the preparer charges: forge's own checkpoints, never a Hub download
-    assert set(preparer.seconds) == {c.checkpoint for c in offered.values() if c.kind != "hub"}
+    # what the preparer charges: forge's own checkpoints, and a Hub sibling's download
+    assert set(preparer.seconds) == {c.checkpoint for c in offered.values()}
+    assert all(preparer.seconds[c.checkpoint] == pytest.approx(
+        (c.download_bytes or 0) / sim_layer2.SIM_DOWNLOAD_BYTES_S) for c in hub)
 
 
 def test_an_fp8_checkpoint_is_offered_on_h100_and_not_on_t4() -> None:
@@ -93,7 +95,11 @@ def test_prepare_is_charged_once_per_checkpoint_and_remembered_on_resume() -> No
     assert first is not None and not first.reused and first.seconds == pytest.approx(expected)
     again = preparer(rtn, log)
     assert again is not None and again.reused and again.seconds == 0.0
-    assert preparer(base, log) is None and preparer(hub, log) is None
+    assert preparer(base, log) is None
+    fetched = preparer(hub, log)  # a Hub sibling: its download, at the simulated speed
+    assert fetched is not None and fetched.seconds == pytest.approx(
+        (space.quant_candidates[0].download_bytes or 0) / sim_layer2.SIM_DOWNLOAD_BYTES_S,
+        abs=0.01) and fetched.seconds > 0
     # a resumed run: what its records show prepared is not charged again, the rest is
     resumed = sim_layer2.offer(MODEL_8B, _space("A100-80GB"), lambda _: None)
     resumed.remember([record(1, layer=2, recipe=rtn.to_dict(), prepare_s=first.seconds)])
@@ -158,8 +164,9 @@ def test_a_dry_run_serves_candidates_and_counts_their_prepare_time(
     assert rtn.prepare_s == pytest.approx(layer2.RTN_FIXED_S + layer2.RTN_S_PER_GB * 16.06,
                                           abs=0.01)
     assert cal.prepare_s is not None and cal.prepare_s > rtn.prepare_s
-    assert hub.prepare_s is None and hub.recipe["quant"]["checkpoint"] == (
-        "RedHatAI/Llama-3.1-8B-Instruct-quantized.w8a8")
+    assert hub.recipe["quant"]["checkpoint"] == "RedHatAI/Llama-3.1-8B-Instruct-quantized.w8a8"
+    assert hub.prepare_s == pytest.approx(8e9 * quant.facts("w8a8_int8").bytes_per_param
+                                          / sim_layer2.SIM_DOWNLOAD_BYTES_S, rel=0.05)
     spent = LoopState(records=records, baseline=recipe_from_dict(records[0].recipe)).spent_s()
     assert spent == pytest.approx(sum((r.prepare_s or 0) + (r.boot_s or 0) + (r.bench_s or 0)
                                       for r in records))

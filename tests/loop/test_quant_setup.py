@@ -53,6 +53,8 @@ def test_heads_found_for_a_layer_one_run_reach_its_knob_space_and_its_cache(
     heads, not for quantized siblings; `offer` gives its KnobSpace spec_method=eagle3 with
     the head, and no layer-2 candidates. A resume reads the same lookup back."""
     from aevyra_forge.core.settings import TuneSettings
+    from aevyra_forge.engine.hub_fetch import HubFetch
+    from aevyra_forge.engine.prepare import Preparer
     from aevyra_forge.loop.quant_setup import hub_siblings, offer
     from aevyra_forge.space.hub import CACHE_FILE
     from aevyra_forge.space.knob_space import KnobSpace
@@ -78,7 +80,10 @@ def test_heads_found_for_a_layer_one_run_reach_its_knob_space_and_its_cache(
             "base_model:quantized" in str(r.query) for r in fake.requests)
     assert lines == [f"speculative-decoding heads for {MODEL_8B} on the Hub: {head} (eagle3)"]
     space = KnobSpace(hw, profile(MODEL_8B))
-    assert offer(settings, space, found, lines.append, lambda s: "vllm") is None
+    # nothing of layer 2 to ready: only the model's own download before the baseline
+    prepared = offer(settings, space, found, lines.append, lambda s: "vllm")
+    assert isinstance(prepared, Preparer) and prepared.jobs == {} and prepared.fetches == {}
+    assert prepared.model == HubFetch(MODEL_8B, int(space.model.weight_bytes_bf16), fake.url)
     assert space.drafts == {"eagle3": head} and space.quant_candidates == ()
     recipe = space.apply(space.baseline(MODEL_8B), {"spec_method": "eagle3"})
     assert (recipe.config["spec_method"], recipe.config["spec_model"]) == ("eagle3", head)
@@ -135,3 +140,20 @@ def test_a_real_cpu_run_writes_serves_and_scores_layer_two_candidates(
     assert json.loads((run / "hub.json").read_text())["note"].endswith(
         "is a local folder: no Hub lookup for pre-quantized siblings (layer 2 quantizes "
         "it here instead)")
+
+
+@pytest.mark.parametrize(("model", "env", "expected"), [
+    ("org/m", {}, "https://huggingface.co"),
+    ("org/m", {"HF_ENDPOINT": "http://127.0.0.1:9/"}, "http://127.0.0.1:9"),
+    ("org/m", {"HF_HUB_OFFLINE": "1"}, None),  # vLLM reads the cache as it is
+    ("LOCAL", {}, None),  # a folder: nothing to download
+    ("not an id", {}, None),
+])
+def test_the_model_is_downloaded_before_the_baseline_only_from_a_reachable_hub(
+        tmp_path: Path, model: str, env: dict[str, str], expected: str | None) -> None:
+    from aevyra_forge.engine.hub_fetch import HubFetch
+    from aevyra_forge.loop.quant_setup import model_fetch
+
+    name = str(tmp_path) if model == "LOCAL" else model
+    found = model_fetch(name, 123, env)
+    assert found == (None if expected is None else HubFetch(name, 123, expected))

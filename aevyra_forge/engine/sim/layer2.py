@@ -93,15 +93,21 @@ def hub_answer(model: str, params: float, hw: Hardware) -> HubLookup:
                      skipped=tuple(skipped))
 
 
+# A Hub download's speed in a dry run: a modest datacenter link (the Hub's CDN often
+# gives several times this; a laptop's home line a tenth).
+SIM_DOWNLOAD_BYTES_S = 100e6
+
+
 class SimPreparer:
     """The prepare phase of a dry run: a recipe serving one of forge's own checkpoints is
-    charged its estimated preparation time the first time, nothing after (the real cache
-    keeps it); nothing is written. `remember` takes a resumed run's records, so the
-    checkpoints it prepared before are not charged again."""
+    charged its estimated preparation time the first time, and one serving a Hub sibling
+    its download at SIM_DOWNLOAD_BYTES_S, nothing after (the real caches keep them);
+    nothing is written. `remember` takes a resumed run's records, so the checkpoints it
+    prepared before are not charged again."""
 
     def __init__(self, candidates: Iterable[QuantCandidate]) -> None:
-        self.seconds = {c.checkpoint: c.prepare_s or 0.0 for c in candidates
-                        if c.kind != "hub"}
+        self.seconds = {c.checkpoint: (c.download_bytes or 0) / SIM_DOWNLOAD_BYTES_S
+                        if c.kind == "hub" else c.prepare_s or 0.0 for c in candidates}
         self.done: set[str] = set()
         self.lock = threading.Lock()  # a pool of simulated workers shares one preparer
 
