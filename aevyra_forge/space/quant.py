@@ -248,7 +248,8 @@ def method_usable(choice: Scalar, hw: Hardware, simulated: bool) -> bool:
 
 def kv_cache_dtype_usable(choice: Scalar, hw: Hardware, simulated: bool) -> bool:
     """An fp8 KV cache needs FP8 hardware to pay off (it hurt throughput on Ampere), and
-    AVX-512 on the CPU build."""
+    AVX-512 (or AMX, which comes with it) on the CPU build, whose attention kernels
+    refuse it otherwise (vLLM 0.32 cpu_attn: "requires x86 with AVX-512 or AMX")."""
     return not is_fp8_kv(str(choice)) or refusal(FP8_KV, hw) is None
 
 

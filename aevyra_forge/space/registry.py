@@ -234,8 +234,8 @@ REGISTRY: tuple[Knob, ...] = (
          choices={ANY: tuple(quant.QUANT_METHODS)}, gate=quant.method_usable),
     Knob("kv_cache_dtype", 2, "choice", KV_CACHE_DTYPE,
          "fp8 KV cache doubles KV capacity; it needs FP8 hardware to be fast (it hurt "
-         "throughput on Ampere) and costs a little accuracy.",
-         {ANY: "auto"}, devices=GPU_DEVICES,
+         "throughput on Ampere), AVX-512 on the CPU build, and costs a little accuracy.",
+         {ANY: "auto"},
          choices={ANY: ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")},
          gate=quant.kv_cache_dtype_usable),
     Knob("quant_candidate", 2, "choice", layer2.SLOT,

@@ -140,6 +140,21 @@ def test_fp8_on_the_fly_fails_on_every_cpu_and_fp8_kv_needs_avx512() -> None:
     assert not kv_cache_dtype_usable("fp8", CPU, False)
 
 
+def test_layer_two_offers_an_fp8_kv_cache_on_an_avx512_cpu_only() -> None:
+    """The CPU build serves an fp8 KV cache with AVX-512 (measured), so layer 2 on such a
+    host has the knob; on an AVX2-only CPU its only value is auto, and it is not offered."""
+    from aevyra_forge.space.knob_space import KnobSpace
+    from aevyra_forge.space.model_profile import profile
+
+    model = profile("meta-llama/Llama-3.2-1B")
+    avx512, avx2 = KnobSpace(AVX512, model), KnobSpace(AVX2, model)
+    knob = KNOBS["kv_cache_dtype"]
+    assert avx512.choices(knob) == ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+    assert "kv_cache_dtype" in [k.name for k in avx512.knobs(2)]
+    assert avx2.choices(knob) == ("auto",)
+    assert "kv_cache_dtype" not in [k.name for k in avx2.knobs(2)]
+
+
 def test_probe_cpu_isa_keeps_the_flags_that_matter(tmp_path: Path) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 ht\n\n"
