@@ -107,6 +107,16 @@ class CandidateSlot(RecipeField):
 SLOT = CandidateSlot(("quant", "checkpoint"), "", (None,))  # the registry's: no candidates
 
 
+def is_candidate_name(value: str) -> bool:
+    """Whether `value` names a candidate some run may list (what a playbook may name:
+    which of them a run has is known only once it starts): rtn-<scheme>, cal-<scheme> or
+    hub:<owner>/<name>."""
+    kind, _, rest = value.partition("-")
+    if (kind == "rtn" and rest in RTN) or (kind == "cal" and rest in CALIBRATED):
+        return True
+    return value.startswith("hub:") and value.count("/") == 1 and not value.endswith("/")
+
+
 def hub_candidates(found: HubLookup | None) -> list[QuantCandidate]:
     """The Hub siblings this host serves (the lookup kept only those)."""
     if found is None:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from aevyra_forge.core.errors import PlaybookError
 from aevyra_forge.core.values import Scalar
 from aevyra_forge.space.knob_space import KNOBS, NOT_TUNABLE, Knob
+from aevyra_forge.space.layer2 import CandidateSlot, is_candidate_name
 from aevyra_forge.space.placement import PluginSlot
 
 REQUIRED_SECTIONS: tuple[str, ...] = (
@@ -343,6 +344,9 @@ def _value_problem(knob: Knob, value: Scalar) -> str | None:
             return None
         if isinstance(knob.placement, PluginSlot) and isinstance(value, str):
             return None  # a kernel plug-in's candidate: known per run, checked then
+        if isinstance(knob.placement, CandidateSlot) and isinstance(value, str) \
+                and is_candidate_name(value):
+            return None  # a layer-2 candidate: which ones a run lists is checked then
         return f"{knob.name} must be one of {', '.join(map(str, options))}; got {value!r}"
     if isinstance(value, bool) or not isinstance(value, int | float) or (
             knob.kind == "int" and not isinstance(value, int)):

@@ -162,6 +162,21 @@ def test_values_valid_on_any_device_are_accepted() -> None:
     assert _problems(text) == []
 
 
+@pytest.mark.parametrize(("value", "ok"), [
+    ("cal-w8a8", True), ("cal-w4a16-awq", True), ("rtn-w4a16", True),
+    ("hub:RedHatAI/Llama-3.1-8B-Instruct-quantized.w8a8", True),
+    ("cal-w3a16", False), ("rtn-", False), ("hub:no-owner", False), ("hub:a/b/c", False),
+    ("w8a8", False), ("/tmp/ckpt", False),
+])
+def test_layer_two_candidates_are_named_by_their_pattern(value: str, ok: bool) -> None:
+    """A playbook may name a candidate a run may list (which ones it lists is known only
+    when it runs); anything else is a problem, as for any choice."""
+    problems = _problems(_playbook(moves=f"- `quant_candidate={value}` — try it"))
+    assert (problems == []) == ok, problems
+    if not ok:
+        assert "quant_candidate must be one of" in problems[0]
+
+
 def test_flags_and_bare_names_in_prose_are_not_knob_references() -> None:
     text = _playbook(extra="\n`--enable-chunked-prefill` and `VLLM_ATTENTION_BACKEND` are "
                            "ignored; so is `--max-num-seqs=9`.\n- `--kv-cache-dtype` too\n")
