@@ -130,6 +130,7 @@ def _executor(settings: TuneSettings, hw: Hardware, space: KnobSpace, workload: 
         phases = _Phases(observer)
         if settings.dry_run:
             sim = _simulator(settings, hw, space)
+            sim.remember(run.records())  # resumed: the k-th boot of a recipe draws as before
             return _local(sim, sim, sim, settings, workload, run, phases, prepare=prepare)
         device, env = hw.device, (pinned(os.environ, hw.device, gpus) if gpus else None)
         launcher = VllmLauncher(
@@ -153,7 +154,7 @@ def _executor(settings: TuneSettings, hw: Hardware, space: KnobSpace, workload: 
 
 def _simulator(settings: TuneSettings, hw: Hardware, space: KnobSpace) -> SimulatedEngine:
     assert hw.gpu is not None  # resolve_hardware always names a GPU for --dry-run
-    return SimulatedEngine(hw, gpu_spec(hw.gpu.name), space.model, space, seed=settings.seed)
+    return SimulatedEngine.dry_run(hw, gpu_spec(hw.gpu.name), space, settings)
 
 
 def _local(launcher: Launcher[S], benchmarker: Benchmarker[S], quality: QualityProbe[S],

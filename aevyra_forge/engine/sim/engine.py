@@ -5,15 +5,20 @@ yields the same metrics and failure statuses as the real launcher and bench."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from threading import Lock
 
 from aevyra_forge.core.errors import UsageError
 from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.slo import Slo
 from aevyra_forge.core.values import (
     BenchMetrics,
     BenchOutcome,
+    ExperimentRecord,
     Hardware,
     LaunchFailure,
     QualityScore,
@@ -55,26 +60,72 @@ FP8_KV_ACCURACY, DTYPE_ACCURACY = 0.997, 0.998  # fp8 KV cache; a non-native act
 # seconds: imports + engine + API server, torch.compile (warm cache), each extra TP worker
 BOOT_BASE_S, COMPILE_S, PER_WORKER_S = 22.0, 28.0, 6.0
 LOAD_BPS = 2.5e9  # weight loading from a warm page cache, bytes/s
+PASS_NOISE_CV = 0.03  # pass-to-pass CV of throughput, by default
 
 
 class SimulatedEngine:
-    """Launcher + benchmarker for --dry-run. Results depend only on (seed, recipe,
-    workload, concurrency, pass index), never on call order."""
+    """Launcher + benchmarker for --dry-run. Results depend only on (seed, recipe, which
+    boot of that recipe this is, workload, concurrency, pass index), never on the order
+    of other calls.
+
+    `noise_cv` is the pass-to-pass CV of throughput; `boot_cv` the between-boot CV: each
+    boot of a recipe draws one throughput factor that scales all of its passes, as a real
+    server's boot offsets every pass it serves (0: two boots of a recipe measure alike).
+    Its default is 0 so that a model of vLLM (agent/engine_model.py) and tests see one
+    surface; a dry run's (`dry_run`) is the run's assumption (TuneSettings.boot_cv)."""
 
     def __init__(self, hw: Hardware, spec: GpuSpec, model: ModelProfile, space: KnobSpace,
-                 seed: int = 0, noise_cv: float = 0.03) -> None:
+                 seed: int = 0, noise_cv: float = PASS_NOISE_CV, boot_cv: float = 0.0
+                 ) -> None:
+        if noise_cv < 0 or boot_cv < 0:
+            raise UsageError(f"noise CVs cannot be negative (noise_cv={noise_cv}, "
+                             f"boot_cv={boot_cv}); pass 0 for none")
         self.hw, self.spec, self.model, self.space = hw, spec, model, space
-        self.seed, self.noise_cv = seed, noise_cv
+        self.seed, self.noise_cv, self.boot_cv = seed, noise_cv, boot_cv
         self.native = "bfloat16" if spec.bf16 else "float16"
         self.cc = float(spec.compute_capability) if spec.vendor == "nvidia" else 0.0
         self.default_backend = auto_attention_backend(spec.hardware()) or "TRITON_ATTN"
+        # boots so far per recipe id: the k-th boot of a recipe draws its own factor,
+        # whatever else was booted in between (worker threads may share one engine)
+        self._boots: dict[str, int] = {}
+        self._boots_lock = Lock()
+
+    @classmethod
+    def dry_run(cls, hw: Hardware, spec: GpuSpec, space: KnobSpace, settings: TuneSettings
+                ) -> SimulatedEngine:
+        """The simulator a --dry-run measures with: the run's seed, and boots that differ
+        as much as its keep rule assumes (--boot-noise, else the GPU default), so that the
+        rule pays for the noise there is."""
+        return cls(hw, spec, space.model, space, seed=settings.seed, boot_cv=settings.boot_cv())
 
     def launch(self, recipe: Recipe, log_path: Path) -> SimServer | LaunchFailure:
         lines: list[str] = []
+        with self._boots_lock:
+            nth = self._boots.get(recipe.id, 0)
+            self._boots[recipe.id] = nth + 1
         result = self._boot(recipe, lines)
+        if isinstance(result, SimServer) and self.boot_cv > 0:
+            result = replace(result, boot_factor=self.boot_factor(recipe, nth))
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text("\n".join(lines) + "\n")
         return result
+
+    def remember(self, records: Iterable[ExperimentRecord]) -> None:
+        """Count the boots a resumed run's log records (each experiment that reached a
+        launch has a boot time), so that its next boot of a recipe draws the factor that
+        boot would have drawn had the run not been interrupted."""
+        with self._boots_lock:
+            for rec in records:
+                if rec.boot_s is not None:
+                    self._boots[rec.recipe_id] = self._boots.get(rec.recipe_id, 0) + 1
+
+    def boot_factor(self, recipe: Recipe, nth: int) -> float:
+        """The throughput factor of the `nth` boot (from 0) of `recipe`: lognormal with
+        CV `boot_cv` and median 1."""
+        if self.boot_cv <= 0:
+            return 1.0
+        sigma = math.sqrt(math.log1p(self.boot_cv ** 2))  # the log-scale sigma of that CV
+        return float(sim_rng(self.seed, recipe.id, "boot noise", nth).lognormal(0.0, sigma))
 
     def stop(self, server: SimServer) -> None:
         """Nothing to tear down: a simulated server holds no process or GPU memory."""

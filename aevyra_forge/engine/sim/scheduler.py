@@ -93,7 +93,8 @@ class SimSettings:
 @dataclass(frozen=True)
 class SimServer:
     """A booted simulated server. `memory` is (KV blocks, weight bytes per GPU, KV bytes
-    per token per GPU, GPU bytes left outside vLLM's budget)."""
+    per token per GPU, GPU bytes left outside vLLM's budget); `boot_factor` this boot's
+    throughput factor (between-boot noise), which scales every pass it serves."""
 
     recipe: Recipe
     url: str
@@ -101,6 +102,7 @@ class SimServer:
     kv_capacity_tokens: int
     settings: SimSettings = field(repr=False)
     memory: tuple[int, float, float, float] = field(repr=False)
+    boot_factor: float = 1.0
 
 
 def sim_rng(*parts: object) -> np.random.Generator:
@@ -177,8 +179,10 @@ class SimPass:
         self.now, self.admitted = 0.0, [math.nan] * n  # first scheduled, per request
         self.peak_waiting = self.peak_tokens = 0
         self.phase_s = [0.0, 0.0, 0.0]  # summed queue, prefill and decode seconds
+        # this pass's throughput factor, this boot's (which every pass of it shares), and a
+        # plug-in's speed-up all divide step times
         self.factor = (float(rng.lognormal(0.0, self.cv)) if self.cv > 0 else 1.0
-                       ) / s.kernel_speed
+                       ) / s.kernel_speed / server.boot_factor
         self.latency = CLIENT_LATENCY_S * (rng.lognormal(0.0, 0.3, n) if self.cv > 0
                                            else np.ones(n))
 
