@@ -127,6 +127,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         "method.checkpoint, hw) is None",
         "tests/space/test_quant.py::test_methods_usable_here"),
     Mutation(
+        "failed-model-download-remembered-as-done", "aevyra_forge/engine/prepare.py",
+        "            self.once.done = result.failure is None",
+        "            self.once.done = True",
+        "tests/engine/test_hub_fetch.py::"
+        "test_a_gated_model_without_a_token_is_the_baselines_reason_and_asked_again"),
+    Mutation(
+        "model-download-time-dropped", "aevyra_forge/engine/prepare.py",
+        "        return PrepareResult(model.seconds + own.seconds, own.reused, own.failure, "
+        "own.log)",
+        "        return PrepareResult(own.seconds, own.reused, own.failure, own.log)",
+        "tests/engine/test_hub_fetch.py::test_the_first_trial_of_a_resumed_run_pays_for_both"),
+    Mutation(
+        "network-down-read-as-missing-file", "aevyra_forge/space/hub.py",
+        "    if isinstance(exc, LocalEntryNotFoundError):",
+        "    if False:",
+        "tests/engine/test_hub_fetch.py::test_an_unreachable_hub_is_a_reason"),
+    Mutation(
+        "fp8-kv-offered-on-avx2", "aevyra_forge/space/quant.py",
+        "    return not is_fp8_kv(str(choice)) or refusal(FP8_KV, hw) is None",
+        "    return True",
+        "tests/space/test_quant.py::test_layer_two_offers_an_fp8_kv_cache_on_an_avx512_cpu_only"),
+    Mutation(
         "builtin-ignores-synonyms", "aevyra_forge/decide/diagnosis.py",
         '    if knob == "kv_cache_dtype" and space.hw.device == "cuda":',
         '    if knob == "kv_cache_dtype" and space.hw.device == "none":',
