@@ -5,11 +5,13 @@ the real engine tests' vLLM executable and tiny model."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,3 +90,20 @@ def tiny_model(vllm_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([str(python), "-m", "aevyra_forge.testing.tinymodel", str(out)], check=True,
                    env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
     return out
+
+
+def bench_and_stop(launcher: Any, server: Any, tmp_path: Path) -> Any:
+    """One bench pass of eight short story prompts at concurrency 4 on a booted real
+    server, which is stopped afterwards whatever happens; the outcome."""
+    from aevyra_forge.core.workload import load_workload
+    from aevyra_forge.engine.vllm_bench import VllmBenchmarker
+
+    try:
+        workload = tmp_path / "wl.jsonl"
+        workload.write_text("".join(json.dumps({"prompt": f"Story {i}: once upon a time",
+                                                "expected_output_tokens": 16}) + "\n"
+                                    for i in range(8)))
+        return VllmBenchmarker().bench(server, load_workload(workload), concurrency=4,
+                                       passes=1)
+    finally:
+        launcher.stop(server)

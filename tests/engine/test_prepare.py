@@ -157,10 +157,9 @@ def test_real_vllm_serves_the_fast_paths_checkpoint(tiny: Path, tmp_path: Path,
     import os
 
     from aevyra_forge.core.values import LaunchFailure
-    from aevyra_forge.core.workload import load_workload
     from aevyra_forge.engine.launcher import VllmLauncher
-    from aevyra_forge.engine.vllm_bench import VllmBenchmarker
     from aevyra_forge.space.quant import checkpoint_refusal, probe_cpu_isa
+    from tests.engine.conftest import bench_and_stop
 
     vllm_bin = os.environ.get("FORGE_VLLM_BIN") or str(VLLM_PYTHON.with_name("vllm"))
     quant = prepare.job(tiny, scheme, tmp_path / "quant",
@@ -182,15 +181,7 @@ def test_real_vllm_serves_the_fast_paths_checkpoint(tiny: Path, tmp_path: Path,
         assert server.status == "boot_failed"
         return
     assert not isinstance(server, LaunchFailure), (server, log[-3000:])
-    try:
-        workload = tmp_path / "wl.jsonl"
-        workload.write_text("".join(json.dumps({"prompt": f"Story {i}: once upon a time",
-                                                "expected_output_tokens": 16}) + "\n"
-                                    for i in range(8)))
-        outcome = VllmBenchmarker().bench(server, load_workload(workload), concurrency=4,
-                                          passes=1)
-    finally:
-        launcher.stop(server)
+    outcome = bench_and_stop(launcher, server, tmp_path)
     log = (tmp_path / "serve.log").read_text(errors="replace")
     assert "compressed-tensors" in log  # vLLM read the method from the checkpoint
     assert outcome.status == "ok", outcome.reason

@@ -4,20 +4,18 @@ the one the quant-facts table predicts (served with AVX-512, refused at boot wit
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
 from aevyra_forge.core.values import Hardware, LaunchFailure
-from aevyra_forge.core.workload import load_workload
 from aevyra_forge.engine.launcher import VllmLauncher
-from aevyra_forge.engine.vllm_bench import VllmBenchmarker
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.model_profile import profile
 from aevyra_forge.space.quant import kv_cache_dtype_usable, probe_cpu_isa
 from aevyra_forge.space.rendering import render
+from tests.engine.conftest import bench_and_stop
 
 
 @pytest.mark.engine
@@ -45,15 +43,7 @@ def test_real_vllm_cpu_serves_an_fp8_kv_cache_where_the_table_says(
         assert "AVX-512" in log, log[-2000:]
         return
     assert not isinstance(server, LaunchFailure), (server, log[-3000:])
-    try:
-        workload = tmp_path / "wl.jsonl"
-        workload.write_text("".join(json.dumps({"prompt": f"Story {i}: once upon a time",
-                                                "expected_output_tokens": 16}) + "\n"
-                                    for i in range(8)))
-        outcome = VllmBenchmarker().bench(server, load_workload(workload), concurrency=4,
-                                          passes=1)
-    finally:
-        launcher.stop(server)
+    outcome = bench_and_stop(launcher, server, tmp_path)
     assert outcome.status == "ok", outcome.reason
     assert outcome.metrics is not None and outcome.metrics.output_tokens == 8 * 16
     print(f"\nfp8 KV cache on this CPU: boot {server.boot_s:.1f} s, "
