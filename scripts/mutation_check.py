@@ -89,13 +89,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    strict = relative_interval(candidate, incumbent, confidence=interim_confidence,",
         "    strict = relative_interval(candidate, incumbent, confidence=0.5,",
         "tests/decide/test_stats.py::"
-        "test_a_clearly_better_or_worse_candidate_stops_after_two_passes"),
+        "test_a_clearly_worse_candidate_stops_after_two_passes_a_better_one_after_four"),
     Mutation(
         "sequential-drop-without-the-final-bar", "aevyra_forge/decide/stats.py",
         "math.log1p(now.high) < math.log1p(threshold) + final:",
         "math.log1p(now.high) < math.log1p(threshold):",
         "tests/decide/test_stats.py::"
-        "test_a_clearly_better_or_worse_candidate_stops_after_two_passes"),
+        "test_a_clearly_worse_candidate_stops_after_two_passes_a_better_one_after_four"),
     Mutation(
         "diagnosis-memory-inert-despite-preemptions", "aevyra_forge/decide/diagnosis.py",
         '    roomy = ev.get("num_preemptions", 0.0) == 0 and (',
@@ -197,11 +197,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tests/agent/test_engine_model.py::"
         "test_with_a_model_no_boot_goes_to_a_move_it_predicts_to_lose"),
     Mutation(
-        "a-keep-ends-its-bench-early", "aevyra_forge/decide/verdict.py",
-        '    return look == "drop"\n',
+        "an-early-keep-never-ends-its-bench", "aevyra_forge/decide/verdict.py",
         "    return look is not None\n",
+        '    return look == "drop"\n',
         "tests/decide/test_verdict.py::"
         "test_the_stop_rule_carries_what_judge_will_use_and_decides_like_it"),
+    Mutation(
+        "an-early-keep-on-two-passes", "aevyra_forge/decide/stats.py",
+        "    if n >= min_keep_passes:\n",
+        "    if True:\n",
+        "tests/decide/test_stats.py::"
+        "test_a_clearly_worse_candidate_stops_after_two_passes_a_better_one_after_four"),
+    Mutation(
+        "keep-rule-back-at-95-percent", "aevyra_forge/core/settings.py",
+        "DEFAULT_CONFIDENCE = 0.90\n",
+        "DEFAULT_CONFIDENCE = 0.95\n",
+        "tests/decide/test_stats.py::test_welch_interval_on_log_ratios_by_hand"),
     Mutation(
         "pass-isolation-ignores-the-hit-rates", "aevyra_forge/measure/isolation.py",
         "        r is not None and r - rates[0] > HIT_RATE_RISE for r in rates[1:])",

@@ -102,17 +102,17 @@ def pass_stop(s: TuneSettings, incumbent: Sequence[BenchMetrics], incumbent_id: 
 
 
 def should_stop(rule: PassStop, passes: Sequence[BenchMetrics]) -> bool:
-    """Whether the candidate's passes so far already decide its verdict as a drop no
-    later pass is likely to turn: the bench may end here. A candidate headed for a keep
-    runs every pass: kept, its passes are the yardstick every later candidate is judged
-    against, and two passes of it would leave those intervals too wide to keep anything
-    (the Welch interval's degrees of freedom come from the incumbent's passes too)."""
+    """Whether the candidate's passes so far already decide its verdict, so the bench may
+    end here: a drop no later pass is likely to turn, or a keep that clears the bar by
+    the early-keep margin on at least stats.MIN_KEEP_PASSES passes (kept, its passes are
+    the yardstick of every later candidate: on two the next intervals were too wide to
+    keep anything). The verdict then judges the passes run, as it would all of them."""
     slo = parse_slo(rule.slo) if rule.slo else None
     noise = NoiseEstimate(rule.noise_variance, rule.noise_df) if rule.noise_df else None
     look = sequential_look(pass_values(passes, rule.objective, slo), rule.incumbent,
                            threshold=rule.threshold, max_passes=rule.max_passes,
                            confidence=rule.confidence, noise=noise, boot_cv=rule.boot_cv)
-    return look == "drop"
+    return look is not None
 
 
 def _unmeasured(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],

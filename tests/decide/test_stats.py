@@ -37,10 +37,15 @@ def test_welch_interval_on_log_ratios_by_hand() -> None:
     vx, vy = x.var(ddof=1) / 3, y.var(ddof=1) / 3
     df = (vx + vy) ** 2 / (vx ** 2 / 2 + vy ** 2 / 2)
     half = t_quantile(0.975, math.floor(df * 100) / 100) * math.sqrt(vx + vy)
-    iv = relative_interval(cand, inc, boot_cv=0.0)
+    iv = relative_interval(cand, inc, boot_cv=0.0, confidence=0.95)
     assert iv.point == pytest.approx(math.expm1(diff))
     assert (iv.low, iv.high) == pytest.approx((math.expm1(diff - half), math.expm1(diff + half)))
     assert str(iv) == "+10.0% [+5.9%, +14.2%]" and iv.confidence == 0.95
+    # the default is 90 %: the lower bound is a 95 % one-sided test
+    default = relative_interval(cand, inc, boot_cv=0.0)
+    half90 = t_quantile(0.95, math.floor(df * 100) / 100) * math.sqrt(vx + vy)
+    assert default.confidence == 0.90
+    assert default.low == pytest.approx(math.expm1(diff - half90))
 
 
 def test_between_boot_noise_widens_and_history_narrows() -> None:
@@ -157,11 +162,16 @@ def _look(candidate: list[float], **kwargs: object) -> str | None:
                            noise=HISTORY, boot_cv=0.01, **kwargs)  # type: ignore[arg-type]
 
 
-def test_a_clearly_better_or_worse_candidate_stops_after_two_passes() -> None:
-    assert _look([120.0, 121.0]) == "keep"
+def test_a_clearly_worse_candidate_stops_after_two_passes_a_better_one_after_four() -> None:
     assert _look([85.0, 86.0]) == "drop"
     assert _look([100.0, 101.0]) == "drop"  # clearly within: +1 % cannot be reached
     assert _look([104.0, 106.0]) is None  # maybe: run another pass
+    # clearly better: kept only on MIN_KEEP_PASSES passes, the next candidates' yardstick
+    assert _look([120.0, 121.0]) is None and _look([120.0, 121.0, 119.0]) is None
+    assert _look([120.0, 121.0, 119.0, 120.0]) == "keep"
+    assert _look([120.0, 121.0, 119.0], min_keep_passes=3) == "keep"
+    # +4 %: not clearly better at the early-keep margin, not clearly within either
+    assert _look([104.0, 104.5, 103.5, 104.0]) is None
 
 
 def test_no_decision_before_the_minimum_or_at_the_maximum() -> None:

@@ -286,8 +286,10 @@ def test_the_stop_rule_carries_what_judge_will_use_and_decides_like_it() -> None
     assert rule.incumbent == tuple(m.output_throughput for m in incumbent)
     assert rule.noise_df == 6.0  # three earlier configs of three passes pooled
     assert should_stop(rule, _passes(800.0, 805.0))  # clearly worse: drop now
-    # clearly better: it runs every pass all the same, to be the next yardstick
+    # clearly better: it runs four passes all the same, to be the next yardstick
     assert not should_stop(rule, _passes(1300.0, 1305.0))
+    assert not should_stop(rule, _passes(1300.0, 1305.0, 1302.0))
+    assert should_stop(rule, _passes(1300.0, 1305.0, 1302.0, 1298.0))
     assert not should_stop(rule, _passes(1000.0))  # one pass shows no spread
     assert pass_stop(SETTINGS.model_copy(update={"repeats": 2}), incumbent, INCUMBENT,
                      history) is None  # no look before the last pass
