@@ -319,10 +319,17 @@ def _measure(sim: SimulatedEngine, recipe: Recipe, truth: Truth) -> float:
     return out.metrics.output_throughput if out.status == "ok" and out.metrics else 0.0
 
 
-def _fractions(records: Sequence[ExperimentRecord], truth: Truth, optimum: float
-               ) -> list[float]:
+def checkpoints(budget: int) -> tuple[int, ...]:
+    """The budgets a run is read at: CHECKPOINTS up to `budget`, and `budget` itself."""
+    if budget < 1:
+        raise SystemExit(f"--budget must be at least 1, got {budget}")
+    return tuple(sorted({k for k in CHECKPOINTS if k <= budget} | {budget}))
+
+
+def _fractions(records: Sequence[ExperimentRecord], truth: Truth, optimum: float,
+               points: Sequence[int]) -> list[float]:
     out = []
-    for k in CHECKPOINTS:
+    for k in points:
         lead = best_record([r for r in records if r.exp < k])
         recipe = recipe_from_dict(lead.recipe) if lead is not None else None
         out.append(truth(recipe) / optimum if recipe is not None and optimum else 0.0)
@@ -385,11 +392,13 @@ def _changed(rec: ExperimentRecord) -> str:
 
 
 def _leads(records: Sequence[ExperimentRecord], budget: int) -> list[int]:
-    """5, and `budget` when the incumbent after it is another experiment."""
+    """5 (or `budget`, when smaller), and `budget` when the incumbent after it is another
+    experiment."""
     def lead(k: int) -> int | None:
         found = best_record([r for r in records if r.exp < k])
         return found.exp if found is not None else None
-    return [5] if lead(5) == lead(budget) else [5, budget]
+    first = min(5, budget)
+    return [first] if lead(first) == lead(budget) else [first, budget]
 
 
 def run_scenario(sc: Scenario, seeds: int, budget: int, boot_noise: float,
@@ -412,26 +421,30 @@ def run_scenario(sc: Scenario, seeds: int, budget: int, boot_noise: float,
             starts.append(truth.space.apply(truth.space.baseline(sc.model),
                                             {"max_model_len": fit}))
         optimum = truth.optimum(starts)
-        builtin = [_fractions(rs, truth, optimum) for rs in runs]
-        rand = [[r[k - 1] / optimum for k in CHECKPOINTS] for r, _, _ in randoms]
+        points = checkpoints(budget)
+        builtin = [_fractions(rs, truth, optimum, points) for rs in runs]
+        rand = [[r[k - 1] / optimum for k in points] for r, _, _ in randoms]
         evaluated = len(truth.seen)  # before the shortfall's own evaluations
         # where a run is below 0.99 at 5 or at the end, what its incumbent lacks (at 5,
         # and at the end if that is another experiment)
         notes = [[f"  seed {seed}:", *(line for k in _leads(rs, budget)
                                         for line in shortfall(truth, rs, k))]
                  for seed, (rs, f) in enumerate(zip(runs, builtin, strict=True))
-                 if explain and min(f[1], f[-1]) < 0.99]
+                 if explain and min(f[points.index(min(5, budget))], f[-1]) < 0.99]
         return {"name": sc.name, "optimum": optimum, "shortfall": notes,
                 "builtin": [statistics.median(f[i] for f in builtin)
-                            for i in range(len(CHECKPOINTS))],
-                "builtin_min": [min(f[i] for f in builtin) for i in range(len(CHECKPOINTS))],
+                            for i in range(len(points))],
+                "builtin_min": [min(f[i] for f in builtin) for i in range(len(points))],
                 "random": [statistics.median(f[i] for f in rand)
-                           for i in range(len(CHECKPOINTS))],
+                           for i in range(len(points))],
                 "gpu_h": [statistics.median(_gpu_s(rs, k) for rs in runs) / 3600
-                          for k in CHECKPOINTS],
+                          for k in points],
                 "random_gpu_h": [statistics.median(s[k - 1] for _, s, _ in randoms) / 3600
-                                 for k in CHECKPOINTS],
-                "evaluated": evaluated}
+                                 for k in points],
+                "evaluated": evaluated,
+                "passes": statistics.mean(len(r.passes) for rs in runs for r in rs
+                                          if r.exp > 0 and r.status == "ok" and r.passes
+                                          and not r.remeasure)}
 
 
 def main() -> None:
@@ -454,7 +467,7 @@ def main() -> None:
                "REPORTED (never used for tuning)") for group in sets for sc in group
               if args.scenario is None or args.scenario in sc.name]
     start = time.perf_counter()
-    head = "  ".join(f"@{k:<2}" for k in CHECKPOINTS)
+    head = "  ".join(f"@{k:<2}" for k in checkpoints(args.budget))
     print(f"fraction of the grid optimum (noise-free tok/s) reached by the incumbent after "
           f"k experiments; builtin median (min) over {args.seeds} seeds, random median; "
           f"pass noise {PASS_NOISE_CV:.0%}, between-boot noise {args.boot_noise:.1%} (simulated "
@@ -469,6 +482,8 @@ def main() -> None:
         print("  random   " + "  ".join(f"{v:.3f}" for v in r["random"]))
         print("  GPU hours: builtin " + "  ".join(f"{v:.2f}" for v in r["gpu_h"])
               + "   random " + "  ".join(f"{v:.2f}" for v in r["random_gpu_h"]))
+        print(f"  bench passes per decision (builtin, experiments after the baseline): "
+              f"{r['passes']:.2f} of {DEFAULT_REPEATS}")
         for lines in r["shortfall"]:
             print("\n".join(lines))
     print(f"\n({time.perf_counter() - start:.0f} s)", file=sys.stderr)

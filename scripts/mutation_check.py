@@ -209,6 +209,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tests/decide/test_stats.py::"
         "test_a_clearly_worse_candidate_stops_after_two_passes_a_better_one_after_four"),
     Mutation(
+        "early-verdict-silent-on-its-passes", "aevyra_forge/decide/verdict.py",
+        "    if interval is not None and len(passes) < s.repeats:",
+        "    if False:",
+        "tests/decide/test_verdict.py::test_a_verdict_on_fewer_passes_than_asked_says_so"),
+    Mutation(
         "keep-rule-back-at-95-percent", "aevyra_forge/core/settings.py",
         "DEFAULT_CONFIDENCE = 0.90\n",
         "DEFAULT_CONFIDENCE = 0.95\n",

@@ -6,7 +6,7 @@ own re-measurements), the SLO and latency-guard checks, and the accuracy floor."
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.slo import Slo, check_passes, parse_slo
@@ -80,6 +80,9 @@ def judge(s: TuneSettings, status: Status, passes: Sequence[BenchMetrics],
                       incumbent_meets_slo=incumbent_ok,
                       reference_note=_why_not_the_baseline(history),
                       output_changes=output_changes)
+    if interval is not None and len(passes) < s.repeats:  # the sequential test ended it
+        decision = replace(decision, reason=f"{decision.reason} (decided on {len(passes)} "
+                                            f"of {s.repeats} passes)")
     return Verdict(value, decision, interval, violations)
 
 

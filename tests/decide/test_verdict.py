@@ -294,3 +294,19 @@ def test_the_stop_rule_carries_what_judge_will_use_and_decides_like_it() -> None
     assert pass_stop(SETTINGS.model_copy(update={"repeats": 2}), incumbent, INCUMBENT,
                      history) is None  # no look before the last pass
     assert pass_stop(SETTINGS, (), INCUMBENT, []) is None  # the baseline runs every pass
+
+
+def test_a_verdict_on_fewer_passes_than_asked_says_so() -> None:
+    """A bench the sequential test ended early is judged on the passes it ran, and the
+    decision says how many of --repeats that was; a full bench says nothing."""
+    five = SETTINGS.model_copy(update={"repeats": 5})
+    incumbent = _passes(1000.0, 1004.0, 996.0, 1001.0, 999.0)
+    early = _judge(_passes(1300.0, 1305.0, 1302.0, 1298.0), incumbent=incumbent,
+                   history=[], settings=five)
+    assert early.decision.kept and early.decision.reason.endswith("(decided on 4 of 5 passes)")
+    full = _judge(_passes(1300.0, 1305.0, 1302.0, 1298.0, 1301.0), incumbent=incumbent,
+                  history=[], settings=five)
+    assert full.decision.kept and "decided on" not in full.decision.reason
+    dropped = _judge(_passes(800.0, 805.0), incumbent=incumbent, history=[], settings=five)
+    assert not dropped.decision.kept
+    assert dropped.decision.reason.endswith("(decided on 2 of 5 passes)")
