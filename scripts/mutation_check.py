@@ -214,6 +214,23 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    if False:",
         "tests/decide/test_verdict.py::test_a_verdict_on_fewer_passes_than_asked_says_so"),
     Mutation(
+        "loop-boots-a-nil-move", "aevyra_forge/loop/vet.py",
+        "    why = wholly_nil(latest_diagnosis(records), changes)\n",
+        "    why = None\n",
+        "tests/loop/test_vet.py::"
+        "test_an_agents_nil_move_is_refused_with_the_diagnosis_and_costs_no_boot"),
+    Mutation(
+        "loop-blind-to-synonyms", "aevyra_forge/loop/vet.py",
+        "        for other in synonyms(space, name, value, recipe):",
+        "        for other in ():",
+        "tests/loop/test_vet.py::test_another_name_for_a_measured_value_is_a_repeat"),
+    Mutation(
+        "a-partly-nil-move-refused", "aevyra_forge/loop/vet.py",
+        "    if not all(reasons):",
+        "    if not any(reasons):",
+        "tests/loop/test_vet.py::"
+        "test_a_move_is_wholly_nil_only_when_every_knob_it_sets_is_inert"),
+    Mutation(
         "keep-rule-back-at-95-percent", "aevyra_forge/core/settings.py",
         "DEFAULT_CONFIDENCE = 0.90\n",
         "DEFAULT_CONFIDENCE = 0.95\n",

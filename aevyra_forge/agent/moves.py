@@ -13,7 +13,7 @@ from aevyra_forge.agent.base import AgentContext
 from aevyra_forge.agent.surrogate import beyond_failure, observations_of
 from aevyra_forge.core.errors import KnobError
 from aevyra_forge.core.values import LAYERS, Diagnosis, Layer, Scalar
-from aevyra_forge.decide.diagnosis import acts_on, synonyms
+from aevyra_forge.decide.diagnosis import acts_on, latest_diagnosis, synonyms
 from aevyra_forge.decide.stats import pooled_noise, relative_interval
 from aevyra_forge.space.knob_space import KNOBS
 from aevyra_forge.space.layer2 import CandidateSlot
@@ -88,8 +88,7 @@ def infeasible(ctx: AgentContext, changes: Move) -> bool:
 
 def diagnosis_of(ctx: AgentContext) -> Diagnosis | None:
     """The latest diagnosis of a config that served (the baseline's, normally)."""
-    return next((r.diagnosis for r in reversed(ctx.history)
-                 if r.diagnosis is not None and r.diagnosis.binding != "boot"), None)
+    return latest_diagnosis(ctx.history)
 
 
 def nil(diagnosis: Diagnosis | None, changes: Move) -> str | None:

@@ -143,8 +143,8 @@ def _diagnosis(ctx: AgentContext) -> str:
     if found is None or found.diagnosis is None:
         return ""
     return (f"## What bound experiment {found.exp} (its server counters)\n"
-            f"{diagnosis_summary(found.diagnosis)}\nA move that only touches a knob that "
-            "cannot matter wastes a boot: spend experiments on what binds.")
+            f"{diagnosis_summary(found.diagnosis)}\nA move that only touches knobs that "
+            "cannot matter is refused before it boots: spend experiments on what binds.")
 
 
 def _layer(ctx: AgentContext) -> str:

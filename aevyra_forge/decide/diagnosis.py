@@ -12,13 +12,14 @@ prompts in flight hold; `auto` already is the dtype it resolves to."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.values import (
     BenchMetrics,
     Bottleneck,
     Diagnosis,
+    ExperimentRecord,
     InertKnob,
     Scalar,
     Status,
@@ -183,6 +184,12 @@ def _inert(ev: Mapping[str, float], recipe: Recipe, space: KnobSpace,
                 f"auto already resolves to {auto} here, and the other 16-bit type moves "
                 "the same bytes at the same tensor-core rate")))
     return out
+
+
+def latest_diagnosis(records: Sequence[ExperimentRecord]) -> Diagnosis | None:
+    """The latest diagnosis of a config that served (the baseline's, normally)."""
+    return next((r.diagnosis for r in reversed(records)
+                 if r.diagnosis is not None and r.diagnosis.binding != "boot"), None)
 
 
 def synonyms(space: KnobSpace, knob: str, value: Scalar, recipe: Recipe | None = None

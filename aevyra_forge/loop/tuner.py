@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from aevyra_forge.agent import AgentContext, Budget, BudgetExceeded, Proposer
-from aevyra_forge.core.errors import AgentError, KnobError
+from aevyra_forge.core.errors import AgentError
 from aevyra_forge.core.recipe import Recipe, recipe_from_dict
 from aevyra_forge.core.settings import TuneSettings
 from aevyra_forge.core.trial import Measurement, Trial
@@ -41,7 +41,8 @@ from aevyra_forge.loop.events import (
 )
 from aevyra_forge.loop.ports import Executor, RunLog
 from aevyra_forge.loop.rounds import Rounds
-from aevyra_forge.loop.state import Incumbent, LoopState, refused
+from aevyra_forge.loop.state import Incumbent, LoopState
+from aevyra_forge.loop.vet import Vetted, vet
 from aevyra_forge.space.knob_space import KnobSpace
 from aevyra_forge.space.playbook import Playbook
 
@@ -212,36 +213,9 @@ class Tuner:
                     and self.s.max_experiments - st.experiments >= 2)
 
     def _vet(self, proposal: Proposal, layer: Layer, pending: tuple[Trial, ...] = ()
-             ) -> tuple[Recipe | None, str, Status]:
-        """The recipe a proposal leads to, or why it must not be run, before any GPU
-        time. The proposal is validated and applied once, here."""
-        # layers escalate, they do not close: an earlier layer's knobs stay open (alone or
-        # with the proposal's layer's), since the incumbent a layer converged on is not the
-        # one a later layer leaves
-        if proposal.layer > layer:
-            return None, (f"proposal is for layer {proposal.layer}; the active layer is "
-                          f"{layer} (it and the layers before it are open)"), "invalid"
-        try:
-            changes = self.space.validate(proposal.changes)
-            late = next((k for k in changes if self.space.get(k).layer > proposal.layer), "")
-            if late:
-                raise KnobError(f"knob '{late}' belongs to layer {self.space.get(late).layer},"
-                                f" after the proposal's layer {proposal.layer}")
-            recipe = self.space.apply(self.state.best, changes)
-            self.space.check_combination(recipe)
-        except KnobError as exc:
-            return None, str(exc), "invalid"
-        if recipe.id == self.state.best.id:
-            return None, "no-op: these values are already the incumbent's", "duplicate"
-        for rec in self.state.records:
-            if rec.recipe_id == recipe.id and not refused(rec):
-                return None, f"repeat of experiment {rec.exp} (recipe {recipe.id})", \
-                    "duplicate"
-        for trial in pending:
-            if trial.recipe_id == recipe.id:
-                return None, (f"repeat of experiment {trial.exp}, chosen for this round "
-                              f"(recipe {recipe.id})"), "duplicate"
-        return recipe, "", "ok"
+             ) -> Vetted:
+        """The recipe a proposal leads to, or why it must not run (loop/vet.py)."""
+        return vet(self.space, self.state.best, self.state.records, proposal, layer, pending)
 
     def _refuse(self, exp: int, layer: Layer, proposal: Proposal | None, raw: str | None,
                 status: Status, reason: str, usage: LLMUsage) -> None:

@@ -190,7 +190,7 @@ def test_the_driver_sigkilled_leaves_no_server_and_a_resumable_run(
     from tests.fake_provider import FakeProvider
     from tests.loop.test_scale import KEY, batch_agent, llm_options
 
-    with FakeProvider(batch_agent([{"max_num_seqs": v} for v in (16, 32)])) as fake:
+    with FakeProvider(batch_agent([{"long_prefill_token_threshold": v} for v in (16, 32)])) as fake:
         _kill_the_driver_and_resume(tmp_path, small_workload, llm_options(fake), KEY)
 
 

@@ -33,7 +33,7 @@ BASE = 1000.0  # the baseline's throughput, tokens/s
 
 
 class Engine:
-    """The far side of a pool: each recipe's throughput by its max_num_seqs, results
+    """The far side of a pool: each recipe's throughput by its long-prefill threshold, results
     handed back in `order` (indices into the round), and what it was asked to run."""
 
     workers = WORKERS
@@ -45,7 +45,7 @@ class Engine:
         self.rounds: list[list[Trial]] = []
 
     def measure(self, trial: Trial) -> Measurement:
-        seqs = trial.recipe.get("config", {}).get("max_num_seqs")
+        seqs = trial.recipe.get("config", {}).get("long_prefill_token_threshold")
         speed = self.speeds.get(seqs, BASE) if seqs else BASE
         speed *= self.gpu_speed.get(trial.worker or "", 1.0)
         passes = (metrics(speed), metrics(speed * 1.002), metrics(speed * 0.998))
@@ -72,7 +72,7 @@ class Batch:
 
     def propose(self, ctx: AgentContext) -> ProposalReply:
         self.contexts.append(ctx)
-        got = [Proposal(rationale="t", layer=1, changes={"max_num_seqs": v})
+        got = [Proposal(rationale="t", layer=1, changes={"long_prefill_token_threshold": v})
                for v in itertools.islice(self.values, ctx.want)]
         return ProposalReply(got[0] if got else None, more=tuple(got[1:]))
 
@@ -108,7 +108,7 @@ def test_a_round_is_judged_against_its_start_and_its_best_leads(
         low, high = recs[exp].interval or (0.0, 0.0)
         assert low < gain < high
     assert outcome.best_record is not None and outcome.best_record.exp == 2
-    assert tuner.state.best.config["max_num_seqs"] == 128
+    assert tuner.state.best.config["long_prefill_token_threshold"] == 128
     finished = [[1, 2, 3][i] for i in order]
     after_best = finished[finished.index(2) + 1:]
     assert recs[2].kept and not any(recs[e].kept for e in after_best)
@@ -130,16 +130,17 @@ def test_the_pending_proposals_are_shown_and_a_repeat_is_refused(
             self.contexts.append(ctx)
             value = next(self.replies, None)
             return ProposalReply(None if value is None else Proposal(
-                rationale="t", layer=1, changes={"max_num_seqs": value}))
+                rationale="t", layer=1, changes={"long_prefill_token_threshold": value}))
 
     proposer = OneAtATime()
     engine = Engine({})
     _tuner(tmp_path, small_workload, proposer, engine).run()
     assert [c.want for c in proposer.contexts[:4]] == [3, 2, 2, 1]
     assert [dict(p.changes) for p in proposer.contexts[3].pending] == [
-        {"max_num_seqs": 64}, {"max_num_seqs": 128}]
+        {"long_prefill_token_threshold": 64}, {"long_prefill_token_threshold": 128}]
     assert "chosen for this round" in (proposer.contexts[2].feedback or "")
-    assert [t.recipe["config"]["max_num_seqs"] for t in engine.rounds[0]] == [64, 128, 32]
+    knob = "long_prefill_token_threshold"
+    assert [t.recipe["config"][knob] for t in engine.rounds[0]] == [64, 128, 32]
 
 
 def test_a_killed_round_reruns_only_its_unfinished_trials(tmp_path: Path,
@@ -179,7 +180,7 @@ def test_a_round_never_overshoots_the_layers_cap(tmp_path: Path,
 @pytest.mark.parametrize("order", [(0, 1, 2), (1, 2, 0)])
 def test_a_rounds_mates_of_a_gain_spend_no_patience_whatever_order_they_finish(
         tmp_path: Path, small_workload: Path, order: tuple[int, ...]) -> None:
-    """--patience 2 with three workers: the round's winner (max_num_seqs 64) finishing
+    """--patience 2 with three workers: the round's winner (threshold 64) finishing
     first or last, its two round-mates were judged against the old incumbent and do not
     count as two tries from the new one, so the layer goes on for another round (a
     sequential run would try twice from the new incumbent too)."""

@@ -165,7 +165,7 @@ def test_four_experiments_at_once_each_on_its_own_gpu(tmp_path: Path,
     smi = _four_gpus(tmp_path)
     env = _host_env(tmp_path, PATH=f"{smi}{os.pathsep}{os.environ['PATH']}")
     run_dir = tmp_path / "forge"
-    moves = [{"max_num_seqs": v} for v in (16, 32, 64, 128)]
+    moves = [{"long_prefill_token_threshold": v} for v in (16, 32, 64, 128)]
     try:
         with FakeProvider(batch_agent(moves)) as fake:
             cmd = _real_cmd(run_dir, small_workload, vllm, "--gpus", "0,1,2,3",
@@ -251,7 +251,7 @@ def test_sigint_during_a_pool_round_exits_130_kills_every_server_and_resumes(
     smi = _four_gpus(tmp_path)
     env = _host_env(tmp_path, PATH=f"{smi}{os.pathsep}{os.environ['PATH']}")
     run_dir = tmp_path / "forge"
-    moves = [{"max_num_seqs": v} for v in (16, 32, 64, 128, 256, 8)]
+    moves = [{"long_prefill_token_threshold": v} for v in (16, 32, 64, 128, 256, 8)]
     try:
         with FakeProvider(batch_agent(moves)) as fake:
             cmd = _real_cmd(run_dir, small_workload, vllm, "--gpus", "0,1,2,3",

@@ -98,14 +98,14 @@ def _tuner(tmp_path: Path, workload: Path, proposer: Any, engine: Any = None,
 
 def test_baseline_first_then_one_change_per_experiment(tmp_path: Path,
                                                        small_workload: Path) -> None:
-    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(1, max_num_batched_tokens=4096)])
+    proposer = Scripted([_reply(1, max_num_seqs=6), _reply(1, max_num_batched_tokens=1024)])
     tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=3)
     assert tuner.run().reason.startswith("experiment budget")
     recs = tuner.run_log.records()
     assert [r.exp for r in recs] == [0, 1, 2]
     assert recs[0].proposal is None and recs[0].status == "ok" and recs[0].kept
     assert recs[0].score == 1.0
-    assert recs[1].recipe["config"] == {"max_num_seqs": 64}
+    assert recs[1].recipe["config"] == {"max_num_seqs": 6}
     assert recs[1].parent_id == recs[0].recipe_id
     assert proposer.contexts[0].best_score == 1.0 and len(proposer.contexts[0].history) == 1
     assert (tuner.run_log.path / "completed.json").exists()
@@ -116,17 +116,17 @@ def test_refused_proposals_cost_no_experiment(tmp_path: Path, small_workload: Pa
     proposer = Scripted([
         _reply(1, max_num_seqs=1024),  # H100 default: a no-op
         _reply(1, max_num_seq=64),  # unknown knob
-        _reply(1, max_num_seqs=64),
+        _reply(1, max_num_seqs=6),
         _reply(2, quant_method="fp8"),  # not the active layer
-        _reply(1, max_num_seqs=64),  # now a no-op: it was kept, or a repeat
-        _reply(1, max_num_seqs=32),
+        _reply(1, max_num_seqs=6),  # now a no-op: it was kept, or a repeat
+        _reply(1, max_num_seqs=4),
     ])
     tuner, events = _tuner(tmp_path, small_workload, proposer, max_experiments=3)
     tuner.run()
     recs = tuner.run_log.records()
     assert [r.status for r in recs] == ["ok", "ok", "ok"]
-    assert recs[1].recipe["config"] == {"max_num_seqs": 64}
-    assert recs[2].recipe["config"]["max_num_seqs"] == 32
+    assert recs[1].recipe["config"] == {"max_num_seqs": 6}
+    assert recs[2].recipe["config"]["max_num_seqs"] == 4
     reasons = [e.reason for e in events.of(ProposalRefused)]
     assert len(reasons) == 4
     assert "no-op" in reasons[0] and "unknown knob" in reasons[1]
@@ -142,10 +142,10 @@ def test_an_earlier_layers_knobs_stay_open_and_a_later_ones_stay_closed(
     the active layer, the proposal its own); a layer-3 knob, or a layer-2 knob in a
     proposal that says layer 1, is refused before booting."""
     proposer = Scripted([
-        _reply(1, max_num_seqs=64),
+        _reply(1, max_num_seqs=6),
         _reply(3, attention_backend="FLASHINFER"),  # not open yet
         _reply(1, kv_cache_dtype="fp8"),  # a layer-2 knob in a layer-1 proposal
-        _reply(2, max_num_seqs=32, kv_cache_dtype="fp8"),
+        _reply(2, max_num_seqs=4, kv_cache_dtype="fp8"),
     ])
     tuner, events = _tuner(tmp_path, small_workload, proposer, max_experiments=3,
                            start_layer=2)
@@ -153,7 +153,7 @@ def test_an_earlier_layers_knobs_stay_open_and_a_later_ones_stay_closed(
     recs = tuner.run_log.records()
     assert [(r.layer, r.status) for r in recs] == [(1, "ok"), (2, "ok"), (2, "ok")]
     assert recs[1].proposal is not None and recs[1].proposal.layer == 1
-    assert recs[2].recipe["config"]["max_num_seqs"] == 32
+    assert recs[2].recipe["config"]["max_num_seqs"] == 4
     reasons = [e.reason for e in events.of(ProposalRefused)]
     assert "active layer is 2" in reasons[0]
     assert "belongs to layer 2, after the proposal's layer 1" in reasons[1]
@@ -178,7 +178,7 @@ def _invalid(text: str = "not json") -> ProposalReply:
 def test_refusal_rows_are_kept_but_spend_no_experiment(tmp_path: Path,
                                                        small_workload: Path) -> None:
     proposer = Scripted([_invalid(), *[_reply(1, max_num_seqs=1024)] * MAX_ASKS,
-                         _reply(1, max_num_seqs=64), _reply(1, max_num_seqs=32)])
+                         _reply(1, max_num_seqs=6), _reply(1, max_num_seqs=4)])
     tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=3)
     outcome = tuner.run()
     recs = tuner.run_log.records()
@@ -192,14 +192,14 @@ def test_refusal_rows_are_kept_but_spend_no_experiment(tmp_path: Path,
 
 def test_refusal_rows_do_not_count_toward_a_layers_patience(tmp_path: Path,
                                                             small_workload: Path) -> None:
-    proposer = Scripted([_invalid(), _invalid(), _reply(1, max_num_seqs=64)])
+    proposer = Scripted([_invalid(), _invalid(), _reply(1, max_num_seqs=6)])
     tuner, events = _tuner(tmp_path, small_workload, proposer, max_experiments=2,
                            patience=1)
     tuner.run()
     recs = tuner.run_log.records()
     assert [(r.layer, r.status) for r in recs] == [(1, "ok"), (1, "invalid"),
                                                    (1, "invalid"), (1, "ok")]
-    assert recs[3].recipe["config"] == {"max_num_seqs": 64}
+    assert recs[3].recipe["config"] == {"max_num_seqs": 6}
     assert events.of(LayerEscalated) == []
     assert tuner.state.active_layer(tuner.s, set()) == (1 if recs[3].kept else 2)
 
@@ -224,7 +224,7 @@ def test_a_run_stopped_by_refusals_resumes_with_its_whole_budget(
     with pytest.raises(AgentError):
         first.run()
     first.run_log.close()
-    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(1, max_num_seqs=32)])
+    proposer = Scripted([_reply(1, max_num_seqs=6), _reply(1, max_num_seqs=4)])
     resumed, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=3,
                         reopen=first.run_log.path)
     outcome = resumed.run()
@@ -239,24 +239,24 @@ def test_a_run_stopped_by_refusals_resumes_with_its_whole_budget(
 def test_a_measured_experiment_resets_the_refusal_count(tmp_path: Path,
                                                          small_workload: Path) -> None:
     streak = [_invalid()] * (MAX_REFUSALS_IN_A_ROW - 1)
-    proposer = Scripted([*streak, _reply(1, max_num_seqs=64), *streak,
-                         _reply(1, max_num_seqs=32)])
+    proposer = Scripted([*streak, _reply(1, max_num_seqs=6), *streak,
+                         _reply(1, max_num_seqs=4)])
     tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=3, patience=10)
     assert tuner.run().reason == "experiment budget spent (3)"
     assert len(tuner.run_log.records()) == 3 + 2 * (MAX_REFUSALS_IN_A_ROW - 1)
 
 
 def test_repeat_of_a_tried_recipe_is_refused(tmp_path: Path, small_workload: Path) -> None:
-    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(1, max_num_seqs=64),
-                         _reply(1, max_num_seqs=32)])
+    proposer = Scripted([_reply(1, max_num_seqs=6), _reply(1, max_num_seqs=6),
+                         _reply(1, max_num_seqs=4)])
     tuner, events = _tuner(tmp_path, small_workload, proposer, max_experiments=3)
     tuner.run()
     recs = tuner.run_log.records()
-    if recs[1].kept:  # from the new incumbent, max_num_seqs=64 is a no-op
+    if recs[1].kept:  # from the new incumbent, max_num_seqs=6 is a no-op
         assert "no-op" in events.of(ProposalRefused)[0].reason
     else:
         assert "repeat of experiment 1" in events.of(ProposalRefused)[0].reason
-    assert recs[2].recipe["config"]["max_num_seqs"] == 32
+    assert recs[2].recipe["config"]["max_num_seqs"] == 4
 
 
 @pytest.mark.parametrize(("overrides", "expected_layers"), [
@@ -312,7 +312,7 @@ class FailingLauncher:
 def test_failures_become_rows_and_reach_the_strategy(tmp_path: Path,
                                                      small_workload: Path) -> None:
     launcher = FailingLauncher()
-    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(1, max_num_seqs=32)])
+    proposer = Scripted([_reply(1, max_num_seqs=6), _reply(1, max_num_seqs=4)])
     tuner, _ = _tuner(tmp_path, small_workload, proposer,
                       engine=(launcher, None, None),
                       max_experiments=3)
@@ -389,7 +389,7 @@ def test_usage_of_a_nothing_left_reply_is_billed(tmp_path: Path,
 
 def test_decisions_carry_intervals_and_the_baseline_keeps_the_reference(
         tmp_path: Path, small_workload: Path) -> None:
-    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(3, enforce_eager=True)])
+    proposer = Scripted([_reply(1, max_num_seqs=6), _reply(3, enforce_eager=True)])
     tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=3,
                       skip_quant=True, max_config_experiments=1, repeats=3)
     tuner.run()
@@ -415,7 +415,7 @@ def test_an_slo_breach_is_never_kept(tmp_path: Path, small_workload: Path) -> No
 
 
 def test_the_incumbent_is_remeasured_for_drift(tmp_path: Path, small_workload: Path) -> None:
-    proposer = Scripted([_reply(1, max_num_seqs=n) for n in (64, 32, 16, 8)])
+    proposer = Scripted([_reply(1, max_num_seqs=n) for n in (7, 6, 5, 4)])
     tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=5,
                       remeasure_every=2, patience=10)
     tuner.run()
@@ -462,7 +462,7 @@ def test_a_baseline_whose_requests_failed_is_not_the_reference(tmp_path: Path,
     hw = gpu_spec("H100").hardware()
     space = KnobSpace(hw, profile(MODEL_8B), simulated=True)
     sim = SimulatedEngine(hw, gpu_spec("H100"), space.model, space, seed=1)
-    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(1, max_num_seqs=32)])
+    proposer = Scripted([_reply(1, max_num_seqs=6), _reply(1, max_num_seqs=4)])
     tuner, _ = _tuner(tmp_path, small_workload, proposer,
                       engine=(sim, FailsFirstBench(sim), sim), max_experiments=3)
     tuner.run()
@@ -512,7 +512,7 @@ def _on_a100(probe: type[BlindProbe]) -> tuple[Any, Any, Any]:
 
 def test_without_an_accuracy_reference_a_lossy_change_is_never_kept(
         tmp_path: Path, small_workload: Path) -> None:
-    proposer = Scripted([_reply(1, max_num_seqs=64), _reply(2, quant_candidate=W8A8)])
+    proposer = Scripted([_reply(1, max_num_seqs=6), _reply(2, quant_candidate=W8A8)])
     tuner, events = _tuner(tmp_path, small_workload, proposer, engine=_on_a100(BlindProbe),
                            gpu="A100-80GB", max_experiments=3, max_config_experiments=1)
     tuner.run()
@@ -546,7 +546,7 @@ def test_the_accuracy_method_is_recorded_and_a_fallback_said_once(
 
 def test_the_baseline_record_carries_its_diagnosis_and_only_it(tmp_path: Path,
                                                               small_workload: Path) -> None:
-    proposer = Scripted([_reply(1, max_num_seqs=64)])
+    proposer = Scripted([_reply(1, max_num_seqs=2)])
     tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=2, concurrency=4)
     tuner.run()
     recs = tuner.run_log.records()
@@ -559,7 +559,7 @@ def test_the_baseline_record_carries_its_diagnosis_and_only_it(tmp_path: Path,
 
 def test_candidates_carry_the_stop_rule_and_the_baseline_and_drift_checks_do_not(
         tmp_path: Path, small_workload: Path) -> None:
-    proposer = Scripted([_reply(1, max_num_seqs=64)])
+    proposer = Scripted([_reply(1, max_num_seqs=6)])
     tuner, _ = _tuner(tmp_path, small_workload, proposer, max_experiments=2, repeats=4)
     tuner.run()
     baseline, candidate = tuner.run_log.started()
