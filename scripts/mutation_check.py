@@ -215,7 +215,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tests/decide/test_verdict.py::test_a_verdict_on_fewer_passes_than_asked_says_so"),
     Mutation(
         "loop-boots-a-nil-move", "aevyra_forge/loop/vet.py",
-        "    why = wholly_nil(latest_diagnosis(records), changes)\n",
+        "    why = wholly_nil(_diagnosis_of(best, records), changes)\n",
         "    why = None\n",
         "tests/loop/test_vet.py::"
         "test_an_agents_nil_move_is_refused_with_the_diagnosis_and_costs_no_boot"),
@@ -224,6 +224,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        for other in synonyms(space, name, value, recipe):",
         "        for other in ():",
         "tests/loop/test_vet.py::test_another_name_for_a_measured_value_is_a_repeat"),
+    Mutation(
+        "nil-refused-after-the-incumbent-moved", "aevyra_forge/loop/vet.py",
+        "    return found if found is not None and diagnosed == best.id else None\n",
+        "    return found\n",
+        "tests/loop/test_vet.py::test_once_a_move_was_kept_the_diagnosis_no_longer_refuses"),
     Mutation(
         "a-partly-nil-move-refused", "aevyra_forge/loop/vet.py",
         "    if not all(reasons):",

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aevyra_forge.core.values import Diagnosis, InertKnob
+from aevyra_forge.core.values import Diagnosis, InertKnob, Proposal
 from aevyra_forge.loop.events import ProposalRefused
 from aevyra_forge.loop.tuner import MAX_ASKS
-from aevyra_forge.loop.vet import wholly_nil
+from aevyra_forge.loop.vet import vet, wholly_nil
 from tests.loop.test_tuner import Scripted, _reply, _tuner
 
 SEQS = "at most 8 requests are ever in flight"
@@ -80,3 +80,21 @@ def test_another_name_for_a_measured_value_is_a_repeat(tmp_path: Path,
         "same engine setting as kv_cache_dtype=fp8 here",
         "no-op: attention_backend=FLASH_ATTN selects the same engine setting as leaving "
         "attention_backend unset here, which the incumbent runs"]
+
+
+def test_once_a_move_was_kept_the_diagnosis_no_longer_refuses(tmp_path: Path,
+                                                              small_workload: Path) -> None:
+    """The diagnosis read the baseline: once another config leads, a knob that was nil
+    for the baseline may bind (the loop lets it run; the agent was shown why it may not
+    pay)."""
+    tuner, _ = _tuner(tmp_path, small_workload, Scripted([]), max_experiments=1)
+    tuner.run()
+    (baseline,) = tuner.run_log.records()
+    assert baseline.diagnosis is not None
+    nil = Proposal(rationale="t", layer=1, changes={"max_num_seqs": 512})
+    space, records = tuner.space, [baseline]
+    recipe, why, status = vet(space, tuner.state.best, records, nil, 1)
+    assert recipe is None and status == "invalid" and SEQS in why
+    moved = space.apply(tuner.state.best, {"max_num_batched_tokens": 1024})
+    recipe, why, status = vet(space, moved, records, nil, 1)
+    assert recipe is not None and status == "ok" and why == ""
