@@ -215,7 +215,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tests/decide/test_verdict.py::test_a_verdict_on_fewer_passes_than_asked_says_so"),
     Mutation(
         "loop-boots-a-nil-move", "aevyra_forge/loop/vet.py",
-        "    why = wholly_nil(_diagnosis_of(best, records), changes)\n",
+        "    why = wholly_nil(in_force(records, best.id), changes)\n",
         "    why = None\n",
         "tests/loop/test_vet.py::"
         "test_an_agents_nil_move_is_refused_with_the_diagnosis_and_costs_no_boot"),
@@ -225,10 +225,23 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        for other in ():",
         "tests/loop/test_vet.py::test_another_name_for_a_measured_value_is_a_repeat"),
     Mutation(
-        "nil-refused-after-the-incumbent-moved", "aevyra_forge/loop/vet.py",
-        "    return found if found is not None and diagnosed == best.id else None\n",
-        "    return found\n",
-        "tests/loop/test_vet.py::test_once_a_move_was_kept_the_diagnosis_no_longer_refuses"),
+        "nil-refused-after-the-incumbent-moved", "aevyra_forge/decide/diagnosis.py",
+        "    if found is None or d is None or found.recipe_id == incumbent_id:\n",
+        "    if found is None or d is None or True:\n",
+        "tests/loop/test_vet.py::"
+        "test_once_a_move_was_kept_only_what_the_workload_fixes_is_refused"),
+    Mutation(
+        "the-concurrency-cap-read-off-the-baseline-only", "aevyra_forge/decide/diagnosis.py",
+        "            knob=\"max_num_seqs\", at_least=c, standing=True,",
+        "            knob=\"max_num_seqs\", at_least=c,",
+        "tests/loop/test_vet.py::"
+        "test_once_a_move_was_kept_only_what_the_workload_fixes_is_refused"),
+    Mutation(
+        "prompt-silent-once-the-incumbent-moved", "aevyra_forge/agent/prompt.py",
+        "    if d.binding != \"boot\" and found.recipe_id != ctx.best.id:",
+        "    if False:",
+        "tests/agent/test_prompt.py::"
+        "test_once_another_config_leads_the_prompt_says_which_knobs_still_cannot_matter"),
     Mutation(
         "a-partly-nil-move-refused", "aevyra_forge/loop/vet.py",
         "    if not all(reasons):",

@@ -13,7 +13,7 @@ from aevyra_forge.agent.base import AgentContext
 from aevyra_forge.agent.surrogate import beyond_failure, observations_of
 from aevyra_forge.core.errors import KnobError
 from aevyra_forge.core.values import LAYERS, Diagnosis, Layer, Scalar
-from aevyra_forge.decide.diagnosis import acts_on, latest_diagnosis, synonyms
+from aevyra_forge.decide.diagnosis import acts_on, diagnosed, in_force, synonyms
 from aevyra_forge.decide.stats import pooled_noise, relative_interval
 from aevyra_forge.space.knob_space import KNOBS
 from aevyra_forge.space.layer2 import CandidateSlot
@@ -87,8 +87,9 @@ def infeasible(ctx: AgentContext, changes: Move) -> bool:
 
 
 def diagnosis_of(ctx: AgentContext) -> Diagnosis | None:
-    """The latest diagnosis of a config that served (the baseline's, normally)."""
-    return latest_diagnosis(ctx.history)
+    """The latest diagnosis of a config that served (the baseline's, normally), with only
+    its standing inert knobs once another config leads (decide.diagnosis.in_force)."""
+    return in_force(ctx.history, ctx.best.id)
 
 
 def nil(diagnosis: Diagnosis | None, changes: Move) -> str | None:
@@ -106,10 +107,9 @@ def restricted(ctx: AgentContext, knob: str) -> bool:
     may gain where throughput cannot), while the incumbent is the config diagnosed: once
     a move was kept the binding may have moved (speculative decoding turns a decode-bound
     engine into one that needs larger steps), so the diagnosis no longer rules it out."""
-    diagnosed = next((r.recipe_id for r in reversed(ctx.history)
-                      if r.diagnosis is not None and r.diagnosis.binding != "boot"), None)
+    found = diagnosed(ctx.history)
     return KNOBS[knob].layer == 1 and ctx.objective == "throughput" \
-        and diagnosed == ctx.best.id
+        and found is not None and found.recipe_id == ctx.best.id
 
 
 def off_lever(ctx: AgentContext, changes: Move) -> str | None:

@@ -142,8 +142,16 @@ def _diagnosis(ctx: AgentContext) -> str:
     found = next((r for r in reversed(ctx.history) if r.diagnosis is not None), None)
     if found is None or found.diagnosis is None:
         return ""
+    d = found.diagnosis
+    moved = ""
+    if d.binding != "boot" and found.recipe_id != ctx.best.id:
+        held = ", ".join(dict.fromkeys(i.knob for i in d.inert if i.standing))
+        moved = ("\nThe incumbent is another config now, so what binds may have moved: "
+                 + (f"of these only {held} still cannot matter (the workload or the "
+                    "hardware fixes it)." if held
+                    else "none of these knobs is ruled out any more."))
     return (f"## What bound experiment {found.exp} (its server counters)\n"
-            f"{diagnosis_summary(found.diagnosis)}\nA move that only touches knobs that "
+            f"{diagnosis_summary(d)}{moved}\nA move that only touches knobs that "
             "cannot matter is refused before it boots: spend experiments on what binds.")
 
 

@@ -185,6 +185,9 @@ class InertKnob(Frozen):
     reason: str
     values: tuple[Scalar, ...] = ()
     at_least: float | None = None
+    # the workload or the hardware fixes it (the client's concurrency caps what is in
+    # flight; auto's dtype), so it holds whatever config leads; else only the one diagnosed
+    standing: bool = False
 
     def covers(self, value: Scalar) -> bool:
         if self.values:

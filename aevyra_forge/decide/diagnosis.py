@@ -148,7 +148,7 @@ def _inert(ev: Mapping[str, float], recipe: Recipe, space: KnobSpace,
     seqs = ev.get("max_num_seqs")
     if "max_num_seqs" in names and seqs is not None and seqs >= c:
         out.append(InertKnob(
-            knob="max_num_seqs", at_least=c,
+            knob="max_num_seqs", at_least=c, standing=True,
             reason=(f"at most {c:.0f} requests are ever in flight (concurrency) and the cap "
                     f"is {seqs:.0f}: any cap from {c:.0f} up schedules the same batches")))
     kv_peak, capacity = ev.get("kv_cache_usage_peak"), ev.get("kv_cache_capacity_tokens")
@@ -177,19 +177,33 @@ def _inert(ev: Mapping[str, float], recipe: Recipe, space: KnobSpace,
     if "dtype" in names and space.value(recipe, KNOBS["dtype"]) == "auto":
         auto = space.auto_dtype()
         if space.hw.device == "cpu":
-            out.append(InertKnob(knob="dtype", values=(auto,),
+            out.append(InertKnob(knob="dtype", values=(auto,), standing=True,
                                  reason=f"auto already resolves to {auto} on this hardware"))
         else:  # a GPU runs either 16-bit type on the same tensor cores, same bytes per weight
-            out.append(InertKnob(knob="dtype", values=SIXTEEN_BIT, reason=(
+            out.append(InertKnob(knob="dtype", values=SIXTEEN_BIT, standing=True, reason=(
                 f"auto already resolves to {auto} here, and the other 16-bit type moves "
                 "the same bytes at the same tensor-core rate")))
     return out
 
 
-def latest_diagnosis(records: Sequence[ExperimentRecord]) -> Diagnosis | None:
-    """The latest diagnosis of a config that served (the baseline's, normally)."""
-    return next((r.diagnosis for r in reversed(records)
+def diagnosed(records: Sequence[ExperimentRecord]) -> ExperimentRecord | None:
+    """The latest record of a config that served with its diagnosis (the baseline's,
+    normally)."""
+    return next((r for r in reversed(records)
                  if r.diagnosis is not None and r.diagnosis.binding != "boot"), None)
+
+
+def in_force(records: Sequence[ExperimentRecord], incumbent_id: str) -> Diagnosis | None:
+    """The latest diagnosis as it bears on moves from the incumbent: whole while the
+    incumbent is the config it read; once another config leads, only the inert knobs the
+    workload or the hardware fixes (`standing`: the client's concurrency, auto's dtype),
+    since a kept move can move what binds (a draft model's memory can make the KV cache
+    fill, speculative decoding makes each step larger)."""
+    found = diagnosed(records)
+    d = found.diagnosis if found is not None else None
+    if found is None or d is None or found.recipe_id == incumbent_id:
+        return d
+    return d.model_copy(update={"inert": tuple(i for i in d.inert if i.standing)})
 
 
 def synonyms(space: KnobSpace, knob: str, value: Scalar, recipe: Recipe | None = None

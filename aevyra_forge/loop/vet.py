@@ -1,8 +1,9 @@
 """What the loop refuses before any GPU time, whichever agent proposed it: a proposal it
 cannot apply, one for a layer not open yet, a repeat of a config already measured or
 chosen (also under another name that selects the same engine setting here, such as the
-`fp8` and `fp8_e4m3` KV caches on NVIDIA GPUs), and, while the incumbent is the config
-the diagnosis read, a move it proves nil in every knob it sets. The reason goes back to
+`fp8` and `fp8_e4m3` KV caches on NVIDIA GPUs), and a move the diagnosis proves nil in
+every knob it sets (all it found while the incumbent is the config it read, only what the
+workload fixes once another leads: decide.diagnosis.in_force). The reason goes back to
 the agent as feedback, so an LLM that ignored the diagnosis in its prompt is told before
 a boot is spent on it."""
 
@@ -14,7 +15,7 @@ from aevyra_forge.core.errors import KnobError
 from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.trial import Trial
 from aevyra_forge.core.values import Diagnosis, ExperimentRecord, Layer, Proposal, Scalar, Status
-from aevyra_forge.decide.diagnosis import latest_diagnosis, synonyms
+from aevyra_forge.decide.diagnosis import in_force, synonyms
 from aevyra_forge.loop.state import refused
 from aevyra_forge.space.knob_space import KnobSpace
 
@@ -48,7 +49,7 @@ def vet(space: KnobSpace, best: Recipe, records: Sequence[ExperimentRecord],
     why = _repeat(space, best, recipe, changes, seen)
     if why:
         return None, why, "duplicate"
-    why = wholly_nil(_diagnosis_of(best, records), changes)
+    why = wholly_nil(in_force(records, best.id), changes)
     if why:
         return None, (f"the baseline's diagnosis shows this move cannot change the score: "
                       f"{why}"), "invalid"
@@ -73,15 +74,6 @@ def _repeat(space: KnobSpace, best: Recipe, recipe: Recipe, changes: Mapping[str
             if twin in seen:
                 return f"repeat of {seen[twin]} under another name: {same}"
     return None
-
-
-def _diagnosis_of(best: Recipe, records: Sequence[ExperimentRecord]) -> Diagnosis | None:
-    """The latest diagnosis while the incumbent is the config it diagnosed, else None: a
-    kept move can move the binding (speculative decoding makes a decode-bound engine
-    take larger steps), so what was nil for the baseline may matter for the incumbent."""
-    found = latest_diagnosis(records)
-    diagnosed = next((r.recipe_id for r in reversed(records) if r.diagnosis is found), None)
-    return found if found is not None and diagnosed == best.id else None
 
 
 def _named(knob: str, value: Scalar) -> str:

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aevyra_forge.agent import AgentContext, Budget, BuiltinStrategy
+from aevyra_forge.agent.moves import Move
 from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.values import (
     Diagnosis,
@@ -202,17 +203,23 @@ def test_never_proposes_a_combination_vllm_rejects() -> None:
 
 ROOMY = Diagnosis(  # the issue's long-context run at concurrency 32 on one GPU
     binding="decode_bandwidth", why="decode takes 80% of request time",
-    inert=(InertKnob(knob="max_num_seqs", at_least=32, reason="at most 32 in flight"),
+    inert=(InertKnob(knob="max_num_seqs", at_least=32, reason="at most 32 in flight",
+                     standing=True),
            InertKnob(knob="gpu_memory_utilization", reason="the KV cache never filled"),
-           InertKnob(knob="dtype", values=("bfloat16", "float16"), reason="16-bit here")))
+           InertKnob(knob="dtype", values=("bfloat16", "float16"), reason="16-bit here",
+                     standing=True)))
 
 
 def _drive(space: KnobSpace, diagnosis: Diagnosis | None, layers: tuple[Layer, ...],
-           steps: int = 30) -> list[Proposal]:
+           steps: int = 30, kept: Move | None = None) -> list[Proposal]:
     """Ask the strategy layer by layer, every move measured as no change, until each layer
-    has nothing left: the moves it spends boots on."""
+    has nothing left: the moves it spends boots on (from the baseline, or from the config
+    a first move `kept` made the incumbent)."""
     base = space.baseline(MODEL_8B)
     history = [_rec(0, base, kept=True).model_copy(update={"diagnosis": diagnosis})]
+    if kept is not None:
+        base = space.apply(base, kept)
+        history.append(_rec(1, base, kept=True, score=1.05, changes=kept))
     out: list[Proposal] = []
     strategy = BuiltinStrategy()
     for layer in layers:
@@ -239,6 +246,20 @@ def test_moves_the_diagnosis_proves_nil_are_skipped_with_the_reason() -> None:
     assert said.count("gpu_memory_utilization=0.93 (") == 1  # recorded once, where skipped
     without = _drive(H100, None, (1,))  # control: the same strategy spends boots on them
     assert {"gpu_memory_utilization": 0.93} in [m.changes for m in without]
+
+
+def test_once_another_config_leads_only_what_the_workload_fixes_is_skipped() -> None:
+    """The KV cache that never filled was read off the baseline's config; a cap above the
+    client's concurrency and the dtype auto resolves to hold for any config."""
+    moves = _drive(H100, ROOMY, (1,), kept={"max_num_batched_tokens": 4096})
+    said = " ".join(m.rationale for m in moves)
+    standing = ROOMY.model_copy(update={"inert": (ROOMY.inert[0], ROOMY.inert[2])})
+    for move in moves:
+        for name, value in move.changes.items():
+            assert standing.inert_reason(name, value) is None, move
+    assert "(at most 32 in flight)" in said
+    assert "(the KV cache never filled)" not in said
+    assert {"gpu_memory_utilization": 0.93} in [m.changes for m in moves]
 
 
 def test_a_layer_whose_levers_are_all_off_escalates_at_once() -> None:

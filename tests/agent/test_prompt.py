@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from aevyra_forge.agent import AgentContext, Budget
 from aevyra_forge.agent.prompt import USER_BUDGET_TOKENS, build_prompt
-from aevyra_forge.core.recipe import Recipe
+from aevyra_forge.core.recipe import Recipe, recipe_from_dict
 from aevyra_forge.core.settings import Objective
 from aevyra_forge.core.slo import Slo, parse_slo
 from aevyra_forge.core.values import (
@@ -229,6 +229,24 @@ def test_the_baselines_diagnosis_is_shown_with_the_knobs_that_cannot_matter() ->
     assert "binding: kv capacity (KV cache peaked at 99% with 40 preemptions)" in user
     assert "max_num_seqs >= 32 cannot matter: at most 32 requests are ever in flight" in user
     assert "What bound" not in build_prompt(_ctx([_rec(0, None)])).user  # control
+    assert "another config now" not in user
+
+
+def test_once_another_config_leads_the_prompt_says_which_knobs_still_cannot_matter() -> None:
+    diagnosis = Diagnosis(binding="decode_bandwidth", why="decode takes 80% of request time",
+                          inert=(InertKnob(knob="max_num_seqs", at_least=32, standing=True,
+                                           reason="at most 32 requests are ever in flight"),
+                                 InertKnob(knob="gpu_memory_utilization",
+                                           reason="the KV cache never filled")))
+    kept = _rec(1, {"max_num_batched_tokens": 1024}, kept=True)
+    history = [_rec(0, None).model_copy(update={"diagnosis": diagnosis}), kept]
+    user = build_prompt(_ctx(history, best=recipe_from_dict(kept.recipe))).user
+    assert "of these only max_num_seqs still cannot matter (the workload or the hardware " \
+        "fixes it)" in user
+    alone = diagnosis.model_copy(update={"inert": diagnosis.inert[1:]})
+    history[0] = history[0].model_copy(update={"diagnosis": alone})
+    user = build_prompt(_ctx(history, best=recipe_from_dict(kept.recipe))).user
+    assert "none of these knobs is ruled out any more" in user
 
 
 def test_layer_two_lists_each_candidate_with_its_cost_and_what_the_cpu_refuses() -> None:

@@ -17,13 +17,14 @@ from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.values import (
     BenchMetrics,
     Diagnosis,
+    ExperimentRecord,
     GpuInfo,
     Hardware,
     LatencyStats,
     LaunchFailure,
 )
 from aevyra_forge.core.workload import Workload, load_workload
-from aevyra_forge.decide.diagnosis import diagnose, summary, synonyms
+from aevyra_forge.decide.diagnosis import diagnose, in_force, summary, synonyms
 from aevyra_forge.engine.sim.engine import SimulatedEngine
 from aevyra_forge.space.gpu_catalogue import gpu_spec
 from aevyra_forge.space.knob_space import KnobSpace
@@ -127,6 +128,33 @@ def test_a_sixteen_bit_dtype_is_inert_on_a_gpu_and_float32_is_not(tmp_path: Path
     assert diagnosis.inert_reason("dtype", "bfloat16") is not None
     assert diagnosis.inert_reason("dtype", "float16") is not None
     assert diagnosis.inert_reason("dtype", "float32") is None
+
+
+def _diagnosed(exp: int, recipe_id: str, diagnosis: Diagnosis) -> ExperimentRecord:
+    return ExperimentRecord(exp=exp, recipe={}, recipe_id=recipe_id, parent_id=None,
+                            generation=0, layer=1, status="ok",
+                            started_at="t", finished_at="t", diagnosis=diagnosis)
+
+
+def test_once_another_config_leads_only_what_the_workload_fixes_still_holds(tmp_path: Path
+                                                                          ) -> None:
+    """A cap above the client's concurrency and the dtype auto resolves to stay nil
+    whatever config leads; a KV cache that never filled or a step that never reached the
+    token budget was read off the baseline's config."""
+    diagnosis = _case("decode_bandwidth", tmp_path)
+    assert {i.knob for i in diagnosis.inert} >= {"max_num_seqs", "gpu_memory_utilization",
+                                                 "max_num_batched_tokens", "dtype"}
+    assert {i.knob for i in diagnosis.inert if i.standing} == {"max_num_seqs", "dtype"}
+    failed = Diagnosis(binding="boot", why="out of memory")
+    records = [_diagnosed(0, "base", diagnosis), _diagnosed(1, "other", failed)]
+    assert in_force(records, "base") == diagnosis  # a later failed boot reads nothing
+    moved = in_force(records, "kept")
+    assert moved is not None and moved.binding == diagnosis.binding
+    assert moved.inert_reason("max_num_seqs", 512) is not None
+    assert moved.inert_reason("gpu_memory_utilization", 0.95) is None
+    assert moved.inert_reason("max_num_batched_tokens", 16384) is None
+    assert moved.inert_reason("dtype", "bfloat16") is not None
+    assert in_force(records[1:], "other") is None
 
 
 # -- a real server's counters -------------------------------------------------------------

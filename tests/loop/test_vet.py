@@ -82,19 +82,23 @@ def test_another_name_for_a_measured_value_is_a_repeat(tmp_path: Path,
         "attention_backend unset here, which the incumbent runs"]
 
 
-def test_once_a_move_was_kept_the_diagnosis_no_longer_refuses(tmp_path: Path,
-                                                              small_workload: Path) -> None:
-    """The diagnosis read the baseline: once another config leads, a knob that was nil
-    for the baseline may bind (the loop lets it run; the agent was shown why it may not
-    pay)."""
+def test_once_a_move_was_kept_only_what_the_workload_fixes_is_refused(
+        tmp_path: Path, small_workload: Path) -> None:
+    """The diagnosis read the baseline: once another config leads, a cap above the
+    client's concurrency is still nil, but a KV cache that never filled may fill now (the
+    loop lets that move run; the agent was shown why it may not pay)."""
     tuner, _ = _tuner(tmp_path, small_workload, Scripted([]), max_experiments=1)
     tuner.run()
     (baseline,) = tuner.run_log.records()
     assert baseline.diagnosis is not None
-    nil = Proposal(rationale="t", layer=1, changes={"max_num_seqs": 512})
-    space, records = tuner.space, [baseline]
-    recipe, why, status = vet(space, tuner.state.best, records, nil, 1)
-    assert recipe is None and status == "invalid" and SEQS in why
-    moved = space.apply(tuner.state.best, {"max_num_batched_tokens": 1024})
-    recipe, why, status = vet(space, moved, records, nil, 1)
-    assert recipe is not None and status == "ok" and why == ""
+    seqs = Proposal(rationale="t", layer=1, changes={"max_num_seqs": 512})
+    memory = Proposal(rationale="t", layer=1, changes={"gpu_memory_utilization": 0.95})
+    space, records, base = tuner.space, [baseline], tuner.state.best
+    for proposal, why in ((seqs, SEQS), (memory, MEMORY)):
+        recipe, said, status = vet(space, base, records, proposal, 1)
+        assert recipe is None and status == "invalid" and why in said
+    moved = space.apply(base, {"max_num_batched_tokens": 1024})
+    recipe, said, status = vet(space, moved, records, seqs, 1)
+    assert recipe is None and status == "invalid" and SEQS in said
+    recipe, said, status = vet(space, moved, records, memory, 1)
+    assert recipe is not None and status == "ok" and said == ""
