@@ -225,6 +225,18 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        for other in ():",
         "tests/loop/test_vet.py::test_another_name_for_a_measured_value_is_a_repeat"),
     Mutation(
+        "builtin-blind-to-min-improvement", "aevyra_forge/agent/moves.py",
+        "    threshold = math.log1p(ctx.min_improvement)\n",
+        "    threshold = MIN_MODEL_GAIN\n",
+        "tests/agent/test_engine_model.py::"
+        "test_the_runs_minimum_improvement_decides_what_is_worth_a_boot"),
+    Mutation(
+        "agents-never-told-min-improvement", "aevyra_forge/loop/tuner.py",
+        "            min_improvement=self.s.min_improvement_pct / 100,\n",
+        "",
+        "tests/loop/test_tuner.py::"
+        "test_a_hand_over_shows_the_strategys_reason_and_it_sees_the_runs_floor"),
+    Mutation(
         "nil-refused-after-the-incumbent-moved", "aevyra_forge/decide/diagnosis.py",
         "    if found is None or d is None or found.recipe_id == incumbent_id:\n",
         "    if found is None or d is None or True:\n",

@@ -49,6 +49,7 @@ class AgentContext:
     pending: tuple[Proposal, ...] = ()
     pending_ids: frozenset[str] = frozenset()
     accuracy_floor: float = 0.99  # --accuracy-floor: a candidate's agreement must clear it
+    min_improvement: float = 0.01  # --min-improvement-pct as a fraction: the keep threshold
     concurrency: int | None = None  # --concurrency: requests in flight (None: unknown)
 
 

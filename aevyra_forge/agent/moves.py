@@ -20,7 +20,7 @@ from aevyra_forge.space.layer2 import CandidateSlot
 from aevyra_forge.space.playbook import first_moves
 
 SEARCH_EXCLUDED = frozenset({"max_model_len"})  # feasibility knob, set by the context fix
-MIN_MODEL_GAIN = 0.01  # log gain below which no move is worth a boot (--min-improvement-pct)
+MIN_MODEL_GAIN = 0.01  # log gain the model resolves: a smaller predicted gain or loss is none
 
 Move = dict[str, Scalar]
 
@@ -138,19 +138,20 @@ def same_kernels(ctx: AgentContext, changes: Move) -> str | None:
 
 def detectable(ctx: AgentContext) -> float:
     """The smallest log gain the keep rule confirms about half the time: the threshold
-    plus half the width of the interval a candidate measured like the incumbent would
-    get (its passes, the assumed between-boot noise)."""
+    (--min-improvement-pct) plus half the width of the interval a candidate measured like
+    the incumbent would get (its passes, the assumed between-boot noise)."""
+    threshold = math.log1p(ctx.min_improvement)
     rec = next((r for r in reversed(ctx.history) if r.recipe_id == ctx.best.id
                 and r.status == "ok" and len(r.passes) >= 2), None)
     if rec is None:
-        return MIN_MODEL_GAIN
+        return threshold
     values = [m.output_throughput for m in rec.passes]
     if not all(v > 0 for v in values):
-        return MIN_MODEL_GAIN
+        return threshold
     noise = pooled_noise([m.output_throughput for m in r.passes] for r in ctx.history
                          if r.status == "ok" and len(r.passes) >= 2)
     iv = relative_interval(values, values, noise=noise if noise.df else None)
-    return MIN_MODEL_GAIN + math.log1p(iv.high) / 2
+    return threshold + math.log1p(iv.high) / 2
 
 
 def converged(ctx: AgentContext, modelled: bool, skipped: dict[str, str]) -> str:

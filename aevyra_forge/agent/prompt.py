@@ -169,8 +169,8 @@ def _objective(ctx: AgentContext) -> str:
         f"Score = {metric}, relative to the baseline's (1.0 = vLLM's defaults; higher is "
         "better).", detail,
         "A change is kept only when it beats the best score by more than the minimum "
-        f"improvement (judged over repeated bench passes){slo} and keeps accuracy above the "
-        "floor."]))
+        f"improvement (+{ctx.min_improvement * 100:g}%, judged over repeated bench passes"
+        f"){slo} and keeps accuracy above the floor."]))
     lines = [f"## Objective: {ctx.objective}\n{scored}"]
     if ctx.slo:
         lines.append("SLOs (each bound tested on its median over the bench passes): "

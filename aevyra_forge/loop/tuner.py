@@ -199,6 +199,7 @@ class Tuner:
             tried_ids=st.tried_ids, feedback=feedback, attempt=attempt,
             objective=self.s.objective, slo=self.s.parsed_slo(), want=want,
             accuracy_floor=self.s.accuracy_floor, concurrency=self.s.concurrency,
+            min_improvement=self.s.min_improvement_pct / 100,
             pending=tuple(t.proposal for t in pending if t.proposal is not None),
             pending_ids=frozenset(t.recipe_id for t in pending))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
@@ -17,6 +18,7 @@ import pytest
 
 from aevyra_forge.agent import AgentContext, Budget, BuiltinStrategy
 from aevyra_forge.agent.engine_model import EngineModel, _workload
+from aevyra_forge.agent.moves import detectable
 from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.values import ExperimentRecord, Hardware, LaunchFailure, Proposal
 from aevyra_forge.core.workload import Workload, load_workload, ngram_repetition
@@ -220,6 +222,21 @@ def test_the_hand_over_says_why(tmp_path: Path) -> None:
     assert reply.proposal is None and reply.reason is not None
     assert reply.reason.startswith("handed over: the best move left up to layer 1")
     assert "layer 2's (quant_candidate=" in reply.reason and "stay open" in reply.reason
+
+
+def test_the_runs_minimum_improvement_decides_what_is_worth_a_boot(tmp_path: Path) -> None:
+    """--min-improvement-pct is the keep rule's threshold: a move the model predicts below
+    it (its uncertainty included) is reverted as noise, so it gets no boot."""
+    space = _space()
+    ctx = _ctx(space, [_baseline(space, tmp_path)], layer=2)
+    assert detectable(replace(ctx, min_improvement=0.05)) - detectable(ctx) \
+        == pytest.approx(math.log1p(0.05) - math.log1p(0.01))
+    proposal = BuiltinStrategy().propose(ctx).proposal
+    assert proposal is not None and "model of vLLM" in proposal.rationale
+    gain = float(proposal.rationale.split(" predicted ")[1].split("%")[0]) / 100
+    assert gain > 0.05
+    above = BuiltinStrategy().propose(replace(ctx, min_improvement=2 * gain)).proposal
+    assert above is None or "model of vLLM" not in above.rationale, above
 
 
 def test_the_runs_accuracy_floor_and_concurrency_reach_the_model(tmp_path: Path) -> None:

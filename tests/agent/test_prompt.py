@@ -5,6 +5,7 @@ compressed to the token budget without losing the latest rows or the failures.""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -150,6 +151,12 @@ def test_the_prompt_states_the_metric_actually_scored(objective: Objective,
 def test_the_objective_defaults_to_throughput() -> None:
     assert _objective_section(build_prompt(_ctx([])).user).startswith(
         "throughput\nScore = output tokens per second")
+
+
+def test_the_prompt_states_the_runs_minimum_improvement() -> None:
+    ctx = replace(_ctx([]), min_improvement=0.025)
+    assert "by more than the minimum improvement (+2.5%, judged over repeated bench " \
+        "passes)" in _objective_section(build_prompt(ctx).user)
 
 
 def test_slo_bounds_reach_the_prompt() -> None:

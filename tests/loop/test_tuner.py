@@ -287,11 +287,12 @@ def test_a_hand_over_shows_the_strategys_reason_and_it_sees_the_runs_floor(
         tmp_path: Path, small_workload: Path) -> None:
     proposer = Scripted([ProposalReply(proposal=None, reason="handed over early: why")])
     tuner, events = _tuner(tmp_path, small_workload, proposer, max_experiments=50,
-                           accuracy_floor=0.95, concurrency=3)
+                           accuracy_floor=0.95, concurrency=3, min_improvement_pct=2.5)
     tuner.run()
     assert [e.why for e in events.of(LayerEscalated)] == [
         "handed over early: why"] + ["the strategy has nothing left to try"] * 2
-    assert {(c.accuracy_floor, c.concurrency) for c in proposer.contexts} == {(0.95, 3)}
+    assert {(c.accuracy_floor, c.concurrency, c.min_improvement)
+            for c in proposer.contexts} == {(0.95, 3, 0.025)}
 
 
 class FailingLauncher:
