@@ -10,6 +10,7 @@ factor that no number of passes averages away. The incumbent is re-drawn each tr
 "history" pools the pass-to-pass spread of 8 earlier configs (n passes each) of the run.
 
     python benchmarks/decision_rates.py [--trials 2000] [--seed 0] [--confidence 0.90]
+                                         [--min-improvement-pct 1]
 
 What it showed (2000 trials, 90 % intervals as the keep rule uses them, 1 % assumed
 between-boot CV): the reference tool's single run keeps 42-48 % of A/A comparisons, a
@@ -96,13 +97,17 @@ def _medians(c: np.ndarray, b: np.ndarray, noise: NoiseEstimate) -> tuple[bool, 
     return bool(np.median(c) / np.median(b) - 1 > MIN_IMPROVEMENT), None
 
 
+def _bar() -> str:
+    return f"{MIN_IMPROVEMENT:+.1%}"
+
+
 def rules(confidence: float) -> dict[str, Rule]:
     return {
-        "1 pass, keep > +1% (reference tool)": _single_run,
-        "median of n, keep > +1%": _medians,
-        "percentile bootstrap, low > +1%": _interval_rule(confidence, bootstrap=True),
-        "welch t (log), low > +1%": _interval_rule(confidence),
-        "welch t (log) + history, low > +1%": _interval_rule(confidence, history=True),
+        f"1 pass, keep > {_bar()} (reference tool)": _single_run,
+        f"median of n, keep > {_bar()}": _medians,
+        f"percentile bootstrap, low > {_bar()}": _interval_rule(confidence, bootstrap=True),
+        f"welch t (log), low > {_bar()}": _interval_rule(confidence),
+        f"welch t (log) + history, low > {_bar()}": _interval_rule(confidence, history=True),
     }
 
 
@@ -161,7 +166,8 @@ def sequential(trials: int, seed: int, confidence: float, max_passes: int = 5) -
     decision takes, with history, true boot CV = assumed; then what an early keep costs
     the next decisions, whose yardstick it has become: a +10 % kept against an incumbent
     of MIN_KEEP_PASSES passes instead of all of them."""
-    print(f"\nsequential test vs fixed {max_passes} passes (welch t + history, low > +1%; "
+    print(f"\nsequential test vs fixed {max_passes} passes (welch t + history, low > "
+          f"{_bar()}; "
           f"drop when even the optimistic bound cannot clear the final bar, keep from "
           f"{MIN_KEEP_PASSES} passes when the {INTERIM_CONFIDENCE:.0%} bound clears it)")
     print(f"{'CV':>4}  {'effect':>6}  {'fixed keep':>10}  {'seq keep':>8}  {'seq passes':>10}")
@@ -245,11 +251,15 @@ def latency_guard_noise(experiments: int = 12) -> None:
 
 
 def main() -> None:
+    global MIN_IMPROVEMENT  # the rules read it; the default is the CLI's
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE)
+    parser.add_argument("--min-improvement-pct", type=float, default=MIN_IMPROVEMENT * 100,
+                        help="the keep rule's threshold (--min-improvement-pct of tune)")
     args = parser.parse_args()
+    MIN_IMPROVEMENT = args.min_improvement_pct / 100
     start = time.perf_counter()
     grid(args.trials, args.seed, args.confidence)
     passes_needed(max(500, args.trials // 2), args.seed, args.confidence)

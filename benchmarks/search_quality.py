@@ -23,7 +23,8 @@ TUNING scenarios were used while writing the strategy; REPORTED ones were not tu
 (the output says which is which); the closing note cites the REPORTED ones.
 
     python benchmarks/search_quality.py [--seeds 3] [--tuning | --all] [--scenario NAME]
-                                        [--boot-noise 0.01] [--explain]
+                                        [--boot-noise 0.01] [--min-improvement-pct 1]
+                                        [--explain]
 
 What it showed (3 seeds, builtin median / random median of the fraction of the optimum
 after 3, 5, 10, 15 experiments; layer 2 offers the dry run's simulated candidates, whose
@@ -91,6 +92,7 @@ CHECKPOINTS = (3, 5, 10, 15)
 STARTS = 6  # best configs the searches tried that the optimum's descent starts from
 RANDOM_STARTS = 12  # and random configs it starts from
 ACCURACY_FLOOR = 0.99  # --accuracy-floor's default: a config below it is not a candidate
+MIN_IMPROVEMENT_PCT = TuneSettings.model_fields["min_improvement_pct"].default
 WORDS = ("router", "invoice", "printer", "kernel", "budget", "tenant", "cluster", "ledger",
          "harbor", "meadow", "granite", "juniper")
 
@@ -253,7 +255,7 @@ def _valid(space: KnobSpace, point: Recipe, changes: dict[str, Any]) -> Recipe |
 
 
 def tune(sc: Scenario, workload: Workload, seed: int, tmp: Path, budget: int,
-         boot_noise: float) -> list[ExperimentRecord]:
+         boot_noise: float, min_improvement_pct: float) -> list[ExperimentRecord]:
     """The real loop on the noisy simulator, whose boots differ by `boot_noise` (CV), as
     the keep rule assumes (--boot-noise); its records."""
     spec = gpu_spec(sc.gpu)
@@ -261,7 +263,8 @@ def tune(sc: Scenario, workload: Workload, seed: int, tmp: Path, budget: int,
     settings = TuneSettings(model=sc.model, workload=workload.path, llm="builtin",
                             dry_run=True, run_dir=str(tmp / f"forge-{seed}"),
                             concurrency=sc.concurrency, max_experiments=budget, seed=seed,
-                            gpu=sc.gpu, boot_noise=boot_noise)
+                            gpu=sc.gpu, boot_noise=boot_noise,
+                            min_improvement_pct=min_improvement_pct)
     space = KnobSpace(hw, profile(sc.model), simulated=True)
     prepare = sim_layer2.offer(sc.model, space, lambda _: None)  # as a dry run's session
     sim = SimulatedEngine.dry_run(hw, spec, space, settings)
@@ -402,14 +405,16 @@ def _leads(records: Sequence[ExperimentRecord], budget: int) -> list[int]:
 
 
 def run_scenario(sc: Scenario, seeds: int, budget: int, boot_noise: float,
-                 explain: bool = False) -> dict[str, Any]:
+                 explain: bool = False, min_improvement_pct: float = MIN_IMPROVEMENT_PCT
+                 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         path = tmp / "workload.jsonl"
         path.write_text("\n".join(json.dumps(r) for r in sc.rows()) + "\n")
         workload = load_workload(path)
         truth = Truth(sc, workload, tmp)
-        runs = [tune(sc, workload, seed, tmp, budget, boot_noise) for seed in range(seeds)]
+        runs = [tune(sc, workload, seed, tmp, budget, boot_noise, min_improvement_pct)
+                for seed in range(seeds)]
         randoms = [random_search(truth, 1000 + seed, budget, boot_noise)
                    for seed in range(seeds)]
         starts = [recipe_from_dict(r.recipe) for rs in runs for r in rs]
@@ -457,6 +462,8 @@ def main() -> None:
     parser.add_argument("--boot-noise", type=float, default=DEFAULT_BOOT_CV,
                         help="between-boot CV of throughput: the simulator's, and what the "
                              "keep rule assumes (--boot-noise of tune)")
+    parser.add_argument("--min-improvement-pct", type=float, default=MIN_IMPROVEMENT_PCT,
+                        help="the keep rule's threshold (--min-improvement-pct of tune)")
     parser.add_argument("--explain", action="store_true",
                         help="where a run is below 0.99 after 5 experiments or at the end, "
                              "how its incumbent differs from the optimum and what each "
@@ -471,9 +478,10 @@ def main() -> None:
     print(f"fraction of the grid optimum (noise-free tok/s) reached by the incumbent after "
           f"k experiments; builtin median (min) over {args.seeds} seeds, random median; "
           f"pass noise {PASS_NOISE_CV:.0%}, between-boot noise {args.boot_noise:.1%} (simulated "
-          "and assumed)")
+          f"and assumed); keep above +{args.min_improvement_pct:g}%")
     for sc, role in chosen:
-        r = run_scenario(sc, args.seeds, args.budget, args.boot_noise, args.explain)
+        r = run_scenario(sc, args.seeds, args.budget, args.boot_noise, args.explain,
+                         args.min_improvement_pct)
         print(f"\n{role}: {r['name']}  (optimum {r['optimum']:.0f} tok/s, best of "
               f"{r['evaluated']} configs evaluated for it)")
         print(f"  {'':<8} {head}")
