@@ -147,8 +147,8 @@ def _diagnosis(ctx: AgentContext) -> str:
     if d.binding != "boot" and found.recipe_id != ctx.best.id:
         held = ", ".join(dict.fromkeys(i.knob for i in d.inert if i.standing))
         moved = ("\nThe incumbent is another config now, so what binds may have moved: "
-                 + (f"of these only {held} still cannot matter (the workload or the "
-                    "hardware fixes it)." if held
+                 + (f"of these only {held} still cannot matter (fixed by the workload "
+                    "or the hardware)." if held
                     else "none of these knobs is ruled out any more."))
     return (f"## What bound experiment {found.exp} (its server counters)\n"
             f"{diagnosis_summary(d)}{moved}\nA move that only touches knobs that "

@@ -3,9 +3,9 @@ cannot apply, one for a layer not open yet, a repeat of a config already measure
 chosen (also under another name that selects the same engine setting here, such as the
 `fp8` and `fp8_e4m3` KV caches on NVIDIA GPUs), and a move the diagnosis proves nil in
 every knob it sets (all it found while the incumbent is the config it read, only what the
-workload fixes once another leads: decide.diagnosis.in_force). The reason goes back to
-the agent as feedback, so an LLM that ignored the diagnosis in its prompt is told before
-a boot is spent on it."""
+workload or the hardware fixes once another leads: decide.diagnosis.in_force). The reason
+goes back to the agent as feedback, so an LLM that ignored the diagnosis in its prompt is
+told before a boot is spent on it."""
 
 from __future__ import annotations
 

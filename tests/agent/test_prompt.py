@@ -248,8 +248,8 @@ def test_once_another_config_leads_the_prompt_says_which_knobs_still_cannot_matt
     kept = _rec(1, {"max_num_batched_tokens": 1024}, kept=True)
     history = [_rec(0, None).model_copy(update={"diagnosis": diagnosis}), kept]
     user = build_prompt(_ctx(history, best=recipe_from_dict(kept.recipe))).user
-    assert "of these only max_num_seqs still cannot matter (the workload or the hardware " \
-        "fixes it)" in user
+    assert "of these only max_num_seqs still cannot matter (fixed by the workload or the " \
+        "hardware)" in user
     alone = diagnosis.model_copy(update={"inert": diagnosis.inert[1:]})
     history[0] = history[0].model_copy(update={"diagnosis": alone})
     user = build_prompt(_ctx(history, best=recipe_from_dict(kept.recipe))).user
