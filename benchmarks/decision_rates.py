@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aevyra_forge.core.settings import DEFAULT_BOOT_CV, DEFAULT_CONFIDENCE
+from aevyra_forge.core.settings import DEFAULT_BOOT_CV, DEFAULT_CONFIDENCE, TuneSettings
 from aevyra_forge.decide.stats import (
     INTERIM_CONFIDENCE,
     MIN_KEEP_PASSES,
@@ -62,7 +62,8 @@ from aevyra_forge.decide.stats import (
     sequential_look,
 )
 
-MIN_IMPROVEMENT = 0.01  # --min-improvement-pct 1.0 as a fraction
+# the keep rule's threshold as a fraction: --min-improvement-pct's default, or the flag's
+MIN_IMPROVEMENT = TuneSettings.model_fields["min_improvement_pct"].default / 100
 EFFECTS = (0.0, 0.05, 0.10, 0.20)
 CVS = (0.03, 0.05, 0.08)
 PASSES = (3, 5)

@@ -46,7 +46,6 @@ from aevyra_forge.agent.moves import (
     fresh,
     infeasible,
     layer_of,
-    nil,
     off_lever,
     open_layers,
     restricted,
@@ -62,7 +61,7 @@ from aevyra_forge.agent.surrogate import (
 )
 from aevyra_forge.core.errors import KnobError, UsageError
 from aevyra_forge.core.values import LAYERS, Layer, Proposal, Scalar
-from aevyra_forge.decide.diagnosis import acts_on
+from aevyra_forge.decide.diagnosis import acts_on, nil
 from aevyra_forge.space.knob_space import KNOBS
 from aevyra_forge.space.playbook import first_moves
 

@@ -92,15 +92,6 @@ def diagnosis_of(ctx: AgentContext) -> Diagnosis | None:
     return in_force(ctx.history, ctx.best.id)
 
 
-def nil(diagnosis: Diagnosis | None, changes: Move) -> str | None:
-    """Why a move is (partly) nil: a knob it sets is inert. The rest of a combined move,
-    when it matters, is a move of its own."""
-    if diagnosis is None:
-        return None
-    reasons = [r for k, v in changes.items() if (r := diagnosis.inert_reason(k, v))]
-    return "; ".join(dict.fromkeys(reasons)) or None
-
-
 def restricted(ctx: AgentContext, knob: str) -> bool:
     """Whether a move of `knob` off the binding resource is skipped: a layer-1 knob (the
     diagnosis speaks about serving config) in a throughput search (a latency objective

@@ -17,6 +17,7 @@ from aevyra_forge.core.settings import Objective
 from aevyra_forge.core.slo import Slo
 from aevyra_forge.core.values import LAYER_NAMES, ExperimentRecord, Scalar
 from aevyra_forge.core.workload import estimate_tokens
+from aevyra_forge.decide.diagnosis import in_force
 from aevyra_forge.decide.diagnosis import summary as diagnosis_summary
 from aevyra_forge.space.knob_space import KNOBS, KnobSpace, has_fp8
 from aevyra_forge.space.layer2 import refused_here
@@ -144,8 +145,9 @@ def _diagnosis(ctx: AgentContext) -> str:
         return ""
     d = found.diagnosis
     moved = ""
-    if d.binding != "boot" and found.recipe_id != ctx.best.id:
-        held = ", ".join(dict.fromkeys(i.knob for i in d.inert if i.standing))
+    still = in_force(ctx.history, ctx.best.id)
+    if d.binding != "boot" and found.recipe_id != ctx.best.id and still is not None:
+        held = ", ".join(dict.fromkeys(i.knob for i in still.inert))
         moved = ("\nThe incumbent is another config now, so what binds may have moved: "
                  + (f"of these only {held} still cannot matter (fixed by the workload "
                     "or the hardware)." if held

@@ -206,6 +206,19 @@ def in_force(records: Sequence[ExperimentRecord], incumbent_id: str) -> Diagnosi
     return d.model_copy(update={"inert": tuple(i for i in d.inert if i.standing)})
 
 
+def nil(diagnosis: Diagnosis | None, changes: Mapping[str, Scalar], *, wholly: bool = False
+        ) -> str | None:
+    """Why a move is nil: a knob it sets is inert (the rest of a combined move, when it
+    matters, is a move of its own), or with `wholly` every knob it sets is (a move only
+    partly nil runs: its other knobs are the experiment); None when it may matter."""
+    if diagnosis is None:
+        return None
+    reasons = [diagnosis.inert_reason(k, v) for k, v in changes.items()]
+    if wholly and not all(reasons):
+        return None
+    return "; ".join(dict.fromkeys(r for r in reasons if r)) or None
+
+
 def synonyms(space: KnobSpace, knob: str, value: Scalar, recipe: Recipe | None = None
              ) -> tuple[Scalar, ...]:
     """Other values of `knob` that select the same engine setting here (in `recipe`, for a

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from aevyra_forge.core.errors import KnobError
 from aevyra_forge.core.recipe import Recipe
 from aevyra_forge.core.trial import Trial
-from aevyra_forge.core.values import Diagnosis, ExperimentRecord, Layer, Proposal, Scalar, Status
-from aevyra_forge.decide.diagnosis import in_force, synonyms
+from aevyra_forge.core.values import ExperimentRecord, Layer, Proposal, Scalar, Status
+from aevyra_forge.decide.diagnosis import in_force, nil, synonyms
 from aevyra_forge.loop.state import refused
 from aevyra_forge.space.knob_space import KnobSpace
 
@@ -49,7 +49,7 @@ def vet(space: KnobSpace, best: Recipe, records: Sequence[ExperimentRecord],
     why = _repeat(space, best, recipe, changes, seen)
     if why:
         return None, why, "duplicate"
-    why = wholly_nil(in_force(records, best.id), changes)
+    why = nil(in_force(records, best.id), changes, wholly=True)
     if why:
         return None, (f"the baseline's diagnosis shows this move cannot change the score: "
                       f"{why}"), "invalid"
@@ -78,14 +78,3 @@ def _repeat(space: KnobSpace, best: Recipe, recipe: Recipe, changes: Mapping[str
 
 def _named(knob: str, value: Scalar) -> str:
     return f"leaving {knob} unset" if value is None else f"{knob}={value}"
-
-
-def wholly_nil(diagnosis: Diagnosis | None, changes: Mapping[str, Scalar]) -> str | None:
-    """Why every knob a move sets is inert by the diagnosis, None when one may matter (a
-    move only partly nil runs: its other knobs are the experiment)."""
-    if diagnosis is None or not changes:
-        return None
-    reasons = [diagnosis.inert_reason(k, v) for k, v in changes.items()]
-    if not all(reasons):
-        return None
-    return "; ".join(dict.fromkeys(r for r in reasons if r))

@@ -7,9 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from aevyra_forge.core.values import Diagnosis, InertKnob, Proposal
+from aevyra_forge.decide.diagnosis import nil
 from aevyra_forge.loop.events import ProposalRefused
 from aevyra_forge.loop.tuner import MAX_ASKS
-from aevyra_forge.loop.vet import vet, wholly_nil
+from aevyra_forge.loop.vet import vet
 from tests.loop.test_tuner import Scripted, _reply, _tuner
 
 SEQS = "at most 8 requests are ever in flight"
@@ -24,13 +25,14 @@ def _diagnosis() -> Diagnosis:
 
 def test_a_move_is_wholly_nil_only_when_every_knob_it_sets_is_inert() -> None:
     d = _diagnosis()
-    assert wholly_nil(d, {"max_num_seqs": 512}) == SEQS
-    assert wholly_nil(d, {"max_num_seqs": 512, "gpu_memory_utilization": 0.95}) \
+    assert nil(d, {"max_num_seqs": 512}, wholly=True) == SEQS
+    assert nil(d, {"max_num_seqs": 512, "gpu_memory_utilization": 0.95}, wholly=True) \
         == f"{SEQS}; {MEMORY}"
-    assert wholly_nil(d, {"max_num_seqs": 4}) is None  # below the peak: it may bind
-    assert wholly_nil(d, {"max_num_seqs": 512, "max_num_batched_tokens": 1024}) is None
-    assert wholly_nil(None, {"max_num_seqs": 512}) is None  # nothing diagnosed yet
-    assert wholly_nil(d, {}) is None
+    assert nil(d, {"max_num_seqs": 4}, wholly=True) is None  # below the peak: it may bind
+    assert nil(d, {"max_num_seqs": 512, "max_num_batched_tokens": 1024}, wholly=True) is None
+    assert nil(d, {"max_num_seqs": 512, "max_num_batched_tokens": 1024}) == SEQS  # partly
+    assert nil(None, {"max_num_seqs": 512}, wholly=True) is None  # nothing diagnosed yet
+    assert nil(d, {}, wholly=True) is None
 
 
 def test_an_agents_nil_move_is_refused_with_the_diagnosis_and_costs_no_boot(
