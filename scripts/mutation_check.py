@@ -173,15 +173,15 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tests/agent/test_engine_model.py::"
         "test_a_later_layer_still_proposes_an_earlier_layers_move"),
     Mutation(
-        "tuner-refuses-an-earlier-layers-move", "aevyra_forge/loop/tuner.py",
-        "        if proposal.layer > layer:\n",
-        "        if proposal.layer != layer:\n",
+        "tuner-refuses-an-earlier-layers-move", "aevyra_forge/loop/vet.py",
+        "    if proposal.layer > layer:\n",
+        "    if proposal.layer != layer:\n",
         "tests/loop/test_tuner.py::"
         "test_an_earlier_layers_knobs_stay_open_and_a_later_ones_stay_closed"),
     Mutation(
         "off-lever-rule-outlives-the-config-diagnosed", "aevyra_forge/agent/moves.py",
-        "        and diagnosed == ctx.best.id\n",
-        "        and diagnosed is not None\n",
+        "        and found is not None and found.recipe_id == ctx.best.id\n",
+        "        and found is not None\n",
         "tests/agent/test_moves.py::test_the_off_lever_rule_lapses_once_a_move_was_kept"),
     Mutation(
         "unconfirmed-gain-never-paired", "aevyra_forge/agent/builtin.py",
@@ -215,7 +215,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tests/decide/test_verdict.py::test_a_verdict_on_fewer_passes_than_asked_says_so"),
     Mutation(
         "loop-boots-a-nil-move", "aevyra_forge/loop/vet.py",
-        "    why = wholly_nil(in_force(records, best.id), changes)\n",
+        "    why = nil(in_force(records, best.id), changes, wholly=True)\n",
         "    why = None\n",
         "tests/loop/test_vet.py::"
         "test_an_agents_nil_move_is_refused_with_the_diagnosis_and_costs_no_boot"),
@@ -250,14 +250,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         "test_once_a_move_was_kept_only_what_the_workload_fixes_is_refused"),
     Mutation(
         "prompt-silent-once-the-incumbent-moved", "aevyra_forge/agent/prompt.py",
-        "    if d.binding != \"boot\" and found.recipe_id != ctx.best.id:",
+        "    if d.binding != \"boot\" and found.recipe_id != ctx.best.id and still is not None:",
         "    if False:",
         "tests/agent/test_prompt.py::"
         "test_once_another_config_leads_the_prompt_says_which_knobs_still_cannot_matter"),
     Mutation(
-        "a-partly-nil-move-refused", "aevyra_forge/loop/vet.py",
-        "    if not all(reasons):",
-        "    if not any(reasons):",
+        "a-partly-nil-move-refused", "aevyra_forge/decide/diagnosis.py",
+        "    if wholly and not all(reasons):",
+        "    if wholly and not any(reasons):",
         "tests/loop/test_vet.py::"
         "test_a_move_is_wholly_nil_only_when_every_knob_it_sets_is_inert"),
     Mutation(
@@ -345,6 +345,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "test_the_runs_accuracy_floor_and_concurrency_reach_the_model"),
     Mutation(
         "model-uncertainty-turns-a-predicted-loss-into-a-try", "aevyra_forge/agent/builtin.py",
+        "        # the model misses in size, not direction: a predicted loss gets the floor's sd\n"
         "        sd = model.uncertainty(max(gain, 0.0))\n",
         "        sd = model.uncertainty(gain)\n",
         "tests/agent/test_engine_model.py::"
