@@ -22,40 +22,57 @@ Fractions are noise-free throughput of the incumbent (what a user deploys) over 
 TUNING scenarios were used while writing the strategy; REPORTED ones were not tuned on
 (the output says which is which); the closing note cites the REPORTED ones.
 
-    python benchmarks/search_quality.py [--seeds 3] [--tuning | --all] [--scenario NAME]
+    python benchmarks/search_quality.py [--seeds 3] [--tuning | --reported | --held-out | --all]
+                                        [--scenario NAME]
                                         [--boot-noise 0.01] [--min-improvement-pct 1]
                                         [--explain]
 
 What it showed (3 seeds, builtin median / random median of the fraction of the optimum
-after 3, 5, 10, 15 experiments; layer 2 offers the dry run's simulated candidates, whose
-preparation counts as GPU time), REPORTED scenarios at --boot-noise 0.01, 465 s on 2 cores,
-with the keep rule at a 90 % interval and early keeps from the fourth pass:
+after 3, 5, 10, 15 experiments, at --boot-noise 0.01; layer 2 offers the dry run's
+simulated candidates, whose preparation counts as GPU time), with the keep rule at a 90 %
+interval and early keeps from the fourth pass, and moves that carry the refinements the
+model predicts too small for an experiment of their own (agent/carry.py, session 8):
 
-    KV-bound long context, H100, 8B, c=32       0.98 1.00 1.00 1.00 / 0.00 0.80 0.82 0.82
-    prefix-heavy chat, A100-80GB, Qwen 7B, c=32 1.00 1.00 1.00 1.00 / 0.35 0.45 0.45 0.45
-    bursty open loop, H100, 8B, c=64            0.99 0.99 0.99 0.99 / 0.00 0.99 0.99 0.99
-    small GPU (context does not fit), L4, c=16  0.38 0.97 0.97 0.97 / 0.00 0.82 0.86 0.86
-    RAG prompts, A10G, 1B, c=24                 0.96 0.96 0.96 0.96 / 0.49 0.88 0.88 0.88
-    held out: steady open loop, H200, Qwen 7B   0.98 0.98 0.98 0.98 / 0.97 0.99 0.99 0.99
-    held out: long context, A100-80GB, 1B, c=64 0.98 0.98 0.98 0.98 / 0.43 0.43 0.69 0.69
-    held out: prefix-heavy chat, L4, 1B, c=24   0.78 0.99 0.99 0.99 / 0.34 0.47 0.47 0.47
+    REPORTED
+    KV-bound long context, H100, 8B, c=32       0.99 0.99 0.99 0.99 / 0.00 0.80 0.82 0.82
+    prefix-heavy chat, A100-80GB, Qwen 7B, c=32 0.95 0.95 0.95 0.95 / 0.35 0.45 0.45 0.45
+    bursty open loop, H100, 8B, c=64            1.00 1.00 1.00 1.00 / 0.00 0.99 0.99 0.99
+    small GPU (context does not fit), L4, c=16  0.38 1.00 1.00 1.00 / 0.00 0.82 0.86 0.86
+    RAG prompts, A10G, 1B, c=24                 0.99 0.99 0.99 0.99 / 0.49 0.88 0.88 0.88
+    steady open loop, H200, Qwen 7B, c=48       0.99 0.99 0.99 0.99 / 0.97 0.99 0.99 0.99
+    long context, A100-80GB, 1B, c=64           0.98 0.98 0.98 0.98 / 0.43 0.43 0.69 0.69
+    prefix-heavy chat, L4, 1B, c=24             0.78 0.99 0.99 0.99 / 0.34 0.47 0.47 0.47
+    HELD OUT (read once, on the carry's first version)
+    code completion, H100, Qwen 14B, c=16       1.00 1.00 1.00 1.00 / 0.53 0.53 0.70 0.70
+    summarisation, A100-40GB, Mistral 7B, c=24  0.98 0.98 0.98 0.98 / 0.44 0.85 0.91 0.91
+    agent tool calls in bursts, L4, 1.5B, c=32  0.99 0.99 0.99 0.99 / 0.99 0.99 0.99 0.99
+    short chat, MI300X, Llama 70B, c=64         0.51 0.99 0.99 0.99 / 0.60 0.74 0.75 0.75
+    HELD OUT (first run on this strategy)
+    long answers, A100-80GB, Llama 3B, c=48     0.93 0.93 0.93 0.93 / 0.33 0.48 0.48 0.55
+    few-shot classification, H200, Qwen 32B     0.91 0.91 0.91 0.91 / 0.00 0.71 0.71 0.71
+    translation open loop, T4, Qwen 0.5B, c=16  1.00 1.00 1.00 1.00 / 0.00 0.99 0.99 0.99
 
-(exactly: bursty 0.993 against random's 0.990 0.991 0.991; steady 0.976 against 0.985
-0.988 0.988; prefix on the L4 0.989.) Bench passes per decision after the baseline: 2.7-3.4
-of 5. The builtin strategy reaches 0.99 within 5 experiments in three of the eight (the
-first three); it is at or above random search's median at every budget in seven, and below
-it from 5 experiments on in the steady open loop on the H200, where the whole surface
-spans +2.4 %. Where it falls short is the keep rule, not the search: every run below 0.99
-after 5 had booted a config at >= 0.99 of the optimum by then and reverted it, because the
-gain left (+1.8 % long context, +3.2 % small GPU, +3.9 % RAG, +2.4 % steady) is below what
-one boot of each side can confirm above --min-improvement-pct 1 at 3 % pass noise and 1 %
-between-boot noise: the between-boot part alone keeps the 90 % interval's half-width
-above 2.3 % however many passes run. Random search keeps its best measured config with no
-confirmation, so such small differences do not stop it. At the 95 % interval (the rule's
-previous default) the first five scenarios read 0.98 1.00 0.96 0.97 0.96 after 5. With
---min-improvement-pct 0 (785 s) the steady open loop reads 1.000 from 5 experiments and the
-small GPU 0.998 from 10, the rest as above; the price is in decision_rates.py
---min-improvement-pct 0: A/A false keeps of 4.5 / 5.3 / 6.1 % at 3 / 5 / 8 % pass noise.
+(exactly, after 5: KV-bound 0.988, prefix on the A100 0.945, small GPU 0.998, RAG 0.993,
+steady 0.991 against random's 0.985, prefix on the L4 0.989, code completion 0.996,
+agent calls 0.994 against 0.992, translation 0.996 against 0.994.) 8 of the 15 reach 0.99
+within 5 experiments (9 if 0.989 rounds up), none is below random search's median from 5
+experiments on, and a decision takes 2.3-3.5 bench passes of 5. After 3, the MI300X run
+is (0.51 against 0.60): its baseline does not boot, one experiment fits the context, and
+layer 1's best move (the suffix drafter) comes before layer 2's fp8 weights. Before the carry
+(session 7's strategy) the same REPORTED and HELD OUT runs read, after 5: 1.000 0.996
+0.993 0.969 0.962 0.976 0.982 0.989 | 0.949 0.959 0.963 0.994 | 0.927 0.887 0.950: 4 of 15
+at 0.99, and steady, agent calls and translation below random. Where it falls short now:
+the model of vLLM misjudged a refinement's direction or a gain (the prefix chat on the
+A100 carried spec_tokens=8 where 4 is 5 % better; few-shot classification never tries the
++6.8 % token budget of 512), or the gain left is below what the keep rule confirms
+(long context on the 1B: +1.8 %; summarisation: +1.6 %, half of it a layer-3 backend).
+At 1 % between-boot noise the 90 % interval's half-width stays above 2.3 % however many
+passes run, so a gain below about 3 % is rarely confirmed above --min-improvement-pct 1;
+random search keeps its best measured config with no confirmation, so such small
+differences do not stop it. With --min-improvement-pct 0 (session 7, before the carry)
+the steady open loop read 1.000 from 5 and the small GPU 0.998 from 10; the price is in
+decision_rates.py --min-improvement-pct 0: A/A false keeps of 4.5 / 5.3 / 6.1 % at
+3 / 5 / 8 % pass noise.
 """
 
 from __future__ import annotations
@@ -161,6 +178,22 @@ def _agent_bursts() -> list[dict[str, Any]]:
             for i in range(96)]
 
 
+def _long_answers() -> list[dict[str, Any]]:
+    return [{"prompt": f"Explain {i}: {_text(i, 100)}", "expected_output_tokens": 768}
+            for i in range(64)]
+
+
+def _few_shot() -> list[dict[str, Any]]:
+    shots = " ".join(f"Example {j}: {_text(j, 40)} -> label {j % 4}." for j in range(10))
+    return [{"prompt": f"{shots}\nInput: {_text(i + 50, 40)} ->", "expected_output_tokens": 8}
+            for i in range(128)]
+
+
+def _translation() -> list[dict[str, Any]]:
+    return [{"prompt": f"Translate {i}: {_text(i, 150)}", "expected_output_tokens": 200,
+             "arrival_offset_s": i * 0.2} for i in range(96)]
+
+
 def _rag() -> list[dict[str, Any]]:
     return [{"prompt": f"Context {i}: {_text(i, 1500)}", "expected_output_tokens": 64}
             for i in range(64)]
@@ -193,8 +226,8 @@ REPORTED = (
 )
 HELD_OUT = (
     # Written in session 8 before the strategy change they judge (moves that carry the
-    # refinements the model predicts along with a large gain), and run only after it: the
-    # REPORTED runs' traces were read (--explain) while designing that change.
+    # refinements the model predicts along with a large gain; the REPORTED runs' traces
+    # were read with --explain while designing it) and first run on its first version.
     Scenario("code completion, H100, Qwen 14B, c=16", "H100", "Qwen/Qwen2.5-14B-Instruct",
              16, _code),
     Scenario("summarisation, A100-40GB, Mistral 7B, c=24", "A100-40GB",
@@ -203,6 +236,17 @@ HELD_OUT = (
              "Qwen/Qwen2.5-1.5B-Instruct", 32, _agent_bursts),
     Scenario("short chat, MI300X, Llama 70B, c=64", "MI300X",
              "meta-llama/Llama-3.3-70B-Instruct", 64, _short_chat),
+)
+FRESH = (
+    # Written in session 8 after the HELD_OUT runs of the change's first version, whose
+    # second version (a knob that pays only with the move rides with it) was read off them
+    # (--explain); these were first run on the second version.
+    Scenario("long answers, A100-80GB, Llama 3B, c=48", "A100-80GB",
+             "meta-llama/Llama-3.2-3B-Instruct", 48, _long_answers),
+    Scenario("few-shot classification, H200, Qwen 32B, c=32", "H200",
+             "Qwen/Qwen2.5-32B-Instruct", 32, _few_shot),
+    Scenario("translation open loop, T4, Qwen 0.5B, c=16", "T4", "Qwen/Qwen2.5-0.5B-Instruct",
+             16, _translation),
 )
 
 
@@ -491,6 +535,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budget", type=int, default=max(CHECKPOINTS))
     parser.add_argument("--tuning", action="store_true", help="the tuning scenarios only")
+    parser.add_argument("--reported", action="store_true", help="the reported ones only")
+    parser.add_argument("--held-out", action="store_true", help="the held-out ones only")
     parser.add_argument("--all", action="store_true",
                         help="tuning, then reported and held-out ones")
     parser.add_argument("--scenario", default=None, help="only scenarios containing this")
@@ -504,11 +550,13 @@ def main() -> None:
                              "how its incumbent differs from the optimum and what each "
                              "difference is worth alone")
     args = parser.parse_args()
-    sets = ((TUNING, REPORTED, HELD_OUT) if args.all else (TUNING,) if args.tuning
-            else (REPORTED, HELD_OUT))
+    sets = ((TUNING, REPORTED, HELD_OUT, FRESH) if args.all else (TUNING,) if args.tuning
+            else (REPORTED,) if args.reported else (HELD_OUT, FRESH) if args.held_out
+            else (REPORTED, HELD_OUT, FRESH))
     roles = {id(TUNING): "TUNING (the strategy was tuned on it)",
              id(REPORTED): "REPORTED (not tuned on; its traces were read with --explain)",
-             id(HELD_OUT): "HELD OUT (written before the change it judges, not tuned on)"}
+             id(HELD_OUT): "HELD OUT (not tuned on; read once, on the carry's first version)",
+             id(FRESH): "HELD OUT (written before the strategy it judges, not tuned on)"}
     chosen = [(sc, roles[id(group)]) for group in sets for sc in group
               if args.scenario is None or args.scenario in sc.name]
     start = time.perf_counter()

@@ -185,7 +185,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tests/agent/test_moves.py::test_the_off_lever_rule_lapses_once_a_move_was_kept"),
     Mutation(
         "unconfirmed-gain-never-paired", "aevyra_forge/agent/builtin.py",
-        "            elif len(changes) == 1 and _pairable(changes, observations):\n",
+        "            elif len(changes) == 1 and pairable(changes, observations):\n",
         "            elif False:\n",
         "tests/agent/test_engine_model.py::"
         "test_a_gain_measured_but_not_confirmed_is_paired_with_the_next_one"),
@@ -438,6 +438,39 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        return took\n",
         "tests/cli/test_progress.py::"
         "test_with_four_workers_a_round_counts_once_and_the_eta_in_rounds"),
+    Mutation(
+        "refinements-never-carried", "aevyra_forge/agent/carry.py",
+        "    while len(carried) < MAX_CARRIED:\n",
+        "    while False:\n",
+        "tests/agent/test_carry.py::test_a_large_move_carries_what_the_model_predicts_to_add"),
+    Mutation(
+        "a-refinement-measured-as-a-loss-carried", "aevyra_forge/agent/carry.py",
+        "               and pairable(one, observations)]\n",
+        "               and True]\n",
+        "tests/agent/test_carry.py::test_a_refinement_measured_as_a_loss_is_not_carried"),
+    Mutation(
+        "a-refinement-from-a-closed-layer", "aevyra_forge/agent/carry.py",
+        "    singles = [one for one in candidates(ctx, open_layers(ctx)) if len(one) == 1\n",
+        "    singles = [one for one in candidates(ctx, (1, 2, 3)) if len(one) == 1\n",
+        "tests/agent/test_carry.py::"
+        "test_only_open_layers_and_never_what_the_workload_makes_nil"),
+    Mutation(
+        "a-standing-nil-refinement-carried", "aevyra_forge/agent/carry.py",
+        "               and nil(diagnosis, one) is None\n",
+        "               and True\n",
+        "tests/agent/test_carry.py::"
+        "test_only_open_layers_and_never_what_the_workload_makes_nil"),
+    Mutation(
+        "a-refinement-one-experiment-confirms-carried", "aevyra_forge/agent/carry.py",
+        "        own |= {name for name, (gain, _) in best.items() if gain >= ceiling}\n",
+        "        own |= set()\n",
+        "tests/agent/test_carry.py::"
+        "test_a_refinement_one_experiment_confirms_is_a_move_of_its_own"),
+    Mutation(
+        "a-passenger-refinement-kept", "aevyra_forge/agent/carry.py",
+        "        if adds[worst] >= MIN_MODEL_GAIN:\n",
+        "        if True:\n",
+        "tests/agent/test_carry.py::test_a_refinement_a_later_one_makes_pointless_is_dropped"),
 )
 
 ROOT = Path(__file__).resolve().parent.parent

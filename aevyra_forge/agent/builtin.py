@@ -7,15 +7,17 @@ run's reference) ranks every single-knob move of the open layers (the active one
 those before it: escalating closes no layer), the playbook's combined moves, and pairs of
 the best single ones (small gains, or one measured up but not confirmed, that add up to
 one the keep rule can confirm) by predicted gain plus an uncertainty learned from its
-misses; a move is proposed only when that clears the gain the keep rule can confirm, and
-a layer hands over as soon as a later one holds a move predicted to gain more. A move it
-cannot model (its "no change" is ignorance) is tried once next; the playbook's guesses
-the model ranks below what can be confirmed get no boot, and the search explores the
-budget left with moves the model cannot rule out (never another layer-2 checkpoint of the
-incumbent's quantization method: the same kernels, agent/moves.same_kernels). Layer 2's
-candidates are moves like any other: each carries its method, and the model simulates it
-from the quant-facts table; the pairs it ranks take each knob's best value, so the many
-candidates of `quant_candidate` leave room for other knobs. Without a model (the CPU build, an
+misses; a move is proposed only when that clears the gain the keep rule can confirm,
+carrying the refinements the model predicts to add to it that are too small for an
+experiment of their own to confirm (agent/carry.py), and a layer hands over as soon as a
+later one holds a move predicted to gain more. A move it cannot model (its "no change"
+is ignorance) is tried once next; the playbook's guesses the model ranks below what can
+be confirmed get no boot, and the search explores the budget left with moves the model
+cannot rule out (never another layer-2 checkpoint of the incumbent's quantization
+method: the same kernels, agent/moves.same_kernels). Layer 2's candidates are moves like
+any other: each carries its method, and the model simulates it from the quant-facts
+table; the pairs it ranks take each knob's best value, so the many candidates of
+`quant_candidate` leave room for other knobs. Without a model (the CPU build, an
 unknown GPU) it plays the playbook's first moves, then a kernel-regression search
 (surrogate.py). Every path skips moves the baseline's diagnosis (decide/diagnosis.py)
 proves nil, saying why in the next proposal's rationale, treats synonyms on this hardware
@@ -34,6 +36,7 @@ import math
 import numpy as np
 
 from aevyra_forge.agent.base import AgentContext, ProposalReply
+from aevyra_forge.agent.carry import carry
 from aevyra_forge.agent.engine_model import EngineModel
 from aevyra_forge.agent.moves import (
     MIN_MODEL_GAIN,
@@ -48,13 +51,13 @@ from aevyra_forge.agent.moves import (
     layer_of,
     off_lever,
     open_layers,
+    pairable,
     restricted,
     same_kernels,
 )
 from aevyra_forge.agent.repair import fit_context, repair_move
 from aevyra_forge.agent.surrogate import (
     PRIOR_SD,
-    Obs,
     beyond_failure,
     observations_of,
     predict,
@@ -136,12 +139,15 @@ class BuiltinStrategy:
             return None
         _, changes, gain, sd = best
         text = ", ".join(f"{k}={v}" for k, v in changes.items())
+        carried = carry(ctx, model, changes)
+        total = gain + sum(g for _, g in carried.added)
         return Proposal(
-            layer=layer_of(changes), changes=changes,
+            layer=layer_of(carried.changes), changes=carried.changes,
             rationale=(f"model of vLLM (the simulator calibrated on this run's reference): "
                        f"{text} predicted {math.expm1(gain) * 100:+.1f}% (uncertainty "
-                       f"±{math.expm1(sd) * 100:.1f}% from its misses so far)"),
-            expected_effect=f"score {math.expm1(gain) * 100:+.1f}%")
+                       f"±{math.expm1(sd) * 100:.1f}% from its misses so far)"
+                       f"{carried.note()}"),
+            expected_effect=f"score {math.expm1(total) * 100:+.1f}%")
 
     def _hand_over(self, ctx: AgentContext, model: EngineModel) -> str | None:
         """Why this layer escalates now (None: it does not): a later layer holds a move
@@ -212,7 +218,7 @@ class BuiltinStrategy:
                 continue
             if fresh(ctx, changes):
                 best = self._score(ctx, model, changes, base, best, gains)
-            elif len(changes) == 1 and _pairable(changes, observations):
+            elif len(changes) == 1 and pairable(changes, observations):
                 self._score(ctx, model, changes, base, None, gains)  # it may still pair
         # then the best single moves of two knobs together (of one layer or two open
         # ones): small gains, each below what one experiment can confirm, may add up to
@@ -222,7 +228,7 @@ class BuiltinStrategy:
         # the checkpoints forge writes, of one method alike) would crowd out other knobs
         per_knob: dict[str, tuple[float, Move]] = {}
         for g in sorted((g for g in gains if g[0] > 0 and len(g[1]) == 1
-                         and _pairable(g[1], observations)), key=lambda g: -g[0]):
+                         and pairable(g[1], observations)), key=lambda g: -g[0]):
             per_knob.setdefault(next(iter(g[1])), g)
         top = list(per_knob.values())[:PAIRED]
         for i, (_, one) in enumerate(top):
@@ -349,15 +355,6 @@ def _predicted_loss(ctx: AgentContext, model: EngineModel | None, changes: Move)
     lose (its misses are in size, not direction)."""
     gain = _predicted(ctx, model, changes)
     return gain is not None and gain < -MIN_MODEL_GAIN
-
-
-def _pairable(changes: Move, observations: dict[str, list[Obs]]) -> bool:
-    """Whether a single-knob move may go into a pair: never measured, or measured (alone
-    or with another knob) only as a gain, never a loss, nothing or a failure: a gain
-    below what one experiment confirms, which a second move may lift above."""
-    [(name, value)] = changes.items()
-    return all(o.gain is not None and o.gain > 0
-               for o in observations.get(name, []) if o.value == value)
 
 
 def _inaccurate(ctx: AgentContext, model: EngineModel | None, changes: Move) -> bool:

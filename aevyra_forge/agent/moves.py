@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from aevyra_forge.agent.base import AgentContext
-from aevyra_forge.agent.surrogate import beyond_failure, observations_of
+from aevyra_forge.agent.surrogate import Obs, beyond_failure, observations_of
 from aevyra_forge.core.errors import KnobError
 from aevyra_forge.core.values import LAYERS, Diagnosis, Layer, Scalar
 from aevyra_forge.decide.diagnosis import acts_on, diagnosed, in_force, synonyms
@@ -86,6 +86,15 @@ def infeasible(ctx: AgentContext, changes: Move) -> bool:
     return False
 
 
+def pairable(changes: Move, observations: dict[str, list[Obs]]) -> bool:
+    """Whether a single-knob move may go into a pair: never measured, or measured (alone
+    or with another knob) only as a gain, never a loss, nothing or a failure: a gain
+    below what one experiment confirms, which a second move may lift above."""
+    [(name, value)] = changes.items()
+    return all(o.gain is not None and o.gain > 0
+               for o in observations.get(name, []) if o.value == value)
+
+
 def diagnosis_of(ctx: AgentContext) -> Diagnosis | None:
     """The latest diagnosis of a config that served (the baseline's, normally), with only
     its standing inert knobs once another config leads (decide.diagnosis.in_force)."""
@@ -128,21 +137,35 @@ def same_kernels(ctx: AgentContext, changes: Move) -> str | None:
 
 
 def detectable(ctx: AgentContext) -> float:
-    """The smallest log gain the keep rule confirms about half the time: the threshold
-    (--min-improvement-pct) plus half the width of the interval a candidate measured like
-    the incumbent would get (its passes, the assumed between-boot noise)."""
-    threshold = math.log1p(ctx.min_improvement)
+    """The smallest log gain worth a boot: the threshold (--min-improvement-pct) plus half
+    the half-width of the interval a candidate measured like the incumbent would get (its
+    passes, the assumed between-boot noise). The keep rule confirms such a gain about one
+    time in five (its lower bound must clear the threshold, and the measurement must
+    exceed the truth by half the half-width); a move predicted below it is not booted."""
+    return math.log1p(ctx.min_improvement) + _half_width(ctx) / 2
+
+
+def confirmable(ctx: AgentContext) -> float:
+    """A log gain the keep rule confirms in about nineteen experiments of twenty: the
+    threshold plus twice that half-width (the lower bound clears the threshold unless the
+    measurement falls short of the truth by more than the half-width)."""
+    return math.log1p(ctx.min_improvement) + 2 * _half_width(ctx)
+
+
+def _half_width(ctx: AgentContext) -> float:
+    """The log half-width of the interval a candidate measured like the incumbent would get
+    (0 before the incumbent has two passes)."""
     rec = next((r for r in reversed(ctx.history) if r.recipe_id == ctx.best.id
                 and r.status == "ok" and len(r.passes) >= 2), None)
     if rec is None:
-        return threshold
+        return 0.0
     values = [m.output_throughput for m in rec.passes]
     if not all(v > 0 for v in values):
-        return threshold
+        return 0.0
     noise = pooled_noise([m.output_throughput for m in r.passes] for r in ctx.history
                          if r.status == "ok" and len(r.passes) >= 2)
     iv = relative_interval(values, values, noise=noise if noise.df else None)
-    return threshold + math.log1p(iv.high) / 2
+    return math.log1p(iv.high)
 
 
 def converged(ctx: AgentContext, modelled: bool, skipped: dict[str, str]) -> str:

@@ -156,14 +156,16 @@ def _boots_of_the_remeasured(run_dir: Path) -> tuple[list[list[float]], str]:
     return boots, drift["recipe_id"]
 
 
-@pytest.mark.parametrize("noise", [None, "0"])
+@pytest.mark.parametrize("noise", [None, "0", "0.1"])
 def test_a_dry_runs_drift_check_measures_between_boot_noise(
         tmp_path: Path, small_workload: Path, capsys: pytest.CaptureFixture[str],
         noise: str | None) -> None:
     """A dry run simulates the between-boot noise its keep rule assumes (--boot-noise, by
     default DEFAULT_BOOT_CV on GPUs): the incumbent re-measured on a fresh boot differs from
-    its first boot by one factor on every pass, which decide.stats sees; with
-    --boot-noise 0 the boots agree exactly."""
+    its first boot by one factor on every pass; with --boot-noise 0 the boots agree
+    exactly. decide.stats sees the factor once it exceeds what the pass noise explains:
+    at 10 % always, at the default 1 % only when that boot's draw is large (two boots of
+    five passes at 3 % pass noise hide a gap below about 2 %)."""
     argv = ["tune", "--dry-run", "--model", MODEL_8B, "--workload", str(small_workload),
             "--llm", "builtin", "--run-dir", str(tmp_path / "run"), "--max-experiments", "6",
             "--remeasure-every", "2", "--seed", "3",
@@ -178,6 +180,7 @@ def test_a_dry_runs_drift_check_measures_between_boot_noise(
     estimate = between_boot_noise(boots)
     if noise == "0":
         assert ratios == [1.0] * n and estimate.cv == 0.0
-    else:
-        assert abs(ratios[0] - 1) > 1e-4 and max(ratios) - min(ratios) < 1e-3 * ratios[0]
+        return
+    assert abs(ratios[0] - 1) > 1e-4 and max(ratios) - min(ratios) < 1e-3 * ratios[0]
+    if noise == "0.1":
         assert estimate.cv > 0.0
