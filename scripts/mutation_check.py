@@ -226,8 +226,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "tests/loop/test_vet.py::test_another_name_for_a_measured_value_is_a_repeat"),
     Mutation(
         "builtin-blind-to-min-improvement", "aevyra_forge/agent/moves.py",
-        "    threshold = math.log1p(ctx.min_improvement)\n",
-        "    threshold = MIN_MODEL_GAIN\n",
+        "    return math.log1p(ctx.min_improvement) + _half_width(ctx) / 2\n",
+        "    return MIN_MODEL_GAIN + _half_width(ctx) / 2\n",
         "tests/agent/test_engine_model.py::"
         "test_the_runs_minimum_improvement_decides_what_is_worth_a_boot"),
     Mutation(
