@@ -70,11 +70,12 @@ def carry(ctx: AgentContext, model: EngineModel, changes: Move) -> Carried:
     """`changes` with the refinements the model predicts to add to it (module docstring);
     `changes` itself when none does, or when the model predicts nothing for it."""
     move = dict(changes)
-    if model.throughput(ctx.space.apply(ctx.best, move)) <= 0:
+    moved = ctx.space.apply(ctx.best, move)
+    if model.throughput(moved) <= 0:
         return Carried(move, ())
     # the baseline's diagnosis read another config: only what the workload or the hardware
     # fixes still holds (decide.diagnosis.in_force), and what binds is the model's to say
-    diagnosis = in_force(ctx.history, ctx.space.apply(ctx.best, move).id)
+    diagnosis = in_force(ctx.history, moved.id)
     observations = observations_of(ctx.history)
     singles = [one for one in candidates(ctx, open_layers(ctx)) if len(one) == 1
                and not set(one) & set(move) and model.models(ctx.best, one)
