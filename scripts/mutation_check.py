@@ -471,6 +471,30 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        if adds[worst] >= MIN_MODEL_GAIN:\n",
         "        if True:\n",
         "tests/agent/test_carry.py::test_a_refinement_a_later_one_makes_pointless_is_dropped"),
+    Mutation(
+        "a-later-layers-move-never-joins-the-best-one", "aevyra_forge/agent/builtin.py",
+        "        if added is None or added < confirmable(ctx) or top[0] < confirmable(ctx):\n",
+        "        if True:\n",
+        "tests/agent/test_carry.py::"
+        "test_a_later_layers_large_move_opens_its_layer_to_join_the_best_one"),
+    Mutation(
+        "a-later-layers-small-addition-hands-over", "aevyra_forge/agent/builtin.py",
+        "        if added is None or added < confirmable(ctx) or top[0] < confirmable(ctx):\n",
+        "        if added is None or top[0] < confirmable(ctx):\n",
+        "tests/agent/test_carry.py::"
+        "test_a_later_layers_large_move_opens_its_layer_to_join_the_best_one"),
+    Mutation(
+        "what-vllm-requires-makes-a-move-nil", "aevyra_forge/agent/builtin.py",
+        "            why = nil(diagnosis, own(ctx, changes)) or off_lever(ctx, changes)\n",
+        "            why = nil(diagnosis, changes) or off_lever(ctx, changes)\n",
+        "tests/agent/test_engine_model.py::"
+        "test_a_smaller_token_budget_is_ranked_with_the_max_num_seqs_vllm_requires"),
+    Mutation(
+        "a-smaller-token-budget-left-invalid", "aevyra_forge/agent/moves.py",
+        "            out += [completed(ctx, {knob.name: v}) for v in ctx.space.grid(knob)\n",
+        "            out += [{knob.name: v} for v in ctx.space.grid(knob)\n",
+        "tests/agent/test_moves.py::"
+        "test_a_smaller_token_budget_brings_max_num_seqs_down_with_it"),
 )
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,11 +10,16 @@ one the keep rule can confirm) by predicted gain plus an uncertainty learned fro
 misses; a move is proposed only when that clears the gain the keep rule can confirm,
 carrying the refinements the model predicts to add to it that are too small for an
 experiment of their own to confirm (agent/carry.py), and a layer hands over as soon as a
-later one holds a move predicted to gain more. A move it cannot model (its "no change"
-is ignorance) is tried once next; the playbook's guesses the model ranks below what can
-be confirmed get no boot, and the search explores the budget left with moves the model
-cannot rule out (never another layer-2 checkpoint of the incumbent's quantization
-method: the same kernels, agent/moves.same_kernels). Layer 2's candidates are moves like
+later one holds a move predicted to gain more, or one that adds to the open layers' best
+move what an experiment of its own would confirm (it gets a boot soon anyway; with its
+layer open the two are ranked as a pair, one boot instead of two). A token budget below
+the incumbent's max_num_seqs brings max_num_seqs down with it (agent/moves.completed:
+vLLM requires both to move together; what it brings is not judged nil). A move it
+cannot model (its "no change" is ignorance) is tried once next; the playbook's guesses
+the model ranks below what can be confirmed get no boot, and the search explores the
+budget left with moves the model cannot rule out (never another layer-2 checkpoint of
+the incumbent's quantization method: the same kernels, agent/moves.same_kernels).
+Layer 2's candidates are moves like
 any other: each carries its method, and the model simulates it from the quant-facts
 table; the pairs it ranks take each knob's best value, so the many candidates of
 `quant_candidate` leave room for other knobs. Without a model (the CPU build, an
@@ -36,13 +41,15 @@ import math
 import numpy as np
 
 from aevyra_forge.agent.base import AgentContext, ProposalReply
-from aevyra_forge.agent.carry import carry
+from aevyra_forge.agent.carry import adds, carry
 from aevyra_forge.agent.engine_model import EngineModel
 from aevyra_forge.agent.moves import (
     MIN_MODEL_GAIN,
     SEARCH_EXCLUDED,
     Move,
     candidates,
+    completed,
+    confirmable,
     converged,
     detectable,
     diagnosis_of,
@@ -51,7 +58,9 @@ from aevyra_forge.agent.moves import (
     layer_of,
     off_lever,
     open_layers,
+    own,
     pairable,
+    required,
     restricted,
     same_kernels,
 )
@@ -139,6 +148,7 @@ class BuiltinStrategy:
             return None
         _, changes, gain, sd = best
         text = ", ".join(f"{k}={v}" for k, v in changes.items())
+        text += required(ctx, changes)
         carried = carry(ctx, model, changes)
         total = gain + sum(g for _, g in carried.added)
         return Proposal(
@@ -151,20 +161,33 @@ class BuiltinStrategy:
 
     def _hand_over(self, ctx: AgentContext, model: EngineModel) -> str | None:
         """Why this layer escalates now (None: it does not): a later layer holds a move
-        predicted to gain more than the best one left in the open layers. Escalating
-        closes no layer (their moves stay open), so the larger gain goes first."""
+        predicted to gain more than the best one left in the open layers, or one that
+        adds to that best move what an experiment of its own would confirm (`confirmable`:
+        it gets an experiment soon anyway, and once its layer is open the two are ranked
+        as a pair, one boot instead of two). Escalating closes no layer (their moves stay
+        open), so the larger gain goes first."""
         best = self._ranked(ctx, model, {}, open_layers(ctx))
         here = max(best[2], MIN_MODEL_GAIN) if best is not None else MIN_MODEL_GAIN
         later = [(layer, self._ranked(ctx, model, {}, (layer,)))
                  for layer in LAYERS if layer > ctx.layer]
         top = max(((b[2], layer, b[1]) for layer, b in later if b is not None),
                   default=None, key=lambda t: t[0])
-        if top is None or top[0] <= here:
+        if top is None:
             return None
         move = ", ".join(f"{k}={v}" for k, v in top[2].items())
-        return (f"handed over: the best move left up to layer {ctx.layer} is predicted "
-                f"{math.expm1(here) * 100:+.1f}%, layer {top[1]}'s ({move}) "
-                f"{math.expm1(top[0]) * 100:+.1f}%; earlier layers stay open")
+        if top[0] > here:
+            return (f"handed over: the best move left up to layer {ctx.layer} is predicted "
+                    f"{math.expm1(here) * 100:+.1f}%, layer {top[1]}'s ({move}) "
+                    f"{math.expm1(top[0]) * 100:+.1f}%; earlier layers stay open")
+        added = adds(ctx, model, best[1], top[2]) if best is not None else None
+        if added is None or added < confirmable(ctx) or top[0] < confirmable(ctx):
+            return None
+        mine = ", ".join(f"{k}={v}" for k, v in best[1].items()) if best else ""
+        return (f"handed over: layer {top[1]}'s {move} (predicted "
+                f"{math.expm1(top[0]) * 100:+.1f}%) adds {math.expm1(added) * 100:+.1f}% to "
+                f"the best move left up to layer {ctx.layer} ({mine}), more than an "
+                f"experiment of its own confirms; with its layer open the two are ranked "
+                f"together; earlier layers stay open")
 
     def _unmodelled_move(self, ctx: AgentContext, model: EngineModel) -> Proposal | None:
         """A move the model cannot predict (its "no change" is ignorance: a kernel
@@ -210,7 +233,7 @@ class BuiltinStrategy:
         gains: list[tuple[float, Move]] = []
         for changes in candidates(ctx, layers):
             text = ", ".join(f"{k}={v}" for k, v in changes.items())
-            why = nil(diagnosis, changes) or off_lever(ctx, changes)
+            why = nil(diagnosis, own(ctx, changes)) or off_lever(ctx, changes)
             if why is not None:
                 skipped[text] = why
                 continue
@@ -288,7 +311,7 @@ class BuiltinStrategy:
         observations = observations_of(ctx.history)
         diagnosis = diagnosis_of(ctx)
         rng = np.random.default_rng([self.seed, len(ctx.history), ctx.attempt])
-        best: tuple[float, str, Scalar, float, float] | None = None
+        best: tuple[float, str, Scalar, float, float, Move] | None = None
         for knob in space.knobs(ctx.layer):
             if knob.name in SEARCH_EXCLUDED:
                 continue
@@ -302,9 +325,9 @@ class BuiltinStrategy:
             for value in grid:
                 if value == current:
                     continue
-                changes = {knob.name: value}
+                changes = completed(ctx, {knob.name: value})
                 if not fresh(ctx, changes) or beyond_failure(knob, grid, current, value, obs) \
-                        or nil(diagnosis, changes) is not None \
+                        or nil(diagnosis, {knob.name: value}) is not None \
                         or same_kernels(ctx, changes) is not None \
                         or _inaccurate(ctx, model, changes) \
                         or _predicted_loss(ctx, model, changes):
@@ -312,14 +335,15 @@ class BuiltinStrategy:
                 mean, sd = predict(knob, grid, value, obs, OFF_LEVER_SD if off else PRIOR_SD)
                 ucb = mean + self.exploration * sd + 1e-9 * float(rng.random())
                 if best is None or ucb > best[0]:
-                    best = (ucb, knob.name, value, mean, sd)
+                    best = (ucb, knob.name, value, mean, sd, changes)
         if best is None or best[0] < MIN_UCB:
             return None
-        _, name, value, mean, sd = best
+        _, name, value, mean, sd, changes = best
         old = space.value(ctx.best, KNOBS[name])
         return Proposal(
-            layer=ctx.layer, changes={name: value},
-            rationale=(f"model-based search: {name} {old} -> {value}; predicted "
+            layer=ctx.layer, changes=changes,
+            rationale=(f"model-based search: {name} {old} -> {value}"
+                       f"{required(ctx, changes)}; predicted "
                        f"{math.expm1(mean) * 100:+.1f}% (uncertainty "
                        f"±{math.expm1(sd) * 100:.0f}%) from {len(ctx.history)} experiments"),
             expected_effect=f"score {math.expm1(mean) * 100:+.1f}%")

@@ -43,6 +43,7 @@ from aevyra_forge.agent.moves import (
     same_kernels,
 )
 from aevyra_forge.agent.surrogate import observations_of
+from aevyra_forge.core.errors import KnobError
 from aevyra_forge.decide.diagnosis import in_force, nil
 
 MAX_CARRIED = 3  # refinements one move carries at most
@@ -134,7 +135,23 @@ def _best_values(ctx: AgentContext, model: EngineModel, move: Move, singles: lis
 def _adds(ctx: AgentContext, model: EngineModel, move: Move, name: str) -> float:
     """The log gain knob `name`'s value in `move` adds to the rest of it, by the model."""
     rest = {k: v for k, v in move.items() if k != name}
-    without = model.throughput(ctx.space.apply(ctx.best, rest))
-    if without <= 0:
-        return math.inf
-    return math.log(model.throughput(ctx.space.apply(ctx.best, move)) / without)
+    found = adds(ctx, model, rest, {name: move[name]})
+    return math.inf if found is None else found
+
+
+def adds(ctx: AgentContext, model: EngineModel, move: Move, other: Move) -> float | None:
+    """The log gain the model predicts `other` to add to `move` (None: they share a knob,
+    or together or without `other` they make no valid config, or one it expects not to
+    serve)."""
+    if set(move) & set(other):
+        return None
+    try:
+        both = ctx.space.apply(ctx.best, {**move, **other})
+        ctx.space.check_combination(both)
+    except KnobError:
+        return None
+    without, with_both = model.throughput(ctx.space.apply(ctx.best, move)), \
+        model.throughput(both)
+    if without <= 0 or with_both <= 0:
+        return None
+    return math.log(with_both / without)

@@ -46,7 +46,8 @@ def candidates(ctx: AgentContext, layers: tuple[Layer, ...]) -> list[Move]:
             if knob.name in SEARCH_EXCLUDED:
                 continue
             current = ctx.space.value(ctx.best, knob)
-            out += [{knob.name: v} for v in ctx.space.grid(knob) if v != current]
+            out += [completed(ctx, {knob.name: v}) for v in ctx.space.grid(knob)
+                    if v != current]
     for move in first_moves(ctx.playbook):
         if len(move) > 1 and all(k in KNOBS and KNOBS[k].layer in layers for k in move):
             try:
@@ -54,6 +55,45 @@ def candidates(ctx: AgentContext, layers: tuple[Layer, ...]) -> list[Move]:
             except KnobError:
                 continue
     return out
+
+
+def completed(ctx: AgentContext, changes: Move) -> Move:
+    """The move with what vLLM requires to come with it (max_num_batched_tokens >=
+    max_num_seqs): a token budget below the incumbent's max_num_seqs brings max_num_seqs
+    down to the largest value of its grid within the budget, and a max_num_seqs above the
+    incumbent's budget brings the budget up to the smallest value of its grid that
+    covers it. Without this a smaller token budget on a GPU whose default max_num_seqs
+    is 1024 is never a candidate, though max_num_seqs above the requests in flight is
+    nil (decide.diagnosis)."""
+    seqs, tokens = KNOBS["max_num_seqs"], KNOBS["max_num_batched_tokens"]
+    if (seqs.name in changes) == (tokens.name in changes):
+        return changes
+    recipe = ctx.space.apply(ctx.best, changes)
+    have_seqs, have_tokens = ctx.space.value(recipe, seqs), ctx.space.value(recipe, tokens)
+    if not isinstance(have_seqs, int) or not isinstance(have_tokens, int) \
+            or have_tokens >= have_seqs:
+        return changes
+    if tokens.name in changes:
+        fits = [v for v in ctx.space.grid(seqs) if isinstance(v, int) and v <= have_tokens]
+        return {**changes, seqs.name: max(fits)} if fits else changes
+    covers = [v for v in ctx.space.grid(tokens) if isinstance(v, int) and v >= have_seqs]
+    return {**changes, tokens.name: min(covers)} if covers else changes
+
+
+def own(ctx: AgentContext, changes: Move) -> Move:
+    """The part of a move that is its own, less what `completed` brought along (whose
+    being nil by the diagnosis does not make the move nil: it is what vLLM requires)."""
+    if len(changes) < 2:
+        return changes
+    return {k: v for k, v in changes.items()
+            if completed(ctx, {n: w for n, w in changes.items() if n != k}) != changes}
+
+
+def required(ctx: AgentContext, changes: Move) -> str:
+    """What `completed` brought into a move, for its rationale ("" when nothing)."""
+    brought = [f"{k}={v}" for k, v in changes.items() if k not in own(ctx, changes)]
+    return (f" ({', '.join(brought)} comes with it: vLLM requires max_num_batched_tokens "
+            f">= max_num_seqs)") if brought else ""
 
 
 def fresh(ctx: AgentContext, changes: Move) -> bool:

@@ -255,8 +255,13 @@ def test_once_another_config_leads_only_what_the_workload_fixes_is_skipped() -> 
     said = " ".join(m.rationale for m in moves)
     standing = ROOMY.model_copy(update={"inert": (ROOMY.inert[0], ROOMY.inert[2])})
     for move in moves:
+        # what vLLM requires to come with a move (a cap within a smaller token budget) is
+        # named in its rationale and is not the move
+        brought = move.rationale.split(" comes with it")[0].rsplit("(", 1)[-1] \
+            if " comes with it" in move.rationale else ""
         for name, value in move.changes.items():
-            assert standing.inert_reason(name, value) is None, move
+            if f"{name}={value}" not in brought:
+                assert standing.inert_reason(name, value) is None, move
     assert "(at most 32 in flight)" in said
     assert "(the KV cache never filled)" not in said
     assert {"gpu_memory_utilization": 0.93} in [m.changes for m in moves]

@@ -1,7 +1,9 @@
 """Refinements a model-ranked move carries along (agent/carry.py): the knobs the model of
 vLLM predicts to add to a large move, each too small to be kept on an experiment of its
 own, measured together with it. On a RAG workload the n-gram drafter comes with its
-speculative steps, an fp8 KV cache and a larger token budget."""
+speculative steps, an fp8 KV cache and a larger token budget. And the other way round: a
+later layer's move that an experiment of its own would confirm on top of the open layers'
+best move opens its layer now, so the two go in one boot."""
 
 from __future__ import annotations
 
@@ -227,3 +229,27 @@ def test_a_move_the_model_cannot_serve_carries_nothing(run: Run) -> None:
     model = _model(ctx, record)
     model.throughput = lambda recipe: 0.0  # type: ignore[method-assign]
     assert carry(ctx, model, {"spec_method": "ngram"}).added == ()
+
+
+def test_a_later_layers_large_move_opens_its_layer_to_join_the_best_one(run: Run) -> None:
+    """The n-gram drafter (+60 %) leads layer 1; fp8 weights (+40 %) lead layer 2 and add
+    as much on top of the drafter: layer 1 hands over, saying why, and in layer 2 the two
+    are ranked as one move. fp8 adding what one experiment would not confirm reliably,
+    alone or on top of the drafter, leaves layer 1 where it is."""
+    space, workload, record = run
+    ctx = _ctx(space, workload, [record], layer=1)
+    model = _model(ctx, record)
+    spec, fp8 = ("spec_method", "ngram"), ("quant_method", "fp8")
+    strategy = BuiltinStrategy()
+    _predicting(model, {spec: 1.6, fp8: 1.4})
+    reason = strategy._hand_over(ctx, model)
+    assert reason is not None and "quant_method=fp8" in reason, reason
+    assert "adds +40.0% to the best move left up to layer 1 (spec_method=ngram" in reason
+    best = strategy._ranked(_ctx(space, workload, [record], layer=2), model, {}, (1, 2))
+    assert best is not None and {spec, fp8} <= set(best[1].items()), best
+    small = math.expm1(confirmable(ctx)) * 0.9 + 1
+    _predicting(model, {spec: 1.6, fp8: small})
+    assert strategy._hand_over(ctx, model) is None
+    _predicting(model, {spec: 1.6, fp8: 1.4},
+                lambda has: {fp8: small} if {spec, fp8} <= has else {})
+    assert strategy._hand_over(ctx, model) is None

@@ -427,3 +427,28 @@ def test_the_incumbents_method_from_another_checkpoint_gets_no_boot(tmp_path: Pa
             started_at="t", finished_at="t", proposal=reply.proposal))
     served = [c for c in (_quant(space, m.changes) for m in moves) if c is not None]
     assert moves and all(c.method != "w8a8_int8" for c in served)
+
+
+def test_a_smaller_token_budget_is_ranked_with_the_max_num_seqs_vllm_requires(
+        tmp_path: Path) -> None:
+    """An H100 defaults to max_num_seqs 1024 and 8 requests are in flight: a cap from 8 up
+    is nil, yet a token budget of 512 needs the cap at 512 or below. The move is ranked
+    on its budget (not skipped for the cap it brings), and its rationale says why the cap
+    comes along."""
+    space = _space("H100")
+    record = _baseline(space, tmp_path)
+    assert record.diagnosis is not None
+    assert record.diagnosis.inert_reason("max_num_seqs", 512) is not None
+    ctx = _ctx(space, [record], layer=1)
+    assert ctx.concurrency is None or ctx.concurrency == CONCURRENCY
+    model = EngineModel(ctx, CONCURRENCY, None)
+    tokens = KNOBS["max_num_batched_tokens"]
+    model.throughput = lambda recipe: 130.0 if space.value(  # type: ignore[method-assign]
+        recipe, tokens) == 512 else 100.0
+    model.agreement = lambda recipe: 1.0  # type: ignore[method-assign]
+    skipped: dict[str, str] = {}
+    proposal = BuiltinStrategy()._model_move(ctx, model, skipped)
+    assert proposal is not None, skipped
+    assert proposal.changes == {"max_num_batched_tokens": 512, "max_num_seqs": 512}
+    assert "max_num_seqs=512 comes with it" in proposal.rationale
+    assert not any(k.startswith("max_num_batched_tokens=512") for k in skipped)
