@@ -11,18 +11,22 @@ median over seeds. --explain adds, for each run below 0.99 after 5 experiments o
 the end, how its incumbent differs from the optimum's config, what each difference is
 worth alone (noise-free) and which experiments tried it.
 
-The optimum: the best noise-free throughput of any config whose accuracy clears the floor,
-found by descent over every knob's grid (all layers at once) from the best configs either
-search tried, the context that fits and RANDOM_STARTS random configs: single-knob moves,
-then every two-knob move from the best point, until neither improves. The grid (~10^10
+The optimum: the best noise-free throughput of any config whose accuracy clears the floor
+and whose p99 TTFT and p99 E2E stay within the tuner's latency guard (1.5x) of the
+reference config's (the baseline, or the context that fits: Truth), found by descent
+over every knob's grid (all layers at once) from the best configs either search tried,
+the context that fits and RANDOM_STARTS random configs: single-knob moves, then every
+two-knob move from the best point, until neither improves. The grid (~10^10
 configs) is too large to enumerate, so this is a local optimum under every one- and
 two-knob change: the fractions are upper bounds, honest unless a three-knob move pays.
 Fractions are noise-free throughput of the incumbent (what a user deploys) over it.
 
 TUNING scenarios were used while writing the strategy; REPORTED ones were not tuned on
-(the output says which is which); the closing note cites the REPORTED ones.
+(the output says which is which); HELD_OUT, FRESH and NEW ones were each written before a
+strategy change and say how far their runs were read since.
 
-    python benchmarks/search_quality.py [--seeds 3] [--tuning | --reported | --held-out | --all]
+    python benchmarks/search_quality.py [--seeds 3]
+                                        [--tuning | --reported | --held-out | --new | --all]
                                         [--scenario NAME]
                                         [--boot-noise 0.01] [--min-improvement-pct 1]
                                         [--explain]
@@ -92,7 +96,12 @@ import numpy as np
 
 from aevyra_forge.agent.builtin import BuiltinStrategy
 from aevyra_forge.core.recipe import Recipe, recipe_from_dict
-from aevyra_forge.core.settings import DEFAULT_BOOT_CV, DEFAULT_REPEATS, TuneSettings
+from aevyra_forge.core.settings import (
+    DEFAULT_BOOT_CV,
+    DEFAULT_MAX_LATENCY_REGRESSION,
+    DEFAULT_REPEATS,
+    TuneSettings,
+)
 from aevyra_forge.core.values import ExperimentRecord, LaunchFailure, best_record
 from aevyra_forge.core.workload import Workload, load_workload
 from aevyra_forge.decide.diagnosis import synonyms
@@ -112,6 +121,7 @@ CHECKPOINTS = (3, 5, 10, 15)
 STARTS = 6  # best configs the searches tried that the optimum's descent starts from
 RANDOM_STARTS = 12  # and random configs it starts from
 ACCURACY_FLOOR = 0.99  # --accuracy-floor's default: a config below it is not a candidate
+GUARD = DEFAULT_MAX_LATENCY_REGRESSION  # --max-latency-regression's default
 MIN_IMPROVEMENT_PCT = TuneSettings.model_fields["min_improvement_pct"].default
 WORDS = ("router", "invoice", "printer", "kernel", "budget", "tenant", "cluster", "ledger",
          "harbor", "meadow", "granite", "juniper")
@@ -300,8 +310,13 @@ NEW = (
 
 
 class Truth:
-    """Noise-free throughput of a recipe in one scenario (0 when it fails or loses
-    accuracy), memoised: the yardstick every search is measured against."""
+    """Noise-free throughput of a recipe in one scenario (0 when it fails, loses accuracy
+    or breaks the latency guard), memoised: the yardstick every search is measured
+    against. The guard is the tuner's (--max-latency-regression, 1.5 by default: p99
+    TTFT and p99 E2E each within that factor), taken against the reference config (the
+    baseline, or the context that fits when the baseline does not boot): a config that
+    buys throughput with several times the tail latency is one the tuner refuses to
+    keep by design, so it is no optimum for it to reach, nor a find for random search."""
 
     def __init__(self, sc: Scenario, workload: Workload, tmp: Path) -> None:
         spec = gpu_spec(sc.gpu)
@@ -311,24 +326,54 @@ class Truth:
         self.sim = SimulatedEngine(spec.hardware(), spec, self.space.model, self.space,
                                    noise_cv=0.0)
         self.sc, self.workload, self.tmp = sc, workload, tmp
-        self.seen: dict[str, float] = {}
+        self.seen: dict[str, tuple[float, float, float]] = {}  # tok/s, p99 TTFT, p99 E2E
         self.cost_s: dict[str, float] = {}  # boot + five passes, as an experiment spends
         self.recipes: dict[str, Recipe] = {}
         self.best: Recipe | None = None  # the optimum's config, once found
+        self._limits: tuple[float, float] | None = None
 
     def __call__(self, recipe: Recipe) -> float:
+        value, ttft, e2e = self._raw(recipe)
+        ttft_limit, e2e_limit = self.limits()
+        return value if ttft <= ttft_limit and e2e <= e2e_limit else 0.0
+
+    def limits(self) -> tuple[float, float]:
+        """The p99 TTFT and p99 E2E (ms) the latency guard allows: the reference's times
+        the guard's factor (no limit when neither config serves)."""
+        if self._limits is None:
+            base = self.space.baseline(self.sc.model)
+            for ref in (base, self.fit()):
+                value, ttft, e2e = self._raw(ref) if ref is not None else (0.0, 0.0, 0.0)
+                if value:
+                    self._limits = (GUARD * ttft, GUARD * e2e)
+                    break
+            else:
+                self._limits = (float("inf"), float("inf"))
+        return self._limits
+
+    def fit(self) -> Recipe | None:
+        """The baseline with the smallest max_model_len of the grid the workload fits."""
+        need = self.workload.stats.input_tokens.max + self.workload.stats.output_tokens.max
+        fit = min((v for v in self.space.grid(KNOBS["max_model_len"])
+                   if isinstance(v, int) and v >= need), default=None)
+        return None if fit is None else self.space.apply(
+            self.space.baseline(self.sc.model), {"max_model_len": fit})
+
+    def _raw(self, recipe: Recipe) -> tuple[float, float, float]:
         if recipe.id not in self.seen:
             self.recipes[recipe.id] = recipe
             server = self.sim.launch(recipe, self.tmp / "truth.log")
             prepared = self.prepare(recipe, self.tmp / "truth.prepare.log")
-            value, cost = 0.0, server.boot_s + (prepared.seconds if prepared else 0.0)
+            found, cost = (0.0, 0.0, 0.0), server.boot_s + (prepared.seconds if prepared
+                                                             else 0.0)
             if not isinstance(server, LaunchFailure):
                 out = self.sim.bench(server, self.workload, self.sc.concurrency)
                 cost += 5 * out.bench_s
-                if out.status == "ok" and out.metrics is not None and \
+                m = out.metrics
+                if out.status == "ok" and m is not None and \
                         self.sim.agreement(server) >= ACCURACY_FLOOR:
-                    value = out.metrics.output_throughput
-            self.seen[recipe.id], self.cost_s[recipe.id] = value, cost
+                    found = (m.output_throughput, m.ttft_ms.p99, m.e2e_ms.p99)
+            self.seen[recipe.id], self.cost_s[recipe.id] = found, cost
         return self.seen[recipe.id]
 
     def optimum(self, starts: Sequence[Recipe], seed: int = 0) -> float:
@@ -546,12 +591,9 @@ def run_scenario(sc: Scenario, seeds: int, budget: int, boot_noise: float,
                    for seed in range(seeds)]
         starts = [recipe_from_dict(r.recipe) for rs in runs for r in rs]
         starts += [r for _, _, picked in randoms for r in picked]
-        need = workload.stats.input_tokens.max + workload.stats.output_tokens.max
-        fit = min((v for v in truth.space.grid(KNOBS["max_model_len"])
-                   if isinstance(v, int) and v >= need), default=None)
+        fit = truth.fit()
         if fit is not None:
-            starts.append(truth.space.apply(truth.space.baseline(sc.model),
-                                            {"max_model_len": fit}))
+            starts.append(fit)
         optimum = truth.optimum(starts)
         points = checkpoints(budget)
         builtin = [_fractions(rs, truth, optimum, points) for rs in runs]
