@@ -641,7 +641,7 @@ def main() -> None:
     parser.add_argument("--new", action="store_true",
                         help="only the scenarios written last, before the change they judge")
     parser.add_argument("--all", action="store_true",
-                        help="tuning, then reported and held-out ones")
+                        help="tuning, then every other group")
     parser.add_argument("--scenario", default=None, help="only scenarios containing this")
     parser.add_argument("--boot-noise", type=float, default=DEFAULT_BOOT_CV,
                         help="between-boot CV of throughput: the simulator's, and what the "

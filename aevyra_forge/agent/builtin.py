@@ -179,10 +179,12 @@ class BuiltinStrategy:
             return (f"handed over: the best move left up to layer {ctx.layer} is predicted "
                     f"{math.expm1(here) * 100:+.1f}%, layer {top[1]}'s ({move}) "
                     f"{math.expm1(top[0]) * 100:+.1f}%; earlier layers stay open")
-        added = adds(ctx, model, best[1], top[2]) if best is not None else None
+        if best is None:
+            return None
+        added = adds(ctx, model, best[1], top[2])
         if added is None or added < confirmable(ctx) or top[0] < confirmable(ctx):
             return None
-        mine = ", ".join(f"{k}={v}" for k, v in best[1].items()) if best else ""
+        mine = ", ".join(f"{k}={v}" for k, v in best[1].items())
         return (f"handed over: layer {top[1]}'s {move} (predicted "
                 f"{math.expm1(top[0]) * 100:+.1f}%) adds {math.expm1(added) * 100:+.1f}% to "
                 f"the best move left up to layer {ctx.layer} ({mine}), more than an "

@@ -91,7 +91,8 @@ def own(ctx: AgentContext, changes: Move) -> Move:
 
 def required(ctx: AgentContext, changes: Move) -> str:
     """What `completed` brought into a move, for its rationale ("" when nothing)."""
-    brought = [f"{k}={v}" for k, v in changes.items() if k not in own(ctx, changes)]
+    mine = own(ctx, changes)
+    brought = [f"{k}={v}" for k, v in changes.items() if k not in mine]
     return (f" ({', '.join(brought)} comes with it: vLLM requires max_num_batched_tokens "
             f">= max_num_seqs)") if brought else ""
 
